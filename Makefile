@@ -1,0 +1,24 @@
+# Two entry points for a newcomer (see README):
+#   make demo   set up .venv, then run the main job (AFLoRA, 10 clients, AG News, SmolLM2) into runs/demo
+#   make test   set up .venv, then run the test suite CI runs (tiny models + a representative real-model subset)
+# More: make test-all (every test, including the slow real-model ones), make setup.
+
+VENV ?= .venv
+# Local datasets: $AFLORA_DATA_DIR if set, else ../shared/data when it exists, else the Hugging Face hub.
+DATA_DIR ?= $(or $(AFLORA_DATA_DIR),$(wildcard ../shared/data))
+DATA_FLAG = $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+PYTEST = $(VENV)/bin/python -m pytest
+
+.PHONY: setup demo test test-all
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/aflora run --config configs/default.toml --out runs/demo --overwrite $(DATA_FLAG)
+
+test: setup
+	AFLORA_TEST_DATA_DIR=$(DATA_DIR) $(PYTEST) -m "not slow or ci" -q
+
+test-all: setup
+	AFLORA_TEST_DATA_DIR=$(DATA_DIR) $(PYTEST) -q
