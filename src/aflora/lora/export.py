@@ -1,0 +1,66 @@
+"""Saving the global adapter in PEFT's own format, and merging it into a standalone model.
+
+The saved adapter is plain LoRA (no Λ: AFLoRA folds it into B), with a per-module rank and
+alpha = rank so PEFT's scaling is 1; stock `PeftModel.from_pretrained` loads it unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from .factors import Adapter
+
+PEFT_PREFIX = "base_model.model."
+
+
+def save_peft_adapter(adapter: Adapter, out_dir: Path, *, base_model: str, conv1d_modules: set[str] = frozenset()) -> None:
+    """Write adapter_config.json + adapter_model.safetensors for `adapter` (modules named as in the base model)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks = {name: factors.rank for name, factors in adapter.items()}
+    default_rank = max(ranks.values())
+    config = LoraConfig(
+        r=default_rank,
+        lora_alpha=default_rank,
+        target_modules=sorted(adapter),
+        # PEFT matches these keys as regexes against module names; full names select one module each.
+        rank_pattern={_exact(name): r for name, r in ranks.items()},
+        alpha_pattern={_exact(name): r for name, r in ranks.items()},
+        fan_in_fan_out=bool(conv1d_modules),
+        lora_dropout=0.0,
+        bias="none",
+        base_model_name_or_path=base_model,
+    )
+    config.save_pretrained(out_dir)
+    tensors = {}
+    for name, factors in adapter.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = factors.A.detach().float().contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = factors.scaled_B().detach().float().contiguous().cpu()
+    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def _exact(module_name: str) -> str:
+    return re.escape(module_name)  # PEFT anchors it as (.*\.)?(name)$
+
+
+def export_merged_model(run_dir: Path, out_dir: Path) -> None:
+    """Load a run's base model, apply its PEFT adapter with stock PEFT, merge and save (safetensors)."""
+    from peft import PeftModel
+
+    from ..config import config_from_tree
+    from ..models import load_model
+    from ..results import load_run
+
+    run = load_run(run_dir)
+    adapter_dir = Path(run_dir) / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} holds no PEFT adapter; was the run finished?")
+    config = config_from_tree(run["config"])
+    model, tokenizer = load_model(config.model.name, cache_dir=config.model.cache_dir or None)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

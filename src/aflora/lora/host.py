@@ -1,0 +1,184 @@
+"""One frozen base model per process, with client or server adapters swapped onto it.
+
+Simulated clients never copy the model: each installs its own low-rank factors into the same
+PEFT LoRA layers (sized to its rank), trains, reads them back and leaves. Memory per client is
+its adapter only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Collection, Iterator, Sequence
+
+import torch
+from peft import inject_adapter_in_model
+from peft.tuners.lora.layer import LoraLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .diagonal import DiagonalLoraConfig, DiagonalLoraLinear
+from .factors import Adapter, ModuleFactors
+
+ADAPTER_NAME = "aflora"
+FACTOR_NAMES = ("A", "B", "lam")
+
+
+def find_target_modules(model: nn.Module, target_modules: Sequence[str], layers: Collection[int] | None = None) -> list[str]:
+    """Full names of the Linear/Conv1D modules whose last name part is in `target_modules`.
+
+    `layers` optionally keeps only modules inside those transformer blocks (LEGEND's depth).
+    """
+    wanted = set(target_modules)
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] in wanted:
+            if layers is None or block_index(name) in layers:
+                names.append(name)
+    if not names:
+        linear_kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+        raise ValueError(
+            f"none of the target modules {list(target_modules)} is a Linear layer of this model; "
+            f"its Linear layers are named {linear_kinds}. Set model.target_modules to some of those."
+        )
+    return names
+
+
+def block_index(module_name: str) -> int | None:
+    """Index of the transformer block a module lives in ("model.layers.7.self_attn.q_proj" -> 7)."""
+    match = re.search(r"\.(\d+)\.", f".{module_name}.")
+    return int(match.group(1)) if match else None
+
+
+class AdapterHost:
+    """Holds the shared base model and the currently installed adapter."""
+
+    def __init__(self, model: nn.Module, target_modules: Sequence[str]) -> None:
+        self.model = model
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.module_names = find_target_modules(model, target_modules)
+        config = self._lora_config(diagonal=False)
+        config._register_custom_module({nn.Linear: DiagonalLoraLinear, Conv1D: DiagonalLoraLinear})
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        self.layers: dict[str, LoraLayer] = {name: model.get_submodule(name) for name in self.module_names}
+        self.clear()
+        self.base_param_count = sum(p.numel() for p in self._base_parameters())
+
+    # ------------------------------------------------------------------ shapes
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of every adaptable module."""
+        return {name: (layer.out_features, layer.in_features) for name, layer in self.layers.items()}
+
+    # ------------------------------------------------------------------ adapters
+    def install(self, adapter: Adapter, *, trainable: Collection[str] = (), scaling: float = 1.0) -> None:
+        """Put `adapter` on the model; the factors named in `trainable` ("A", "B", "lam") get gradients.
+
+        `scaling` is LoRA's alpha/r: the layer computes scaling·B·A, so B is stored divided by it and
+        `read()` multiplies it back — adapters outside the host stay scale-free.
+        """
+        unknown = set(adapter) - set(self.layers)
+        if unknown:
+            raise KeyError(f"adapter has modules this model does not adapt: {sorted(unknown)[:3]}")
+        bad = set(trainable) - set(FACTOR_NAMES)
+        if bad:
+            raise ValueError(f"unknown factor names {sorted(bad)}; expected a subset of {FACTOR_NAMES}")
+        self.clear()
+        for name, factors in adapter.items():
+            layer = self.layers[name]
+            config = self._lora_config(diagonal=factors.lam is not None)
+            layer.update_layer(ADAPTER_NAME, factors.rank, lora_alpha=factors.rank, config=config)
+            layer.scaling[ADAPTER_NAME] = scaling
+            layer.set_adapter(ADAPTER_NAME)
+            with torch.no_grad():
+                params = self._factor_params(layer)
+                params["A"].copy_(factors.A)
+                params["B"].copy_(factors.B / scaling)
+                if factors.lam is not None:
+                    params["lam"].copy_(factors.lam)
+            for key, param in params.items():
+                param.requires_grad_(key in trainable)
+        self.installed = set(adapter)
+
+    def clear(self) -> None:
+        """Remove the adapter: the model computes exactly its (merged) base weights."""
+        for layer in self.layers.values():
+            if ADAPTER_NAME in layer.lora_A:
+                layer.delete_adapter(ADAPTER_NAME)
+        self.installed: set[str] = set()
+
+    def read(self) -> Adapter:
+        """Detached copies of the installed factors, in the scale-free convention."""
+        adapter: Adapter = {}
+        for name in sorted(self.installed):
+            layer = self.layers[name]
+            params = self._factor_params(layer)
+            scaling = layer.scaling[ADAPTER_NAME]
+            lam = params.get("lam")
+            adapter[name] = ModuleFactors(
+                A=params["A"].detach().clone(),
+                B=params["B"].detach().clone() * scaling,
+                lam=None if lam is None else lam.detach().clone(),
+            )
+        return adapter
+
+    def factor_parameters(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Live parameters of the installed adapter (for optimizers and regularizers)."""
+        return {name: self._factor_params(self.layers[name]) for name in sorted(self.installed)}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for params in self.factor_parameters().values() for p in params.values() if p.requires_grad]
+
+    # ------------------------------------------------------------------ base weights
+    def merge_into_base(self, adapter: Adapter) -> None:
+        """W ← W + B·diag(λ)·A for every module of `adapter` (the round's global update, Eq. 1)."""
+        with torch.no_grad():
+            for name, factors in adapter.items():
+                weight = self.layers[name].get_base_layer().weight
+                delta = factors.delta().to(device=weight.device, dtype=weight.dtype)
+                weight.add_(delta.T if self.is_conv1d(name) else delta)
+
+    def base_weight(self, name: str) -> torch.Tensor:
+        """The base weight of one module as (out_features, in_features)."""
+        weight = self.layers[name].get_base_layer().weight
+        return weight.T if self.is_conv1d(name) else weight
+
+    # ------------------------------------------------------------------ helpers
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Evaluation mode without gradients; restores the training flag afterwards."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def _factor_params(self, layer: LoraLayer) -> dict[str, nn.Parameter]:
+        params = {"A": layer.lora_A[ADAPTER_NAME].weight, "B": layer.lora_B[ADAPTER_NAME].weight}
+        lambdas = getattr(layer, "lora_lambda", {})
+        if ADAPTER_NAME in lambdas:
+            params["lam"] = lambdas[ADAPTER_NAME]
+        return params
+
+    def is_conv1d(self, name: str) -> bool:
+        return isinstance(self.layers[name].get_base_layer(), Conv1D)
+
+    def _base_parameters(self) -> Iterator[nn.Parameter]:
+        seen: set[int] = set()
+        for name, param in self.model.named_parameters():
+            if "lora_" in name or id(param) in seen:  # tied embeddings are one parameter
+                continue
+            seen.add(id(param))
+            yield param
+
+    def _lora_config(self, *, diagonal: bool) -> DiagonalLoraConfig:
+        return DiagonalLoraConfig(
+            r=1,
+            lora_alpha=1,
+            lora_dropout=0.0,
+            target_modules=list(self.module_names),
+            init_lora_weights=False,  # every factor is copied in by install()
+            diagonal=diagonal,
+        )
