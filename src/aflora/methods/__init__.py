@@ -1,0 +1,23 @@
+"""Federated LoRA methods, selectable by name in configs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .aflora import AFLoRA
+from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, options_from_mapping
+
+METHODS: dict[str, type[FederatedMethod]] = {cls.name: cls for cls in (AFLoRA,)}
+
+
+def method_class(name: str) -> type[FederatedMethod]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available methods are {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def method_options(name: str, values: dict[str, Any]) -> Any:
+    return options_from_mapping(method_class(name).options_class, values, section=name)
+
+
+__all__ = ["METHODS", "ClientSpec", "FederatedMethod", "Instruction", "TrainSpec", "Upload", "method_class", "method_options"]

@@ -1,0 +1,183 @@
+"""AFLoRA (Zhou, Pang, Wang 2025): diagonal LoRA, dynamic rank pruning, decoupled training,
+zero-padding rank-aware aggregation.
+
+Choices where the paper is silent or inconsistent are listed in docs/aflora.md; in short:
+- Each round starts fresh client adapters (the previous global update is merged into the base):
+  B with random unit-norm columns, Λ = 0, so ΔW = 0 at the start and ∂L/∂Λ ≠ 0. (The paper's
+  "initialize B and Λ with zeros" would make every gradient zero.)
+- Masks are per adapted module (each "local LoRA adapter" of Sec. V-B) and persist on the server.
+- A client trains and uploads only its kept dimensions (compact B, Λ against the kept rows of A).
+- After the server step, A' is merged as-is, then its rows are renormalized to C for the next round
+  so that |λ_j|² keeps measuring information content (Eq. 7 assumes ‖a_j‖ = C).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..lora.factors import Adapter, ModuleFactors
+from .aggregation import data_weights, pad_columns, rank_aware_weights, weighted_sum
+from .base import FederatedMethod, Instruction, ServerTrainer, TrainSpec, Upload, tensor_key
+
+
+@dataclass
+class AFLoRAOptions:
+    beta: float = field(default=1.0, metadata={"help": "DDR threshold β (Eq. 8): prune dimension j when |λ_j|² < β·σ."})
+    gamma: float = field(default=0.01, metadata={"help": "Weight γ of the unit-norm penalty on B's columns (Eq. 10)."})
+    alpha: float = field(default=0.5, metadata={"help": "Fusion ratio α (Eq. 11): A' = α·A + (1−α)·A_FT."})
+    a_row_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": "Norm C of every row of the shared A (Sec. V-B); 0 = √in_features per module, which gives A O(1) "
+            "entries so that Λ's optimizer steps move ΔW about as fast as standard LoRA's B (see docs/aflora.md)."
+        },
+    )
+    min_rank: int = field(default=1, metadata={"help": "DDR never prunes a module below this many dimensions."})
+    ddr: bool = field(default=True, metadata={"help": "Dynamic rank pruning; false = fixed ranks (ablation 'w/o DDR')."})
+    server_tuning: bool = field(
+        default=True, metadata={"help": "Tune A on the public set after aggregation; false = ablation 'w/o DLF'."}
+    )
+    rank_aware_weights: bool = field(
+        default=True, metadata={"help": "Weight clients by log(1+r_k)·|D_k| (Eq. 12); false = |D_k| only."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.beta < 0:
+            raise ValueError(f"aflora.beta must be ≥ 0 (it scales a standard deviation), got {self.beta}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"aflora.alpha is a fusion ratio and must lie in [0, 1], got {self.alpha}")
+        if self.gamma < 0:
+            raise ValueError(f"aflora.gamma must be ≥ 0, got {self.gamma}")
+        if self.a_row_norm < 0:
+            raise ValueError(f"aflora.a_row_norm (C) must be > 0, or 0 for √in_features; got {self.a_row_norm}")
+        if self.min_rank < 1:
+            raise ValueError(f"aflora.min_rank must be ≥ 1, got {self.min_rank}")
+
+
+def normalize_rows(A: torch.Tensor, norm: float) -> torch.Tensor:
+    """Scale every row of A to Euclidean norm `norm` (‖a_j‖ = C)."""
+    return A * (norm / A.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def prune_ranks(lambda_sq: torch.Tensor, beta: float, min_rank: int = 1) -> torch.Tensor:
+    """DDR (Eq. 8): keep dimension j iff |λ_j|² ≥ β·σ, σ the population std of the kept |λ|².
+
+    Returns a boolean mask over the given (kept) dimensions. The `min_rank` largest are always
+    kept, so a module never loses its last dimension (the rule alone could prune all when β is large).
+    """
+    sigma = lambda_sq.std(unbiased=False) if lambda_sq.numel() > 1 else lambda_sq.new_zeros(())
+    keep = lambda_sq >= beta * sigma
+    if int(keep.sum()) < min_rank:
+        keep[torch.topk(lambda_sq, min(min_rank, lambda_sq.numel())).indices] = True
+    return keep
+
+
+def unit_norm_penalty(gamma: float):
+    """Eq. 10's regularizer γ·Σ_j (‖b_j‖² − 1)² over every module's B columns."""
+
+    def penalty(params: Mapping[str, Mapping[str, torch.nn.Parameter]]) -> torch.Tensor:
+        total = sum(((p["B"].pow(2).sum(dim=0) - 1.0) ** 2).sum() for p in params.values())
+        return gamma * total
+
+    return penalty
+
+
+class AFLoRA(FederatedMethod):
+    name = "aflora"
+    options_class = AFLoRAOptions
+
+    @classmethod
+    def needs_public_data(cls, options: AFLoRAOptions) -> bool:
+        return options.server_tuning
+
+    # ------------------------------------------------------------------ server
+    def init_server_state(self) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        self.r_max = max(c.max_rank for c in self.clients.values())
+        # Global A (Sec. V-C): r_max random rows, each of norm C; shared by all clients.
+        self.A_global: dict[str, torch.Tensor] = {
+            name: normalize_rows(torch.randn(self.r_max, n, generator=generator), self.row_norm(name))
+            for name, (_, n) in sorted(self.module_shapes.items())
+        }
+        # H_k: one mask per client and module over its r_k^1 initial dimensions; they only shrink.
+        self.masks: dict[int, dict[str, torch.Tensor]] = {
+            cid: {name: torch.ones(c.max_rank, dtype=torch.bool) for name in self.A_global}
+            for cid, c in self.clients.items()
+        }
+        self.B_global: dict[str, torch.Tensor] = {}
+        self._round_update: Adapter | None = None
+
+    def instruct(self, client_id: int, round: int) -> Instruction:
+        tensors = {}
+        for name, A in self.A_global.items():
+            mask = self.masks[client_id][name]
+            tensors[tensor_key("mask", name)] = mask.clone()
+            # The first r_k^1 rows of the global A, of which only the kept ones are trained against.
+            tensors[tensor_key("A", name)] = A[: mask.numel()][mask].clone()
+        return Instruction(client_id=client_id, round=round, tensors=tensors)
+
+    def aggregate(self, uploads: list[Upload], round: int) -> None:
+        uploads = sorted(uploads, key=lambda u: u.client_id)  # a fixed order keeps sums bit-reproducible
+        self.B_global = {}
+        for name, (m, _) in self.module_shapes.items():
+            padded = [pad_columns(u.tensors[tensor_key("B", name)], self.masks[u.client_id][name], self.r_max) for u in uploads]
+            sizes = [u.num_examples for u in uploads]
+            if self.options.rank_aware_weights:
+                weights = rank_aware_weights([u.ranks[name] for u in uploads], sizes)
+            else:
+                weights = data_weights(sizes)
+            self.B_global[name] = weighted_sum(padded, weights)  # Eq. 13
+        for upload in uploads:  # the masks pruned by DDR apply from the next round on
+            self.masks[upload.client_id] = {
+                name: upload.tensors[tensor_key("next_mask", name)].clone() for name in self.A_global
+            }
+        self._round_update = None
+
+    def server_update(self, trainer: ServerTrainer | None) -> None:
+        A_fused = self.A_global
+        if self.options.server_tuning and trainer is not None:
+            spec = TrainSpec(
+                adapter={name: ModuleFactors(A=self.A_global[name], B=self.B_global[name]) for name in self.A_global},
+                trainable=frozenset({"A"}),  # B_global stays frozen on the server (Sec. V-C)
+            )
+            tuned = trainer(spec)
+            alpha = self.options.alpha
+            A_fused = {name: alpha * A + (1.0 - alpha) * tuned[name].A for name, A in self.A_global.items()}  # Eq. 11
+        self._round_update = {name: ModuleFactors(A=A_fused[name], B=self.B_global[name]) for name in self.A_global}
+        self.A_global = {name: normalize_rows(A, self.row_norm(name)) for name, A in A_fused.items()}
+
+    def row_norm(self, name: str) -> float:
+        """C for one module (Sec. V-B)."""
+        return self.options.a_row_norm or self.module_shapes[name][1] ** 0.5
+
+    def round_merge(self) -> Adapter | None:
+        return self._round_update
+
+    def client_ranks(self) -> dict[int, dict[str, int]]:
+        return {cid: {name: int(mask.sum()) for name, mask in masks.items()} for cid, masks in self.masks.items()}
+
+    # ------------------------------------------------------------------ client
+    def local_job(self, instruction: Instruction) -> TrainSpec:
+        generator = self.client_generator(instruction)
+        adapter: Adapter = {}
+        for name, (m, _) in sorted(self.module_shapes.items()):
+            A = instruction.tensors[tensor_key("A", name)]
+            B = torch.randn(m, A.shape[0], generator=generator)
+            adapter[name] = ModuleFactors(A=A, B=B / B.norm(dim=0, keepdim=True), lam=torch.zeros(A.shape[0]))
+        return TrainSpec(adapter=adapter, trainable=frozenset({"B", "lam"}), penalty=unit_norm_penalty(self.options.gamma))
+
+    def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
+        tensors: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        for name, factors in trained.items():
+            mask = instruction.tensors[tensor_key("mask", name)]
+            tensors[tensor_key("B", name)] = factors.scaled_B().detach().clone()  # B' = B·Λ on kept columns
+            ranks[name] = factors.rank
+            next_mask = mask.clone()
+            if self.options.ddr:
+                next_mask[mask.nonzero().flatten()] = prune_ranks(factors.lam.detach() ** 2, self.options.beta, self.options.min_rank)
+            tensors[tensor_key("next_mask", name)] = next_mask
+        return Upload(instruction.client_id, num_examples, tensors, ranks)

@@ -1,0 +1,60 @@
+"""Aggregation steps that several methods share: weights, zero-padding, weighted sums."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def data_weights(num_examples: Sequence[int]) -> torch.Tensor:
+    """FedAvg weights p_k = |D_k| / Σ|D| (Eq. 4)."""
+    sizes = torch.tensor([float(n) for n in num_examples], dtype=torch.float64)
+    if len(sizes) == 0 or (sizes <= 0).any():
+        raise ValueError(f"every client needs a positive number of examples to be weighted, got {list(num_examples)}")
+    return sizes / sizes.sum()
+
+
+def rank_aware_weights(ranks: Sequence[int], num_examples: Sequence[int]) -> torch.Tensor:
+    """AFLoRA's Eq. 12 weights, normalized so they sum to 1: p_k ∝ log(1 + r_k) · |D_k|.
+
+    The paper writes the product of two separately normalized factors, which does not sum to one
+    (two equal clients would get 1/4 each and halve the update); we normalize the product instead.
+    """
+    if len(ranks) != len(num_examples):
+        raise ValueError(f"{len(ranks)} ranks for {len(num_examples)} clients")
+    if any(r < 1 for r in ranks):
+        raise ValueError(f"ranks must be ≥ 1 to be weighted, got {list(ranks)}")
+    raw = torch.tensor([math.log1p(r) * n for r, n in zip(ranks, num_examples)], dtype=torch.float64)
+    return raw / raw.sum()
+
+
+def pad_columns(B: torch.Tensor, kept: torch.Tensor, width: int) -> torch.Tensor:
+    """Scatter B's columns to the positions where `kept` is True, zeros elsewhere, `width` columns in all.
+
+    AFLoRA's zero-padding: first to the client's initial rank by its mask, then zero columns up to r_max.
+    """
+    positions = kept.nonzero().flatten()
+    if positions.numel() != B.shape[1]:
+        raise ValueError(f"B has {B.shape[1]} columns but the mask keeps {positions.numel()}")
+    if kept.numel() > width:
+        raise ValueError(f"mask of length {kept.numel()} does not fit in {width} columns")
+    padded = B.new_zeros(B.shape[0], width)
+    padded[:, positions] = B
+    return padded
+
+
+def pad_rows(A: torch.Tensor, kept: torch.Tensor, width: int) -> torch.Tensor:
+    """Row counterpart of `pad_columns` (for methods that also pad A)."""
+    return pad_columns(A.T, kept, width).T
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k p_k · T_k, accumulated in float64 for exactness, returned in the tensors' dtype."""
+    if len(tensors) != len(weights):
+        raise ValueError(f"{len(tensors)} tensors for {len(weights)} weights")
+    total = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for tensor, weight in zip(tensors, weights):
+        total += float(weight) * tensor.to(torch.float64)
+    return total.to(tensors[0].dtype)

@@ -1,0 +1,167 @@
+"""The protocol every federated method follows, and the plain records it exchanges.
+
+A round, in the order the data flows:
+
+    server  instruct(client, round)      -> Instruction   (tensors + scalars for one client)
+    client  local_job(instruction)       -> TrainSpec     (adapter to install, what trains, penalty)
+    client  (generic local training loop trains the adapter on local data)
+    client  upload(instruction, trained) -> Upload
+    server  aggregate(uploads, round)
+    server  server_update(trainer)       (e.g. AFLoRA tunes A on public data; default: nothing)
+    server  round_merge()                -> Adapter merged into every base model, or None
+    server  global_adapter()             -> Adapter evaluated on top of the base, or None
+
+Methods see tensors and records only — never Flower, never a model — so their math is tested alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..lora.factors import Adapter
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """What the server knows about a client before training: its budget and its data size."""
+
+    client_id: int
+    max_rank: int  # the largest rank its resources allow (AFLoRA's r_k^1)
+    num_examples: int  # |D_k|
+
+
+@dataclass
+class Instruction:
+    """The server's message to one client for one round."""
+
+    client_id: int
+    round: int
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+
+# A penalty receives the live factor parameters {module: {"A"|"B"|"lam": Parameter}} and returns a scalar loss.
+Penalty = Callable[[Mapping[str, Mapping[str, torch.nn.Parameter]]], torch.Tensor]
+
+
+@dataclass
+class TrainSpec:
+    """A local training job: install `adapter`, train the factors named in `trainable`."""
+
+    adapter: Adapter
+    trainable: frozenset[str]
+    scaling: float = 1.0  # LoRA's alpha/r for methods that use it; the host keeps factors scale-free
+    penalty: Penalty | None = None
+
+    def trained_params(self) -> int:
+        """How many parameters the client fine-tunes (the paper's client-side computation cost)."""
+        total = 0
+        for factors in self.adapter.values():
+            for name in self.trainable:
+                tensor = getattr(factors, name)
+                total += 0 if tensor is None else tensor.numel()
+        return total
+
+
+@dataclass
+class Upload:
+    """A client's reply: the tensors it uploads, its data size and the rank it trained per module."""
+
+    client_id: int
+    num_examples: int
+    tensors: dict[str, torch.Tensor]
+    ranks: dict[str, int]  # module -> rank trained this round
+    trained_params: int = 0  # filled in by the client runtime from the TrainSpec
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# The server-side trainer a method may call (AFLoRA's A tuning): trains a spec on the public set.
+ServerTrainer = Callable[[TrainSpec], Adapter]
+
+
+class FederatedMethod(ABC):
+    """One federated LoRA method. Server-side state lives on the instance; client-side calls are pure."""
+
+    name: ClassVar[str]
+    options_class: ClassVar[type]
+
+    def __init__(self, options: Any, *, module_shapes: Mapping[str, tuple[int, int]], clients: list[ClientSpec], seed: int):
+        self.options = options
+        self.module_shapes = dict(module_shapes)  # module -> (out_features, in_features)
+        self.clients = {c.client_id: c for c in clients}
+        self.seed = seed
+
+    @classmethod
+    def needs_public_data(cls, options: Any) -> bool:
+        """Whether the server trains on a public set (checked before a run starts)."""
+        return False
+
+    # ---- server side
+    @abstractmethod
+    def init_server_state(self) -> None:
+        """Create the global state (called once, on the server only)."""
+
+    @abstractmethod
+    def instruct(self, client_id: int, round: int) -> Instruction: ...
+
+    @abstractmethod
+    def aggregate(self, uploads: list[Upload], round: int) -> None: ...
+
+    def server_update(self, trainer: ServerTrainer | None) -> None:
+        """Work the server does after aggregating (default: none)."""
+
+    def round_merge(self) -> Adapter | None:
+        """Low-rank update to merge into every base model at the end of the round (default: none)."""
+        return None
+
+    def global_adapter(self) -> Adapter | None:
+        """Adapter that sits on top of the (merged) base model for evaluation and export (default: none)."""
+        return None
+
+    def client_ranks(self) -> dict[int, dict[str, int]]:
+        """Each client's current rank per module, as the server sees it (for results)."""
+        return {}
+
+    # ---- client side
+    @abstractmethod
+    def local_job(self, instruction: Instruction) -> TrainSpec: ...
+
+    @abstractmethod
+    def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload: ...
+
+    # ---- helpers shared by methods
+    def client_generator(self, instruction: Instruction) -> torch.Generator:
+        """Seeded per (run seed, round, client): local randomness is reproducible and independent of scheduling."""
+        generator = torch.Generator()
+        generator.manual_seed(hash_seed(self.seed, instruction.round, instruction.client_id))
+        return generator
+
+
+def hash_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (Python's hash() of tuples is stable for ints, but be explicit)."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & 0x7FFFFFFFFFFFFFFF
+    return value
+
+
+def options_from_mapping(options_class: type, values: Mapping[str, Any], *, section: str) -> Any:
+    """Build a method's options dataclass from a config table, naming unknown keys clearly."""
+    known = {f.name for f in dataclasses.fields(options_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"[{section}] has unknown keys {unknown}; known keys are {sorted(known)}")
+    return options_class(**values)
+
+
+def tensor_key(kind: str, module: str) -> str:
+    """Flat key for a module's tensor in a message ("B/model.layers.0.self_attn.q_proj")."""
+    return f"{kind}/{module}"
