@@ -1,0 +1,278 @@
+"""Experiment configuration: TOML files, `key=value` overrides, and Flower's flat run-config.
+
+One experiment is one file (configs/*.toml). The same values reach the ServerApp either from
+`aflora run --config F --set k=v` or from `flwr run . --run-config "k=v"` (flattened with dots).
+Every field is validated before any model or data is loaded, naming the field and the expected form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .methods import METHODS, method_options
+
+
+class ConfigError(ValueError):
+    """A configuration value that is missing, malformed or out of range."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help("'smollm2' (embedded SmolLM2-135M-Instruct), 'tiny-llama', 'tiny-gpt2', a hub id, a folder or a .gguf file", "smollm2")
+    target_modules: list[str] = _help("Linear layers that get LoRA (paper: q_proj,v_proj for Llama; c_attn,c_proj,c_fc for GPT-2)", factory=lambda: ["q_proj", "v_proj"])
+    precision: str = _help("'auto' (bf16 autocast where the hardware has it), 'bf16' or 'fp32'", "auto")
+    attention: str = _help("'auto' (eager on CPU, sdpa on GPU), 'eager' or 'sdpa'", "auto")
+    cache_dir: str = _help("Where de-quantized GGUF models are cached (default $AFLORA_CACHE_DIR or ~/.cache/aflora)", "")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _help("Registered dataset (ag_news, fingpt_sentiment, twitter_financial_news_sentiment, financial_phrasebank, dolly, mmlu), hub id or local file", "ag_news")
+    test_dataset: str = _help("Take the test rows from another dataset of the same task (e.g. financial_phrasebank)", "")
+    data_dir: str = _help("Folder with local copies of the datasets (else $AFLORA_DATA_DIR, else the hub)", "")
+    partition: str = _help("iid | dirichlet | k_labels | fedit_epsilon | presplit", "k_labels")
+    labels_per_client: int = _help("k for the k_labels partition (paper, AG News: 2)", 2)
+    dirichlet_alpha: float = _help("Concentration of the dirichlet partition (smaller = more skewed)", 0.5)
+    epsilon: float = _help("Heterogeneity of the fedit_epsilon partition (smaller = more heterogeneous)", 0.5)
+    public_fraction: float = _help("Share of the training pool held out as the server's public set (paper: 2%)", 0.02)
+    public_size: int = _help("Public set size in rows (overrides public_fraction when > 0)", 0)
+    train_size: int = _help("Cap on the client training pool in rows after the public split (0 = all)", 0)
+    eval_size: int = _help("Test rows evaluated each round, a seeded sample (0 = all)", 200)
+    max_length: int = _help("Maximum tokens per example (long prompts lose their middle)", 128)
+    objective: str = _help("'auto' (class_ce for classification, lm for instructions), 'class_ce' or 'lm'", "auto")
+    options: dict[str, Any] = _help(
+        "Dataset-specific options: fpb_agree (50|66|75|All), mmlu_subjects, holdout_per_category; for a local file: "
+        "text_column, label_column, label_words, test_path, instruction",
+        factory=dict,
+    )
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = _help("Number of simulated clients", 10)
+    client_ranks: list[int] = _help("Largest LoRA rank each client's resources allow (AFLoRA's r_k^1), one per client", factory=lambda: [64, 32, 16, 16, 8, 8, 4, 4, 4, 4])
+    sample_fraction: float = _help("Fraction of clients sampled each round (paper: 1.0; 0.2 for the ε study)", 1.0)
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = _help("Optimizer steps per client per round", 4)
+    batch_size: int = _help("Client batch size", 8)
+    lr: float = _help("Client learning rate (AdamW)", 2e-3)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    max_grad_norm: float = _help("Gradient clipping (0 = off)", 1.0)
+    eval_batch_size: int = _help("Batch size for evaluation", 32)
+
+
+@dataclass
+class ServerConfig:
+    steps: int = _help("Server-side training steps on the public set per round (AFLoRA's A tuning)", 4)
+    lr: float = _help("Server learning rate", 2e-3)
+    batch_size: int = _help("Server batch size", 8)
+
+
+@dataclass
+class EngineConfig:
+    client_cpus: int = _help("CPU cores each simulated client worker gets (workers = cores / client_cpus)", 2)
+    threads: int = _help("torch threads per process (0 = torch's default)", 0)
+    verbose: bool = _help("Flower's own INFO logs", False)
+
+
+@dataclass
+class ExperimentConfig:
+    method: str = _help(f"Federated method: one of {sorted(METHODS)}", "aflora")
+    seed: int = _help("Seed for partitions, sampling, initialization and local shuffling", 0)
+    rounds: int = _help("Communication rounds", 3)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # Method hyperparameters, one table per method name ([aflora], ...); validated by that method.
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def method_options(self) -> Any:
+        return method_options(self.method, self.methods.get(self.method, {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        tree = dataclasses.asdict(self)
+        tables = tree.pop("methods")
+        tree.update(tables)
+        return tree
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "federation": FederationConfig,
+    "train": TrainConfig, "server": ServerConfig, "engine": EngineConfig,
+}
+TOP_LEVEL = ("method", "seed", "rounds")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a TOML experiment file (or the defaults), apply `key=value` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config with a TOML file (see configs/)")
+        try:
+            tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(tree, key, value)
+    return config_from_tree(tree)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. rounds=5 or aflora.beta=0.5)")
+    key, raw = (part.strip() for part in item.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string: model.name=tiny-llama
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {part} is a value, not a table")
+    node[leaf] = value
+
+
+def config_from_flat(flat: dict[str, Any]) -> ExperimentConfig:
+    """Flower's run-config: keys like 'model.name'; 'config-file' names a TOML file to start from."""
+    flat = dict(flat)
+    base_file = flat.pop("config-file", "")
+    tree = tomllib.loads(Path(base_file).read_text()) if base_file else {}
+    for key, value in flat.items():
+        set_dotted(tree, key, value)
+    return config_from_tree(tree)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
+    tree = dict(tree)
+    hints = typing.get_type_hints(ExperimentConfig)
+    top: dict[str, Any] = {name: _build_section(cls, tree.pop(name, {}), name) for name, cls in SECTIONS.items()}
+    top.update({name: _coerce(tree.pop(name), hints[name], name) for name in TOP_LEVEL if name in tree})
+    methods = {}
+    for key, value in tree.items():
+        if key not in METHODS or not isinstance(value, dict):
+            known = sorted([*TOP_LEVEL, *SECTIONS, *METHODS])
+            raise ConfigError(f"unknown config key {key!r}; top-level keys and tables are {known}")
+        methods[key] = value
+    config = ExperimentConfig(**top, methods=methods)
+    validate(config)
+    return config
+
+
+def _build_section(cls: type, values: Any, section: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{section}] must be a table, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"[{section}] has unknown keys {unknown}; known keys are {sorted(names)}")
+    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Accept the TOML type, or the string form Flower's flat run-config can carry (lists as '64,32,16')."""
+    origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table (e.g. {key}.fpb_agree = \"All\"), got {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
+    try:
+        if hint is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be of type {hint.__name__}, got {value!r}") from None
+    return value
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Check ranges and cross-field consistency; every message names the field and what is expected."""
+    fed, data, train = config.federation, config.data, config.train
+    if config.method not in METHODS:
+        raise ConfigError(f"unknown method {config.method!r}; available methods are {sorted(METHODS)}")
+    checks = [
+        (config.rounds >= 1, f"rounds must be ≥ 1, got {config.rounds}"),
+        (fed.num_clients >= 1, f"federation.num_clients must be ≥ 1, got {fed.num_clients}"),
+        (
+            len(fed.client_ranks) == fed.num_clients,
+            f"federation.client_ranks has {len(fed.client_ranks)} entries but federation.num_clients is {fed.num_clients}; "
+            "give one maximum rank per client",
+        ),
+        (all(r >= 1 for r in fed.client_ranks), f"federation.client_ranks must all be ≥ 1, got {fed.client_ranks}"),
+        (0.0 < fed.sample_fraction <= 1.0, f"federation.sample_fraction must lie in (0, 1], got {fed.sample_fraction}"),
+        (train.local_steps >= 1, f"train.local_steps must be ≥ 1, got {train.local_steps}"),
+        (train.batch_size >= 1, f"train.batch_size must be ≥ 1, got {train.batch_size}"),
+        (train.lr > 0, f"train.lr must be > 0, got {train.lr}"),
+        (config.server.steps >= 0, f"server.steps must be ≥ 0, got {config.server.steps}"),
+        (config.server.lr > 0, f"server.lr must be > 0, got {config.server.lr}"),
+        (0.0 <= data.public_fraction < 1.0, f"data.public_fraction must lie in [0, 1), got {data.public_fraction}"),
+        (data.public_size >= 0 and data.eval_size >= 0 and data.train_size >= 0, "data sizes must be ≥ 0"),
+        (data.objective in ("auto", "class_ce", "lm"), f"data.objective must be auto, class_ce or lm, got {data.objective!r}"),
+        (config.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {config.model.precision!r}"),
+        (bool(config.model.target_modules), "model.target_modules must name at least one layer"),
+        (config.engine.client_cpus >= 1, f"engine.client_cpus must be ≥ 1, got {config.engine.client_cpus}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for name, table in config.methods.items():
+        try:
+            method_options(name, table)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None

@@ -1,0 +1,131 @@
+"""From records to token batches: chat-formatted prompts, label-word targets, left-padded batches.
+
+Classification is scored by the logit of each label word's first token at the answer position,
+so a single forward pass scores every class and accuracy is deterministic (no sampling).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .data import Task
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    label: int | None = None  # class index (classification / multiple choice)
+    lm_labels: list[int] | None = None  # per-token targets (IGNORE_INDEX on the prompt)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None = None  # class indices, or token targets for the LM objective
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+class PromptEncoder:
+    """Turns a task's records into token ids for one tokenizer."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, task: Task, max_length: int) -> None:
+        if max_length < 16:
+            raise ValueError(f"data.max_length must be at least 16 tokens, got {max_length}")
+        self.tokenizer = tokenizer
+        self.task = task
+        self.max_length = max_length
+        self.label_token_ids = self._label_token_ids() if task.label_words else []
+
+    def prompt_ids(self, record: dict) -> list[int]:
+        messages = [{"role": "user", "content": self.task.prompt(record)}]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def encode_classification(self, record: dict) -> Encoded:
+        return Encoded(input_ids=self._fit(self.prompt_ids(record), reserve=0), label=self.task.label(record))
+
+    def encode_lm(self, record: dict) -> Encoded:
+        """Prompt followed by the response and end-of-turn; only the response is a target."""
+        response = self.tokenizer(self.task.response(record), add_special_tokens=False).input_ids
+        response = response[: self.max_length // 2] + [self.tokenizer.eos_token_id]
+        prompt = self._fit(self.prompt_ids(record), reserve=len(response))
+        return Encoded(input_ids=prompt + response, lm_labels=[IGNORE_INDEX] * len(prompt) + response)
+
+    def _fit(self, ids: list[int], reserve: int) -> list[int]:
+        """Cut the middle of an over-long prompt: keep the template's start and the question at the end."""
+        budget = self.max_length - reserve
+        if len(ids) <= budget:
+            return ids
+        head = budget // 4
+        return ids[:head] + ids[len(ids) - (budget - head):]
+
+    def _label_token_ids(self) -> list[int]:
+        """The token each label word starts with when it opens the assistant's answer."""
+        cue = self.tokenizer.apply_chat_template([{"role": "user", "content": "?"}], add_generation_prompt=True, tokenize=False)
+        cue_ids = self.tokenizer(cue, add_special_tokens=False).input_ids
+        ids = []
+        for word in self.task.label_words:
+            full = self.tokenizer(cue + word, add_special_tokens=False).input_ids
+            if full[: len(cue_ids)] != cue_ids or len(full) == len(cue_ids):
+                raise ValueError(f"label word {word!r} merges with the answer cue in this tokenizer; choose another word")
+            ids.append(full[len(cue_ids)])
+        if len(set(ids)) != len(ids):
+            raise ValueError(
+                f"label words {list(self.task.label_words)} start with the same token for this tokenizer "
+                f"({ids}); choose label words whose first tokens differ"
+            )
+        return ids
+
+
+def collate(examples: Sequence[Encoded], pad_id: int) -> Batch:
+    """Left-pad so every row's last position is its answer position; positions count real tokens only."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, width - n:] = torch.tensor(example.input_ids)
+        attention[row, width - n:] = 1
+    position_ids = (attention.cumsum(dim=1) - 1).clamp_min(0)
+    labels = None
+    if examples[0].lm_labels is not None:
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, example in enumerate(examples):
+            labels[row, width - len(example.lm_labels):] = torch.tensor(example.lm_labels)
+    elif examples[0].label is not None:
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    return Batch(input_ids, attention, position_ids, labels)
+
+
+def training_batches(examples: Sequence[Encoded], batch_size: int, pad_id: int, *, seed: int) -> Iterator[Batch]:
+    """Endless seeded shuffled batches (epochs reshuffle): local training is counted in steps."""
+    if not examples:
+        raise ValueError("cannot train on an empty dataset")
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        chosen, order = order[:batch_size], order[batch_size:]
+        yield collate([examples[i] for i in chosen], pad_id)
+
+
+def evaluation_batches(examples: Sequence[Encoded], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """Batches of similar length (less padding); order does not change any metric."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)

@@ -1,0 +1,70 @@
+"""Evaluating the global model: accuracy by label-word scoring, and held-out language-model loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .encoding import Encoded, evaluation_batches
+from .lora.factors import Adapter
+from .lora.host import AdapterHost
+from .training import autocast_context, class_logits, lm_loss
+
+
+def evaluate_classification(
+    host: AdapterHost,
+    examples: Sequence[Encoded],
+    *,
+    label_token_ids: Sequence[int],
+    batch_size: int,
+    pad_id: int,
+    adapter: Adapter | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Accuracy = argmax over the label words' logits; loss = cross-entropy over those logits."""
+    correct, loss_sum = 0, 0.0
+    with _installed(host, adapter), host.frozen():
+        for batch in evaluation_batches(examples, batch_size, pad_id):
+            with autocast_context(host.model, autocast_dtype):
+                logits = class_logits(host.model, batch, label_token_ids)
+            correct += int((logits.argmax(dim=-1).cpu() == batch.labels).sum())
+            loss_sum += float(F.cross_entropy(logits.cpu(), batch.labels, reduction="sum"))
+    n = max(len(examples), 1)
+    return {"accuracy": correct / n, "loss": loss_sum / n, "num_examples": len(examples)}
+
+
+def evaluate_lm_loss(
+    host: AdapterHost,
+    examples: Sequence[Encoded],
+    *,
+    batch_size: int,
+    pad_id: int,
+    adapter: Adapter | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean token cross-entropy of the responses (Dolly held-out loss)."""
+    total, weight = 0.0, 0
+    with _installed(host, adapter), host.frozen():
+        for batch in evaluation_batches(examples, batch_size, pad_id):
+            targets = int((batch.labels[:, 1:] != -100).sum())
+            with autocast_context(host.model, autocast_dtype):
+                total += float(lm_loss(host.model, batch)) * targets
+            weight += targets
+    return {"loss": total / max(weight, 1), "num_examples": len(examples)}
+
+
+class _installed:
+    """Context manager: evaluate with `adapter` on top of the base, or the base alone when None."""
+
+    def __init__(self, host: AdapterHost, adapter: Adapter | None) -> None:
+        self.host, self.adapter = host, adapter
+
+    def __enter__(self) -> None:
+        if self.adapter:
+            self.host.install(self.adapter)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.adapter:
+            self.host.clear()

@@ -1,0 +1,108 @@
+"""The record of a run: results.json, rounds.csv, and the terminal table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .costs import client_cost_pct, payload_bytes, payload_params
+from .methods import Upload
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: float | None
+    loss: float
+    clients: list[int]
+    ranks: dict[str, float]  # client -> mean rank over modules trained this round
+    trained_params: dict[str, int]
+    uplink_params: dict[str, int]
+    uplink_bytes: dict[str, int]
+    train_loss: dict[str, float]
+    round_seconds: float  # instructions out -> global update merged (excludes evaluation)
+    eval_seconds: float
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+
+def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], *, round_seconds: float, eval_seconds: float,
+                 failures: list[dict[str, Any]] | None = None) -> RoundRecord:
+    uploads = sorted(uploads, key=lambda u: u.client_id)
+    key = lambda u: str(u.client_id)  # noqa: E731 - JSON object keys are strings
+    return RoundRecord(
+        round=round_,
+        accuracy=metrics.get("accuracy"),
+        loss=metrics["loss"],
+        clients=[u.client_id for u in uploads],
+        ranks={key(u): round(sum(u.ranks.values()) / max(len(u.ranks), 1), 3) for u in uploads},
+        trained_params={key(u): u.trained_params for u in uploads},
+        uplink_params={key(u): payload_params(u.tensors) for u in uploads},
+        uplink_bytes={key(u): payload_bytes(u.tensors) for u in uploads},
+        train_loss={key(u): u.metrics.get("train_loss", float("nan")) for u in uploads},
+        round_seconds=round_seconds,
+        eval_seconds=eval_seconds,
+        failures=failures or [],
+    )
+
+
+@dataclass
+class RunRecord:
+    method: str
+    model: str
+    dataset: str
+    num_clients: int
+    seed: int
+    config: dict[str, Any]
+    base_params: int
+    initial: dict[str, float] = field(default_factory=dict)  # the base model before any round (zero-shot)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def finish(self, *, wall_seconds: float, final_ranks: dict[int, dict[str, int]]) -> None:
+        trained = [n for r in self.rounds for n in r.trained_params.values()]
+        uplink = [n for r in self.rounds for n in r.uplink_params.values()]
+        last = self.rounds[-1] if self.rounds else None
+        self.final = {
+            "accuracy": last.accuracy if last else self.initial.get("accuracy"),
+            "loss": last.loss if last else self.initial.get("loss"),
+            "best_accuracy": max((r.accuracy for r in self.rounds if r.accuracy is not None), default=None),
+            "client_cost_pct": client_cost_pct(trained, self.base_params),
+            "client_uplink_pct": client_cost_pct(uplink, self.base_params),
+            "uplink_bytes_total": sum(n for r in self.rounds for n in r.uplink_bytes.values()),
+            "wall_seconds": wall_seconds,
+            "ranks": {str(cid): round(sum(m.values()) / max(len(m), 1), 3) for cid, m in sorted(final_ranks.items())},
+        }
+        self.environment = {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system()}
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(self.to_json(), indent=2))
+        write_rounds_csv(self.rounds, out_dir / "rounds.csv")
+
+
+def write_rounds_csv(rounds: list[RoundRecord], path: Path) -> None:
+    """One row per (round, client) with the round's global metrics repeated: easy to load in any tool."""
+    columns = ["round", "accuracy", "loss", "round_seconds", "eval_seconds", "client", "rank", "trained_params",
+               "uplink_params", "uplink_bytes", "train_loss"]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for r in rounds:
+            for cid in r.ranks:
+                writer.writerow([r.round, r.accuracy, r.loss, f"{r.round_seconds:.3f}", f"{r.eval_seconds:.3f}", cid, r.ranks[cid],
+                                 r.trained_params[cid], r.uplink_params[cid], r.uplink_bytes[cid], r.train_loss[cid]])
+
+
+def load_run(out_dir: Path) -> dict[str, Any]:
+    path = Path(out_dir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; point at the --out folder of a finished `aflora run`")
+    return json.loads(path.read_text())

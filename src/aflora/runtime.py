@@ -1,0 +1,299 @@
+"""What both ends of a federated run build from one config, independent of the FL engine.
+
+- `prepare_workload`: data → public split → client partitions (deterministic: every process agrees).
+- `ClientRuntime`: one per process; one shared base model; trains whichever client a message names.
+- `ServerRuntime`: the server's round: instruct → aggregate → server step → merge → evaluate → record.
+
+Flower's ServerApp/ClientApp (aflora.flower) only move these records between the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from .config import ConfigError, ExperimentConfig
+from .data import DataError, DatasetBundle, load_bundle, partition, split_public
+from .encoding import Encoded, PromptEncoder, training_batches
+from .evaluation import evaluate_classification, evaluate_lm_loss
+from .lora.factors import Adapter, stack_adapters
+from .lora.host import AdapterHost
+from .methods import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, method_class
+from .methods.base import hash_seed
+from .models import load_model, resolve_model
+from .training import OptimConfig, train_adapter
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class Workload:
+    """The federated data layout of one experiment."""
+
+    config: ExperimentConfig
+    bundle: DatasetBundle
+    client_rows: list[list[int]]  # indices into bundle.train, one list per client
+    public_rows: list[int]
+    test_rows: list[dict]
+
+    @property
+    def objective(self) -> str:
+        if self.config.data.objective != "auto":
+            return self.config.data.objective
+        return "lm" if self.bundle.task.kind == "instruction" else "class_ce"
+
+    def client_specs(self) -> list[ClientSpec]:
+        ranks = self.config.federation.client_ranks
+        return [ClientSpec(cid, ranks[cid], len(rows)) for cid, rows in enumerate(self.client_rows)]
+
+
+def prepare_workload(config: ExperimentConfig) -> Workload:
+    data, seed = config.data, config.seed
+    bundle = load_bundle(data.dataset, data_dir=data.data_dir or None, test_name=data.test_dataset or None, **data.options)
+    public_rows, pool = split_public(len(bundle.train), fraction=data.public_fraction, size=data.public_size, seed=seed)
+    if data.train_size and data.train_size < len(pool):
+        pool = sorted(random.Random(hash_seed(seed, 1)).sample(pool, data.train_size))
+    labels = bundle.train_labels() if data.partition in ("dirichlet", "k_labels") else None
+    categories = bundle.train_categories() if data.partition == "fedit_epsilon" else None
+    try:
+        client_rows = partition(
+            data.partition,
+            pool,
+            config.federation.num_clients,
+            seed=seed,
+            labels=None if labels is None else [labels[i] for i in pool],
+            categories=None if categories is None else [categories[i] for i in pool],
+            alpha=data.dirichlet_alpha,
+            epsilon=data.epsilon,
+            labels_per_client=data.labels_per_client,
+            presplit_clients=bundle.presplit_clients,
+        )
+    except ValueError as err:  # the partitioners explain what to change; surface it as a data problem
+        raise DataError(f"cannot partition {bundle.name} with data.partition={data.partition!r}: {err}") from None
+    test_rows = bundle.test
+    if data.eval_size and data.eval_size < len(test_rows):
+        test_rows = [test_rows[i] for i in sorted(random.Random(hash_seed(seed, 2)).sample(range(len(test_rows)), data.eval_size))]
+    return Workload(config, bundle, client_rows, public_rows, test_rows)
+
+
+def preflight(config: ExperimentConfig) -> Workload:
+    """Everything checkable before a model or an engine starts: model spec, data, partitions, method needs."""
+    resolve_model(config.model.name)
+    workload = prepare_workload(config)
+    if method_class(config.method).needs_public_data(config.method_options()):
+        if not workload.public_rows or config.server.steps == 0:
+            raise ConfigError(
+                f"{config.method} tunes on the server's public set, but it is empty or server.steps is 0: set "
+                f"data.public_fraction (e.g. 0.02) and server.steps > 0, or {config.method}.server_tuning = false"
+            )
+    return workload
+
+
+def autocast_dtype(precision: str, model: torch.nn.Module) -> torch.dtype | None:
+    """bf16 autocast where it pays: CUDA with bf16, or CPUs with native bf16 (AVX512-BF16/AMX)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class ModelSide:
+    """A process's shared base model with its adapter host, encoder and the method (client or server)."""
+
+    def __init__(self, workload: Workload) -> None:
+        config = workload.config
+        self.workload = workload
+        if config.engine.threads:
+            torch.set_num_threads(config.engine.threads)
+        model, self.tokenizer = load_model(
+            config.model.name, cache_dir=config.model.cache_dir or None, seed=config.seed, attention=config.model.attention
+        )
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        self.host = AdapterHost(model, config.model.target_modules)
+        self.encoder = PromptEncoder(self.tokenizer, workload.bundle.task, config.data.max_length)
+        self.autocast = autocast_dtype(config.model.precision, model)
+        self.method: FederatedMethod = method_class(config.method)(
+            config.method_options(),
+            module_shapes=self.host.module_shapes(),
+            clients=workload.client_specs(),
+            seed=config.seed,
+        )
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def encode(self, rows: list[dict], objective: str | None = None) -> list[Encoded]:
+        objective = objective or self.workload.objective
+        encode = self.encoder.encode_lm if objective == "lm" else self.encoder.encode_classification
+        return [encode(row) for row in rows]
+
+    def train(self, spec: TrainSpec, examples: list[Encoded], *, steps: int, batch_size: int, optim: OptimConfig, seed: int, on_step=None):
+        return train_adapter(
+            self.host,
+            spec,
+            training_batches(examples, batch_size, self.pad_id, seed=seed),
+            steps=steps,
+            optim=optim,
+            objective=self.workload.objective,
+            label_token_ids=self.encoder.label_token_ids,
+            autocast_dtype=self.autocast,
+            on_step=on_step,
+        )
+
+
+# ---------------------------------------------------------------------------- base-model sync
+@dataclass
+class BaseMerges:
+    """Low-rank updates merged into the base model, by round. Every process replays the ones it lacks."""
+
+    by_round: dict[int, Adapter] = field(default_factory=dict)
+
+    def since(self, round_exclusive: int) -> dict[int, Adapter]:
+        return {r: a for r, a in sorted(self.by_round.items()) if r > round_exclusive}
+
+    def exported_adapter(self, global_adapter: Adapter | None) -> Adapter | None:
+        """All merged rounds plus the live global adapter as one adapter (exact: stacked along the rank)."""
+        parts = [a for _, a in sorted(self.by_round.items())] + ([global_adapter] if global_adapter else [])
+        return stack_adapters(parts) if parts else None
+
+
+# ---------------------------------------------------------------------------- client side
+class ClientRuntime:
+    """One per process; serves every client whose message arrives here, on one shared base model."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+        self.workload = prepare_workload(config)
+        self.side = ModelSide(self.workload)
+        self.applied_rounds: set[int] = set()
+        self._encoded: dict[int, list[Encoded]] = {}
+
+    def client_examples(self, client_id: int) -> list[Encoded]:
+        if client_id not in self._encoded:
+            rows = [self.workload.bundle.train[i] for i in self.workload.client_rows[client_id]]
+            if not rows:
+                raise ValueError(f"client {client_id} has no training data")
+            self._encoded[client_id] = self.side.encode(rows)
+        return self._encoded[client_id]
+
+    def sync_base(self, merges: dict[int, Adapter]) -> None:
+        """Apply the global updates of rounds this process's base model has not seen, in order."""
+        for round_, adapter in sorted(merges.items()):
+            if round_ not in self.applied_rounds:
+                self.side.host.merge_into_base(adapter)
+                self.applied_rounds.add(round_)
+
+    def train(self, instruction: Instruction, merges: dict[int, Adapter]) -> Upload:
+        self.sync_base(merges)
+        examples = self.client_examples(instruction.client_id)
+        spec = self.side.method.local_job(instruction)
+        train = self.config.train
+        result = self.side.train(
+            spec,
+            examples,
+            steps=train.local_steps,
+            batch_size=train.batch_size,
+            optim=OptimConfig(lr=train.lr, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm),
+            seed=hash_seed(self.config.seed, instruction.round, instruction.client_id, 7),
+        )
+        upload = self.side.method.upload(instruction, result.adapter, len(examples))
+        upload.trained_params = spec.trained_params()
+        upload.metrics.update(train_loss=result.mean_loss, train_seconds=result.seconds, train_tokens=float(result.tokens))
+        mean_rank = sum(upload.ranks.values()) / max(len(upload.ranks), 1)
+        log.info(
+            "round %d client %d: rank %.1f, %d steps, loss %.4f, %.1fs",
+            instruction.round, instruction.client_id, mean_rank, result.steps, result.mean_loss, result.seconds,
+        )
+        return upload
+
+
+# ---------------------------------------------------------------------------- server side
+class ServerRuntime:
+    """The server's half of every round, plus evaluation and the record of what happened."""
+
+    def __init__(self, config: ExperimentConfig, workload: Workload | None = None) -> None:
+        self.config = config
+        self.workload = workload or prepare_workload(config)
+        self.side = ModelSide(self.workload)
+        self.method = self.side.method
+        self.method.init_server_state()
+        self.merges = BaseMerges()
+        self.client_synced_round: dict[int, int] = {c.client_id: 0 for c in self.workload.client_specs()}
+
+    @cached_property
+    def test_examples(self) -> list[Encoded]:
+        objective = "class_ce" if self.workload.bundle.task.label_words else "lm"
+        return self.side.encode(self.workload.test_rows, objective)
+
+    @cached_property
+    def public_examples(self) -> list[Encoded]:
+        return self.side.encode([self.workload.bundle.train[i] for i in self.workload.public_rows])
+
+    def sample_clients(self, round: int) -> list[int]:
+        fed = self.config.federation
+        count = max(1, round_half_up(fed.sample_fraction * fed.num_clients))
+        return sorted(random.Random(hash_seed(self.config.seed, round, 3)).sample(range(fed.num_clients), count))
+
+    def instructions(self, round: int) -> list[tuple[Instruction, dict[int, Adapter]]]:
+        """Each sampled client's instruction and the base-model merges it has not received yet."""
+        messages = []
+        for cid in self.sample_clients(round):
+            messages.append((self.method.instruct(cid, round), self.merges.since(self.client_synced_round[cid])))
+            self.client_synced_round[cid] = max(self.merges.by_round, default=0)
+        return messages
+
+    def server_trainer(self, round: int):
+        server = self.config.server
+        if server.steps == 0 or not self.workload.public_rows:
+            return None
+
+        def train_on_public(spec: TrainSpec) -> Adapter:
+            result = self.side.train(
+                spec,
+                self.public_examples,
+                steps=server.steps,
+                batch_size=server.batch_size,
+                optim=OptimConfig(lr=server.lr, max_grad_norm=self.config.train.max_grad_norm),
+                seed=hash_seed(self.config.seed, round, 5),
+            )
+            log.info("round %d server step on %d public rows: loss %.4f, %.1fs", round, len(self.public_examples), result.mean_loss, result.seconds)
+            return result.adapter
+
+        return train_on_public
+
+    def complete_round(self, round: int, uploads: list[Upload]) -> None:
+        """Aggregate, run the server's own update, and merge the round's global update into the base."""
+        if not uploads:
+            raise RuntimeError(f"round {round}: no client replied, nothing to aggregate")
+        self.method.aggregate(uploads, round)
+        self.method.server_update(self.server_trainer(round))
+        update = self.method.round_merge()
+        if update is not None:
+            self.merges.by_round[round] = update
+            self.side.host.merge_into_base(update)
+
+    def evaluate(self) -> dict[str, float]:
+        side = self.side
+        common = dict(batch_size=self.config.train.eval_batch_size, pad_id=side.pad_id,
+                      adapter=self.method.global_adapter(), autocast_dtype=side.autocast)
+        if side.encoder.label_token_ids:
+            return evaluate_classification(side.host, self.test_examples, label_token_ids=side.encoder.label_token_ids, **common)
+        return evaluate_lm_loss(side.host, self.test_examples, **common)
+
+
+def round_half_up(x: float) -> int:
+    return int(x + 0.5)

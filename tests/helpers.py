@@ -1,0 +1,70 @@
+"""Test scaffolding: a small synthetic classification dataset on disk, tiny configs, an engine-free round loop."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+from aflora.config import ExperimentConfig, load_config
+from aflora.runtime import ClientRuntime, ServerRuntime
+
+LABEL_WORDS = ["World", "Sports", "Business", "Technology"]
+TOPIC_WORDS = [
+    ["election", "minister", "treaty", "border"],
+    ["match", "goal", "league", "coach"],
+    ["shares", "profit", "market", "bank"],
+    ["software", "chip", "internet", "robot"],
+]
+
+
+def write_topic_dataset(folder: Path, *, train_per_label: int = 30, test_per_label: int = 8, seed: int = 0) -> tuple[Path, Path]:
+    """CSV files (text,label) where each label's texts use that label's vocabulary: learnable by a tiny model."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(path: Path, per_label: int) -> Path:
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            for _ in range(per_label):
+                for label, words in enumerate(TOPIC_WORDS):
+                    writer.writerow([" ".join(rng.choice(words) for _ in range(6)), label])
+        return path
+
+    return write(folder / "train.csv", train_per_label), write(folder / "test.csv", test_per_label)
+
+
+def tiny_config(folder: Path, *overrides: str, model: str = "tiny-llama") -> ExperimentConfig:
+    train, test = write_topic_dataset(folder)
+    return load_config(None, [
+        f'data.dataset="{train}"',
+        f'data.options.test_path="{test}"',
+        f"data.options.label_words={LABEL_WORDS!r}".replace("'", '"'),
+        "data.partition=\"iid\"",
+        "data.public_size=8",
+        "data.eval_size=0",
+        "data.max_length=48",
+        f'model.name="{model}"',
+        "model.precision=\"fp32\"",
+        "federation.num_clients=3",
+        "federation.client_ranks=[8,4,2]",
+        "train.local_steps=2",
+        "train.batch_size=4",
+        "train.lr=0.01",
+        "server.steps=2",
+        "server.batch_size=4",
+        "rounds=2",
+        *overrides,
+    ])
+
+
+def run_inline(config: ExperimentConfig) -> ServerRuntime:
+    """Every round without any FL engine: the runtime and method need nothing from Flower."""
+    server, client = ServerRuntime(config), ClientRuntime(config)
+    for round_ in range(1, config.rounds + 1):
+        uploads = [client.train(instruction, merges) for instruction, merges in server.instructions(round_)]
+        server.complete_round(round_, uploads)
+        server.last_uploads = uploads
+    server.client_runtime = client
+    return server

@@ -1,0 +1,112 @@
+"""Which factors get gradients where (AFLoRA's DLF), and why B and Λ cannot both start at zero."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aflora.encoding import PromptEncoder, collate, training_batches
+from aflora.data import topic_classification_task
+from aflora.lora.factors import ModuleFactors
+from aflora.methods.aflora import AFLoRA, AFLoRAOptions
+from aflora.methods.base import ClientSpec, TrainSpec, tensor_key
+from aflora.training import OptimConfig, batch_loss, train_adapter
+
+RECORDS = [{"text": f"story number {i} about {w}", "label": i % 4} for i, w in enumerate(["votes", "goals", "stocks", "chips"] * 4)]
+
+
+def encoded(tokenizer):
+    encoder = PromptEncoder(tokenizer, topic_classification_task(), max_length=64)
+    return encoder, [encoder.encode_classification(r) for r in RECORDS]
+
+
+def aflora_for(host, ranks=(6, 3)) -> AFLoRA:
+    method = AFLoRA(AFLoRAOptions(), module_shapes=host.module_shapes(), clients=[ClientSpec(i, r, 10) for i, r in enumerate(ranks)], seed=0)
+    method.init_server_state()
+    return method
+
+
+def test_client_trains_only_B_and_lambda_against_frozen_A(tiny_llama, tiny_host):
+    _, tokenizer = tiny_llama
+    encoder, examples = encoded(tokenizer)
+    method = aflora_for(tiny_host)
+    instruction = method.instruct(1, round=1)
+    spec = method.local_job(instruction)
+    assert spec.trainable == frozenset({"B", "lam"})
+
+    tiny_host.install(spec.adapter, trainable=spec.trainable)
+    grads_on = {n.split(".lora_")[1].split(".")[0] for n, p in tiny_host.model.named_parameters() if p.requires_grad}
+    assert grads_on == {"B", "lambda"}
+    tiny_host.clear()
+
+    result = train_adapter(tiny_host, spec, training_batches(examples, 4, tokenizer.pad_token_id, seed=0), steps=3,
+                           optim=OptimConfig(lr=0.05), objective="class_ce", label_token_ids=encoder.label_token_ids)
+    for name, before in spec.adapter.items():
+        after = result.adapter[name]
+        assert torch.equal(after.A, instruction.tensors[tensor_key("A", name)]), "A must stay frozen on the client"
+        assert not torch.equal(after.B, before.B) and not torch.equal(after.lam, before.lam)
+    upload = method.upload(instruction, result.adapter, num_examples=len(examples))
+    for name, (m, _) in tiny_host.module_shapes().items():
+        assert upload.tensors[tensor_key("B", name)].shape == (m, 3)  # exactly r_k kept columns
+    assert spec.trained_params() == sum((m + 1) * 3 for m, _ in tiny_host.module_shapes().values())
+
+
+def test_server_step_trains_only_A(tiny_llama, tiny_host):
+    _, tokenizer = tiny_llama
+    encoder, examples = encoded(tokenizer)
+    g = torch.Generator().manual_seed(0)
+    adapter = {n: ModuleFactors(A=torch.randn(4, k, generator=g), B=torch.randn(m, 4, generator=g) * 0.1)
+               for n, (m, k) in tiny_host.module_shapes().items()}
+    spec = TrainSpec(adapter=adapter, trainable=frozenset({"A"}))
+    tiny_host.install(spec.adapter, trainable=spec.trainable)
+    grads_on = {n.split(".lora_")[1].split(".")[0] for n, p in tiny_host.model.named_parameters() if p.requires_grad}
+    assert grads_on == {"A"}
+    tiny_host.clear()
+    result = train_adapter(tiny_host, spec, training_batches(examples, 4, tokenizer.pad_token_id, seed=0), steps=2,
+                           optim=OptimConfig(lr=0.05), objective="class_ce", label_token_ids=encoder.label_token_ids)
+    for name in adapter:
+        assert torch.equal(result.adapter[name].B, adapter[name].B), "B_global must stay frozen on the server"
+        assert not torch.equal(result.adapter[name].A, adapter[name].A)
+
+
+def gradients_at_init(host, tokenizer, adapter):
+    encoder, examples = encoded(tokenizer)
+    host.install(adapter, trainable={"B", "lam"})
+    host.model.zero_grad(set_to_none=True)
+    batch_loss(host.model, collate(examples[:4], tokenizer.pad_token_id), "class_ce", encoder.label_token_ids).backward()
+    params = host.factor_parameters()
+    grads = {k: sum(float(p[k].grad.abs().sum()) for p in params.values()) for k in ("B", "lam")}
+    host.clear()
+    return grads
+
+
+def test_our_initialization_starts_at_zero_update_with_a_gradient_on_lambda(tiny_llama, tiny_host, token_batch):
+    model, tokenizer = tiny_llama
+    base = model(token_batch).logits
+    method = aflora_for(tiny_host)
+    spec = method.local_job(method.instruct(0, round=1))
+    tiny_host.install(spec.adapter)
+    torch.testing.assert_close(model(token_batch).logits, base)  # Λ = 0: ΔW = 0, the merged model is unchanged
+    tiny_host.clear()
+    grads = gradients_at_init(tiny_host, tokenizer, spec.adapter)
+    assert grads["lam"] > 0, "Λ must receive a gradient at the start of every round"
+    assert grads["B"] == 0  # ∂L/∂B ∝ Λ = 0 at the first step; B follows once Λ moved
+
+
+def test_zero_B_and_zero_lambda_would_never_learn(tiny_llama, tiny_host):
+    """The paper's literal 'initialize B and Λ with zeros' is a saddle: every gradient is zero."""
+    _, tokenizer = tiny_llama
+    method = aflora_for(tiny_host)
+    spec = method.local_job(method.instruct(0, round=1))
+    zeroed = {n: ModuleFactors(A=f.A, B=torch.zeros_like(f.B), lam=torch.zeros_like(f.lam)) for n, f in spec.adapter.items()}
+    assert gradients_at_init(tiny_host, tokenizer, zeroed) == {"B": 0.0, "lam": 0.0}
+
+
+def test_B_columns_start_at_unit_norm_and_the_penalty_matches_eq10(tiny_host):
+    method = aflora_for(tiny_host)
+    spec = method.local_job(method.instruct(0, round=1))
+    for factors in spec.adapter.values():
+        torch.testing.assert_close(factors.B.norm(dim=0), torch.ones(factors.rank))
+    params = {n: {"B": torch.nn.Parameter(f.B * 2.0)} for n, f in spec.adapter.items()}  # every ‖b_j‖² = 4
+    expected = method.options.gamma * sum(f.rank * (4.0 - 1.0) ** 2 for f in spec.adapter.values())
+    assert spec.penalty(params).item() == pytest.approx(expected, rel=1e-5)
