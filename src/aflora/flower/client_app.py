@@ -1,0 +1,52 @@
+"""Flower ClientApp: decode the server's message, let the client runtime train, encode the upload.
+
+In simulation every ClientApp in a worker process shares that process's ClientRuntime (one base
+model); in deployment each SuperNode runs one and loads only its own partition's rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..config import config_from_tree
+from ..logs import configure_logging, quiet_flower
+from ..runtime import ClientRuntime
+from .records import read_instruction, upload_content
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=1)
+def client_runtime(experiment_json: str) -> ClientRuntime:
+    """Built on the first message of a run and reused: the model loads once per process."""
+    configure_logging()
+    quiet_flower(verbose=False)
+    return ClientRuntime(config_from_tree(json.loads(experiment_json)))
+
+
+def client_id_of(context: Context) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except KeyError:
+        raise RuntimeError(
+            "this SuperNode has no partition-id; start it with --node-config \"partition-id=<k> num-partitions=<K>\""
+        ) from None
+
+
+@app.query("identify")
+def identify(message: Message, context: Context) -> Message:
+    content = RecordDict({"identity": ConfigRecord({"client_id": client_id_of(context)})})
+    return Message(content=content, reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    instruction, merges, experiment = read_instruction(message.content)
+    if instruction.client_id != client_id_of(context):
+        raise RuntimeError(f"message for client {instruction.client_id} reached client {client_id_of(context)}")
+    upload = client_runtime(experiment).train(instruction, merges)
+    return Message(content=upload_content(upload), reply_to=message)

@@ -1,0 +1,91 @@
+"""Method records <-> Flower RecordDicts. The only place that knows how messages are laid out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from ..lora.factors import Adapter, ModuleFactors
+from ..methods import Instruction, Upload
+
+FACTORS = ("A", "B", "lam")
+
+
+def tensors_to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord(torch_state_dict={k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def arrays_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+def merges_to_arrays(merges: dict[int, Adapter]) -> ArrayRecord:
+    """Base-model merges keyed 'round/factor/module' (AFLoRA's B_global·A', FLoRA's stacked update)."""
+    flat = {}
+    for round_, adapter in merges.items():
+        for module, factors in adapter.items():
+            for name in FACTORS:
+                tensor = getattr(factors, name)
+                if tensor is not None:
+                    flat[f"{round_}/{name}/{module}"] = tensor
+    return tensors_to_arrays(flat)
+
+
+def arrays_to_merges(record: ArrayRecord) -> dict[int, Adapter]:
+    parts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, tensor in arrays_to_tensors(record).items():
+        round_, name, module = key.split("/", 2)
+        parts.setdefault(int(round_), {}).setdefault(module, {})[name] = tensor
+    return {r: {m: ModuleFactors(**f) for m, f in modules.items()} for r, modules in parts.items()}
+
+
+def instruction_content(instruction: Instruction, merges: dict[int, Adapter], experiment: dict[str, Any]) -> RecordDict:
+    return RecordDict({
+        "instruction": tensors_to_arrays(instruction.tensors),
+        "merges": merges_to_arrays(merges),
+        "meta": ConfigRecord({
+            "client_id": instruction.client_id,
+            "round": instruction.round,
+            "config": json.dumps(instruction.config),
+            "experiment": json.dumps(experiment, sort_keys=True),
+        }),
+    })
+
+
+def read_instruction(content: RecordDict) -> tuple[Instruction, dict[int, Adapter], str]:
+    meta = content.config_records["meta"]
+    instruction = Instruction(
+        client_id=int(meta["client_id"]),
+        round=int(meta["round"]),
+        tensors=arrays_to_tensors(content.array_records["instruction"]),
+        config=json.loads(str(meta["config"])),
+    )
+    return instruction, arrays_to_merges(content.array_records["merges"]), str(meta["experiment"])
+
+
+def upload_content(upload: Upload) -> RecordDict:
+    return RecordDict({
+        "upload": tensors_to_arrays(upload.tensors),
+        "meta": ConfigRecord({
+            "client_id": upload.client_id,
+            "num_examples": upload.num_examples,
+            "trained_params": upload.trained_params,
+            "ranks": json.dumps(upload.ranks),
+        }),
+        "metrics": MetricRecord({k: float(v) for k, v in upload.metrics.items()}),
+    })
+
+
+def read_upload(content: RecordDict) -> Upload:
+    meta = content.config_records["meta"]
+    return Upload(
+        client_id=int(meta["client_id"]),
+        num_examples=int(meta["num_examples"]),
+        tensors=arrays_to_tensors(content.array_records["upload"]),
+        ranks={k: int(v) for k, v in json.loads(str(meta["ranks"])).items()},
+        trained_params=int(meta["trained_params"]),
+        metrics=dict(content.metric_records["metrics"]),
+    )

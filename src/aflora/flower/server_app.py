@@ -1,0 +1,62 @@
+"""Flower ServerApp: build the server runtime from the run config, let the strategy drive the rounds,
+write the outputs. `flwr run .` enters through `app`; `aflora run` through `run_federation`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from ..config import ExperimentConfig, config_from_flat
+from ..logs import configure_logging
+from ..outputs import write_outputs
+from ..results import RunRecord
+from ..runtime import ServerRuntime, Workload, preflight
+from .strategy import MethodStrategy
+
+log = logging.getLogger(__name__)
+
+ROUND_TIMEOUT_SECONDS = 24 * 3600.0
+
+
+def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload: Workload | None = None) -> RunRecord:
+    started = time.perf_counter()
+    runtime = ServerRuntime(config, workload or preflight(config))
+    workload = runtime.workload
+    log.info(
+        "%s on %s (%s): %d clients with %s rows, public set %d rows, %d test rows",
+        config.method, workload.bundle.name, workload.bundle.source, config.federation.num_clients,
+        [len(rows) for rows in workload.client_rows], len(workload.public_rows), len(workload.test_rows),
+    )
+    record = RunRecord(
+        method=config.method,
+        model=config.model.name,
+        dataset=workload.bundle.name,
+        num_clients=config.federation.num_clients,
+        seed=config.seed,
+        config=config.to_dict(),
+        base_params=runtime.side.host.base_param_count,
+    )
+    strategy = MethodStrategy(runtime, record, experiment=config.to_dict())
+    strategy.start(grid, ArrayRecord(), num_rounds=config.rounds, timeout=ROUND_TIMEOUT_SECONDS, evaluate_fn=strategy.evaluate_fn)
+    record.finish(wall_seconds=time.perf_counter() - started, final_ranks=runtime.method.client_ranks())
+    write_outputs(out_dir, record, runtime)
+    return record
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for `flwr run .`: [tool.flwr.app.config] (+ --run-config) is the experiment."""
+    flat = dict(context.run_config)
+    out_dir = Path(str(flat.pop("out-dir", "") or f"runs/flwr-{context.run_id}")).resolve()
+    config = config_from_flat(flat)
+    configure_logging(config.engine.verbose)
+    run_federation(grid, config, out_dir)
+    log.info("results written to %s", out_dir)

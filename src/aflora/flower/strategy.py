@@ -1,0 +1,108 @@
+"""A Flower Strategy that lets a federated method drive the rounds.
+
+It sends each client its own message (rank, mask, A slice: whatever the method's `instruct`
+returns), and hands the heterogeneous replies to the server runtime. No method math lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..results import RunRecord, round_record
+from ..runtime import ServerRuntime
+from .records import instruction_content, read_upload
+
+log = logging.getLogger(__name__)
+
+IDENTIFY = "query.identify"
+
+
+def identify_clients(grid: Grid, num_clients: int, *, timeout_seconds: float = 600.0) -> dict[int, int]:
+    """Ask every connected node which client (data partition) it is: client id -> node id."""
+    deadline = time.monotonic() + timeout_seconds
+    node_of_client: dict[int, int] = {}
+    while len(node_of_client) < num_clients:
+        unknown = [n for n in grid.get_node_ids() if n not in node_of_client.values()]
+        messages = [Message(content=RecordDict(), dst_node_id=n, message_type=IDENTIFY) for n in unknown]
+        for reply in grid.send_and_receive(messages, timeout=60) if messages else []:
+            if reply.has_error():
+                continue
+            client_id = int(reply.content.config_records["identity"]["client_id"])
+            if client_id in node_of_client:
+                raise RuntimeError(f"two nodes claim to be client {client_id}; give every SuperNode its own partition-id")
+            node_of_client[client_id] = reply.metadata.src_node_id
+        if len(node_of_client) < num_clients:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(node_of_client)} of {num_clients} clients connected within {timeout_seconds:.0f}s "
+                    f"(clients seen: {sorted(node_of_client)})"
+                )
+            time.sleep(1.0)
+    return node_of_client
+
+
+class MethodStrategy(Strategy):
+    def __init__(self, runtime: ServerRuntime, record: RunRecord, experiment: dict) -> None:
+        self.runtime = runtime
+        self.record = record
+        self.experiment = experiment
+        self.node_of_client: dict[int, int] = {}
+        self._round_started = 0.0
+        self._round_seconds = 0.0
+        self._uploads = []
+
+    def summary(self) -> None:
+        config = self.runtime.config
+        log.info("method %s, %d clients, ranks %s", config.method, config.federation.num_clients, config.federation.client_ranks)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if not self.node_of_client:
+            self.node_of_client = identify_clients(grid, self.runtime.config.federation.num_clients)
+        self._round_started = time.perf_counter()
+        messages = []
+        for instruction, merges in self.runtime.instructions(server_round):
+            content = instruction_content(instruction, merges, self.experiment)
+            messages.append(Message(content=content, dst_node_id=self.node_of_client[instruction.client_id], message_type="train"))
+        log.info("round %d: training clients %s", server_round, [m.content.config_records["meta"]["client_id"] for m in messages])
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        uploads, failures = [], []
+        for reply in replies:
+            if reply.has_error():
+                failures.append({"node_id": reply.metadata.src_node_id, "reason": reply.error.reason})
+                log.warning("round %d: node %s failed: %s", server_round, reply.metadata.src_node_id, reply.error.reason)
+                continue
+            uploads.append(read_upload(reply.content))
+        self.runtime.complete_round(server_round, uploads)
+        self._round_seconds = time.perf_counter() - self._round_started
+        self._uploads, self._failures = uploads, failures
+        return None, MetricRecord({"clients": len(uploads)})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # the global model is evaluated centrally, on the server (evaluate_fn)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        started = time.perf_counter()
+        metrics = self.runtime.evaluate()
+        eval_seconds = time.perf_counter() - started
+        if server_round == 0:
+            self.record.initial = dict(metrics, eval_seconds=eval_seconds)
+        else:
+            self.record.rounds.append(round_record(server_round, self._uploads, metrics, round_seconds=self._round_seconds,
+                                                   eval_seconds=eval_seconds, failures=self._failures))
+        log.info("round %d: %s (evaluated in %.1fs)", server_round, _format_metrics(metrics), eval_seconds)
+        return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

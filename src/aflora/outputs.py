@@ -1,0 +1,63 @@
+"""Everything a finished run leaves in --out: results.json, rounds.csv, plots, the PEFT adapter, a table."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .lora.export import save_peft_adapter
+from .plots import plot_run
+from .results import RunRecord
+from .runtime import ServerRuntime
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+
+
+def write_outputs(out_dir: Path, record: RunRecord, runtime: ServerRuntime) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record.write(out_dir)
+    plot_run(record.to_json(), out_dir)
+    adapter = runtime.merges.exported_adapter(runtime.method.global_adapter())
+    if adapter:
+        host = runtime.side.host
+        save_peft_adapter(
+            adapter,
+            out_dir / ADAPTER_DIR,
+            base_model=runtime.config.model.name,
+            conv1d_modules={name for name in adapter if host.is_conv1d(name)},
+        )
+    print_summary(record)
+
+
+def print_summary(record: RunRecord, console: Console | None = None) -> None:
+    console = console or Console(stderr=True, width=max(Console(stderr=True).width, 110))
+    metric = "accuracy" if record.initial.get("accuracy") is not None else "loss"
+    table = Table(title=f"{record.method} on {record.dataset} ({record.model}, {record.num_clients} clients, seed {record.seed})")
+    table.add_column("round", justify="right")
+    table.add_column(metric, justify="right")
+    table.add_column("ranks per client (mean over modules)")
+    table.add_column("client cost %", justify="right")
+    table.add_column("uplink MiB", justify="right")
+    table.add_column("round s", justify="right")
+    table.add_row("0", _fmt(record.initial.get(metric)), "base model", "", "", "")
+    for r in record.rounds:
+        cost = 100.0 * sum(r.trained_params.values()) / max(len(r.trained_params), 1) / record.base_params
+        ranks = " ".join(f"{v:.0f}" for v in r.ranks.values())
+        table.add_row(str(r.round), _fmt(getattr(r, metric)), ranks, f"{cost:.4f}",
+                      f"{sum(r.uplink_bytes.values()) / 2**20:.2f}", f"{r.round_seconds:.1f}")
+    console.print(table)
+    final = record.final
+    console.print(
+        f"final {metric} {_fmt(final.get(metric))} | client cost {final['client_cost_pct']:.4f}% of "
+        f"{record.base_params:,} parameters | uplink {final['uplink_bytes_total'] / 2**20:.2f} MiB | "
+        f"final ranks {[round(v, 1) for v in final['ranks'].values()]} | {final['wall_seconds']:.0f} s"
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

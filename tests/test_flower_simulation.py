@@ -1,0 +1,80 @@
+"""End to end through Flower's simulation engine on a tiny random model: 3 heterogeneous clients, 2 rounds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from aflora.flower.simulation import simulate
+from aflora.models import build_tiny_model
+from aflora.encoding import PromptEncoder
+from aflora.results import load_run
+from aflora.runtime import prepare_workload
+
+from helpers import tiny_config
+
+pytestmark = pytest.mark.flower
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sim")
+    config = tiny_config(folder / "data", "rounds=2", "aflora.beta=1.0")
+    record = simulate(config, folder / "out")
+    return config, record, folder / "out"
+
+
+def test_results_have_every_round_and_field(finished_run):
+    config, record, out = finished_run
+    run = load_run(out)
+    for key in ("method", "model", "dataset", "num_clients", "seed", "config", "rounds", "final"):
+        assert key in run
+    assert run["method"] == "aflora" and run["num_clients"] == 3
+    assert [r["round"] for r in run["rounds"]] == [1, 2]
+    for r in run["rounds"]:
+        assert set(r["clients"]) == {0, 1, 2}
+        for field in ("accuracy", "loss", "ranks", "trained_params", "uplink_params", "uplink_bytes", "round_seconds"):
+            assert field in r
+        assert 0.0 <= r["accuracy"] <= 1.0
+    for field in ("accuracy", "client_cost_pct", "uplink_bytes_total", "wall_seconds"):
+        assert field in run["final"]
+    assert run["config"]["federation"]["client_ranks"] == [8, 4, 2]
+    assert (out / "rounds.csv").read_text().count("\n") == 1 + 2 * 3
+    for plot in ("accuracy.png", "ranks.png", "uplink.png"):
+        assert (out / plot).stat().st_size > 1000
+
+
+def test_heterogeneous_ranks_start_at_budgets_and_never_grow(finished_run):
+    config, _, out = finished_run
+    rounds = load_run(out)["rounds"]
+    assert rounds[0]["ranks"] == {"0": 8.0, "1": 4.0, "2": 2.0}  # round 1 trains at each client's budget
+    for cid in ("0", "1", "2"):
+        assert rounds[1]["ranks"][cid] <= rounds[0]["ranks"][cid]
+    assert rounds[0]["trained_params"]["0"] > rounds[0]["trained_params"]["1"] > rounds[0]["trained_params"]["2"]
+
+
+def test_saved_adapter_reproduces_the_global_model_under_stock_peft(finished_run):
+    """Original tiny weights + results/adapter under stock PEFT score the test rows exactly as the server did."""
+    config, _, out = finished_run
+    run = load_run(out)
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA"
+    assert set(adapter_config["rank_pattern"].values()) == {16}  # two merged rounds × r_max = 8
+
+    fresh, tokenizer = build_tiny_model("tiny-llama", seed=config.seed)
+    model = PeftModel.from_pretrained(fresh, out / "adapter").eval()
+    workload = prepare_workload(config)
+    encoder = PromptEncoder(tokenizer, workload.bundle.task, config.data.max_length)
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for row in workload.test_rows:
+            example = encoder.encode_classification(row)
+            logits = model(torch.tensor([example.input_ids])).logits[0, -1, encoder.label_token_ids]
+            correct += int(logits.argmax()) == example.label
+            loss -= float(torch.log_softmax(logits, dim=-1)[example.label])
+    n = len(workload.test_rows)
+    assert correct / n == run["final"]["accuracy"]
+    assert loss / n == pytest.approx(run["final"]["loss"], rel=1e-4)
