@@ -1,7 +1,8 @@
 # Two entry points for a newcomer (see README):
 #   make demo   set up .venv, then run the main job (AFLoRA, 10 clients, AG News, SmolLM2) into runs/demo
 #   make test   set up .venv, then run the test suite CI runs (tiny models + a representative real-model subset)
-# More: make test-all (every test, including the slow real-model ones), make setup.
+# More: make flwr-demo (the main job through `flwr run .`), make test-all (every test, including the slow
+# real-model ones), make setup.
 
 VENV ?= .venv
 # Local datasets: $AFLORA_DATA_DIR if set, else ../shared/data when it exists, else the Hugging Face hub.
@@ -9,13 +10,20 @@ DATA_DIR ?= $(or $(AFLORA_DATA_DIR),$(wildcard ../shared/data))
 DATA_FLAG = $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 PYTEST = $(VENV)/bin/python -m pytest
 
-.PHONY: setup demo test test-all
+.PHONY: setup demo flwr-demo test test-all
 
 setup:
 	./scripts/setup.sh
 
 demo: setup
 	$(VENV)/bin/aflora run --config configs/default.toml --out runs/demo --overwrite $(DATA_FLAG)
+
+# The same job through Flower's own CLI (a local SuperLink in simulation mode). Dependencies are already
+# in .venv, so Flower must not install them again (it would resolve torch from the network).
+flwr-demo: setup
+	FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 PATH=$(abspath $(VENV))/bin:$$PATH flwr run . \
+	  --federation-config "num-supernodes=10" --stream \
+	  --run-config 'out-dir="$(abspath runs/flwr-demo)" $(if $(DATA_DIR),data.data_dir="$(abspath $(DATA_DIR))",)'
 
 test: setup
 	AFLORA_TEST_DATA_DIR=$(DATA_DIR) $(PYTEST) -m "not slow or ci" -q

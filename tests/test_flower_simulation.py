@@ -10,7 +10,10 @@ from peft import PeftModel
 
 from aflora.flower.simulation import simulate
 from aflora.models import build_tiny_model
+from transformers import AutoModelForCausalLM
+
 from aflora.encoding import PromptEncoder
+from aflora.lora.export import export_merged_model
 from aflora.results import load_run
 from aflora.runtime import prepare_workload
 
@@ -78,3 +81,15 @@ def test_saved_adapter_reproduces_the_global_model_under_stock_peft(finished_run
     n = len(workload.test_rows)
     assert correct / n == run["final"]["accuracy"]
     assert loss / n == pytest.approx(run["final"]["loss"], rel=1e-4)
+
+
+def test_export_merges_the_adapter_into_a_standalone_model(finished_run, tmp_path):
+    config, _, out = finished_run
+    export_merged_model(out, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    fresh, tokenizer = build_tiny_model("tiny-llama", seed=config.seed)
+    reference = PeftModel.from_pretrained(fresh, out / "adapter").eval()
+    ids = torch.tensor([tokenizer("Election news from the border").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+    assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -87,6 +87,7 @@ class EngineConfig:
     client_cpus: int = _help("CPU cores each simulated client worker gets (workers = cores / client_cpus)", 2)
     threads: int = _help("torch threads per process (0 = torch's default)", 0)
     verbose: bool = _help("Flower's own INFO logs", False)
+    connect_timeout: float = _help("Seconds the server waits for every client's SuperNode to connect", 300.0)
 
 
 @dataclass

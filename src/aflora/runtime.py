@@ -202,6 +202,7 @@ class ClientRuntime:
         examples = self.client_examples(instruction.client_id)
         spec = self.side.method.local_job(instruction)
         train = self.config.train
+        progress = StepProgress(f"round {instruction.round} client {instruction.client_id}", train.local_steps)
         result = self.side.train(
             spec,
             examples,
@@ -209,16 +210,32 @@ class ClientRuntime:
             batch_size=train.batch_size,
             optim=OptimConfig(lr=train.lr, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm),
             seed=hash_seed(self.config.seed, instruction.round, instruction.client_id, 7),
+            on_step=progress,
         )
         upload = self.side.method.upload(instruction, result.adapter, len(examples))
         upload.trained_params = spec.trained_params()
         upload.metrics.update(train_loss=result.mean_loss, train_seconds=result.seconds, train_tokens=float(result.tokens))
         mean_rank = sum(upload.ranks.values()) / max(len(upload.ranks), 1)
-        log.info(
-            "round %d client %d: rank %.1f, %d steps, loss %.4f, %.1fs",
-            instruction.round, instruction.client_id, mean_rank, result.steps, result.mean_loss, result.seconds,
-        )
+        log.info("%s: rank %.1f, %d steps, loss %s, %.1fs", progress.label, mean_rank, result.steps, progress.summary(), result.seconds)
         return upload
+
+
+class StepProgress:
+    """Per-step losses; a progress line every quarter of a long local run, a one-line summary at the end."""
+
+    def __init__(self, label: str, steps: int) -> None:
+        self.label, self.steps, self.losses = label, steps, []
+        self.every = max(1, steps // 4) if steps >= 20 else 0
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.losses.append(loss)
+        if self.every and step % self.every == 0 and step < self.steps:
+            log.info("%s: step %d/%d, loss %.4f", self.label, step, self.steps, loss)
+
+    def summary(self) -> str:
+        if not self.losses:
+            return "-"
+        return f"{self.losses[0]:.3f} → {self.losses[-1]:.3f}" if len(self.losses) > 1 else f"{self.losses[0]:.3f}"
 
 
 # ---------------------------------------------------------------------------- server side

@@ -55,7 +55,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run .`: [tool.flwr.app.config] (+ --run-config) is the experiment."""
     flat = dict(context.run_config)
-    out_dir = Path(str(flat.pop("out-dir", "") or f"runs/flwr-{context.run_id}")).resolve()
+    # The ServerApp process does not run in the caller's folder: default to a fixed place and say where.
+    out_dir = Path(str(flat.pop("out-dir", "") or Path.home() / "aflora-runs" / f"flwr-{context.run_id}")).expanduser().resolve()
     config = config_from_flat(flat)
     configure_logging(config.engine.verbose)
     run_federation(grid, config, out_dir)

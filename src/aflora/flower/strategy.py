@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 IDENTIFY = "query.identify"
 
 
-def identify_clients(grid: Grid, num_clients: int, *, timeout_seconds: float = 600.0) -> dict[int, int]:
+def identify_clients(grid: Grid, num_clients: int, *, timeout_seconds: float) -> dict[int, int]:
     """Ask every connected node which client (data partition) it is: client id -> node id."""
     deadline = time.monotonic() + timeout_seconds
+    next_notice = time.monotonic()
     node_of_client: dict[int, int] = {}
     while len(node_of_client) < num_clients:
         unknown = [n for n in grid.get_node_ids() if n not in node_of_client.values()]
@@ -36,14 +37,22 @@ def identify_clients(grid: Grid, num_clients: int, *, timeout_seconds: float = 6
             client_id = int(reply.content.config_records["identity"]["client_id"])
             if client_id in node_of_client:
                 raise RuntimeError(f"two nodes claim to be client {client_id}; give every SuperNode its own partition-id")
+            if not 0 <= client_id < num_clients:
+                raise RuntimeError(f"a node says it is client {client_id}, but clients are numbered 0..{num_clients - 1}")
             node_of_client[client_id] = reply.metadata.src_node_id
-        if len(node_of_client) < num_clients:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"only {len(node_of_client)} of {num_clients} clients connected within {timeout_seconds:.0f}s "
-                    f"(clients seen: {sorted(node_of_client)})"
-                )
-            time.sleep(1.0)
+        missing = sorted(set(range(num_clients)) - set(node_of_client))
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"clients {missing} never connected within {timeout_seconds:.0f}s ({len(node_of_client)} of {num_clients} did). "
+                "Start one SuperNode per client (partition-id 0..K-1); in simulation set num-supernodes to "
+                "federation.num_clients (flwr run . --federation-config \"num-supernodes=K\")."
+            )
+        if time.monotonic() >= next_notice:
+            log.info("waiting for clients %s to connect (%d of %d connected)", missing, len(node_of_client), num_clients)
+            next_notice = time.monotonic() + 10.0
+        time.sleep(1.0)
     return node_of_client
 
 
@@ -63,7 +72,8 @@ class MethodStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if not self.node_of_client:
-            self.node_of_client = identify_clients(grid, self.runtime.config.federation.num_clients)
+            config = self.runtime.config
+            self.node_of_client = identify_clients(grid, config.federation.num_clients, timeout_seconds=config.engine.connect_timeout)
         self._round_started = time.perf_counter()
         messages = []
         for instruction, merges in self.runtime.instructions(server_round):

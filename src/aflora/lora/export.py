@@ -59,7 +59,7 @@ def export_merged_model(run_dir: Path, out_dir: Path) -> None:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} holds no PEFT adapter; was the run finished?")
     config = config_from_tree(run["config"])
-    model, tokenizer = load_model(config.model.name, cache_dir=config.model.cache_dir or None)
+    model, tokenizer = load_model(config.model.name, cache_dir=config.model.cache_dir or None, seed=config.seed)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir)
