@@ -13,7 +13,7 @@ from aflora.models import build_tiny_model
 from transformers import AutoModelForCausalLM
 
 from aflora.encoding import PromptEncoder
-from aflora.lora.export import export_merged_model
+from aflora.outputs import export_merged_model
 from aflora.results import load_run
 from aflora.runtime import prepare_workload
 

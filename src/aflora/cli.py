@@ -54,7 +54,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged model (safetensors)")],
 ) -> None:
     """Merge a run's global adapter into its base model and save a standalone model."""
-    from .lora.export import export_merged_model
+    from .outputs import export_merged_model
 
     configure_logging()
     export_merged_model(run_dir, out)

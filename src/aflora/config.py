@@ -51,6 +51,7 @@ class DataConfig:
     eval_size: int = _help("Test rows evaluated each round, a seeded sample (0 = all)", 200)
     max_length: int = _help("Maximum tokens per example (long prompts lose their middle)", 128)
     objective: str = _help("'auto' (class_ce for classification, lm for instructions), 'class_ce' or 'lm'", "auto")
+    extra_eval: list[str] = _help("Other registered benchmarks scored every round, e.g. [\"mmlu\"] for instruction tuning", factory=list)
     options: dict[str, Any] = _help(
         "Dataset-specific options: fpb_agree (50|66|75|All), mmlu_subjects, holdout_per_category; for a local file: "
         "text_column, label_column, label_words, test_path, instruction",

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from peft import PeftModel
 from rich.console import Console
 from rich.table import Table
 
+from .config import config_from_tree
 from .lora.export import save_peft_adapter
+from .models import load_model
 from .plots import plot_run
-from .results import RunRecord
+from .results import RunRecord, load_run
 from .runtime import ServerRuntime
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,20 @@ def write_outputs(out_dir: Path, record: RunRecord, runtime: ServerRuntime) -> N
             conv1d_modules={name for name in adapter if host.is_conv1d(name)},
         )
     print_summary(record)
+
+
+def export_merged_model(run_dir: Path, out_dir: Path) -> None:
+    """Load a run's base model, apply its PEFT adapter with stock PEFT, merge and save (safetensors)."""
+    run = load_run(run_dir)
+    adapter_dir = Path(run_dir) / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} holds no PEFT adapter; was the run finished?")
+    config = config_from_tree(run["config"])
+    model, tokenizer = load_model(config.model.name, cache_dir=config.model.cache_dir or None, seed=config.seed)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def print_summary(record: RunRecord, console: Console | None = None) -> None:

@@ -27,6 +27,7 @@ class RoundRecord:
     round_seconds: float  # instructions out -> global update merged (excludes evaluation)
     eval_seconds: float
     failures: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, float] = field(default_factory=dict)  # other benchmarks, e.g. {"mmlu/accuracy": 0.31}
 
 
 def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], *, round_seconds: float, eval_seconds: float,
@@ -46,6 +47,7 @@ def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], 
         round_seconds=round_seconds,
         eval_seconds=eval_seconds,
         failures=failures or [],
+        extra={k: v for k, v in metrics.items() if "/" in k},
     )
 
 

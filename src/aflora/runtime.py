@@ -40,6 +40,7 @@ class Workload:
     client_rows: list[list[int]]  # indices into bundle.train, one list per client
     public_rows: list[int]
     test_rows: list[dict]
+    extra_eval: dict[str, DatasetBundle] = field(default_factory=dict)  # name -> bundle with sampled test rows
 
     @property
     def objective(self) -> str:
@@ -75,10 +76,19 @@ def prepare_workload(config: ExperimentConfig) -> Workload:
         )
     except ValueError as err:  # the partitioners explain what to change; surface it as a data problem
         raise DataError(f"cannot partition {bundle.name} with data.partition={data.partition!r}: {err}") from None
-    test_rows = bundle.test
-    if data.eval_size and data.eval_size < len(test_rows):
-        test_rows = [test_rows[i] for i in sorted(random.Random(hash_seed(seed, 2)).sample(range(len(test_rows)), data.eval_size))]
-    return Workload(config, bundle, client_rows, public_rows, test_rows)
+    extra = {name: load_bundle(name, data_dir=data.data_dir or None) for name in data.extra_eval}
+    for name, extra_bundle in extra.items():
+        if not extra_bundle.task.label_words:
+            raise DataError(f"data.extra_eval: {name} has no label words to score; extra evaluations must be classification or multiple choice")
+        extra_bundle.test = sample_rows(extra_bundle.test, data.eval_size, seed)
+    return Workload(config, bundle, client_rows, public_rows, sample_rows(bundle.test, data.eval_size, seed), extra)
+
+
+def sample_rows(rows: list[dict], size: int, seed: int) -> list[dict]:
+    """A fixed, seeded subset of evaluation rows (all of them when size is 0 or larger than the set)."""
+    if not size or size >= len(rows):
+        return rows
+    return [rows[i] for i in sorted(random.Random(hash_seed(seed, 2)).sample(range(len(rows)), size))]
 
 
 def preflight(config: ExperimentConfig) -> Workload:
@@ -303,13 +313,28 @@ class ServerRuntime:
             self.merges.by_round[round] = update
             self.side.host.merge_into_base(update)
 
+    @cached_property
+    def extra_eval_sets(self) -> dict[str, tuple[PromptEncoder, list[Encoded]]]:
+        """Other benchmarks scored each round (e.g. MMLU for a Dolly-trained model)."""
+        sets = {}
+        for name, bundle in self.workload.extra_eval.items():
+            encoder = PromptEncoder(self.side.tokenizer, bundle.task, self.config.data.max_length)
+            sets[name] = (encoder, [encoder.encode_classification(row) for row in bundle.test])
+        return sets
+
     def evaluate(self) -> dict[str, float]:
+        """The global model on the test rows (accuracy and loss, or LM loss), plus every extra benchmark."""
         side = self.side
         common = dict(batch_size=self.config.train.eval_batch_size, pad_id=side.pad_id,
                       adapter=self.method.global_adapter(), autocast_dtype=side.autocast)
         if side.encoder.label_token_ids:
-            return evaluate_classification(side.host, self.test_examples, label_token_ids=side.encoder.label_token_ids, **common)
-        return evaluate_lm_loss(side.host, self.test_examples, **common)
+            metrics = evaluate_classification(side.host, self.test_examples, label_token_ids=side.encoder.label_token_ids, **common)
+        else:
+            metrics = evaluate_lm_loss(side.host, self.test_examples, **common)
+        for name, (encoder, examples) in self.extra_eval_sets.items():
+            extra = evaluate_classification(side.host, examples, label_token_ids=encoder.label_token_ids, **common)
+            metrics.update({f"{name}/accuracy": extra["accuracy"], f"{name}/loss": extra["loss"]})
+        return metrics
 
 
 def round_half_up(x: float) -> int:

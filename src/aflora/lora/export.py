@@ -45,22 +45,3 @@ def save_peft_adapter(adapter: Adapter, out_dir: Path, *, base_model: str, conv1
 def _exact(module_name: str) -> str:
     return re.escape(module_name)  # PEFT anchors it as (.*\.)?(name)$
 
-
-def export_merged_model(run_dir: Path, out_dir: Path) -> None:
-    """Load a run's base model, apply its PEFT adapter with stock PEFT, merge and save (safetensors)."""
-    from peft import PeftModel
-
-    from ..config import config_from_tree
-    from ..models import load_model
-    from ..results import load_run
-
-    run = load_run(run_dir)
-    adapter_dir = Path(run_dir) / "adapter"
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} holds no PEFT adapter; was the run finished?")
-    config = config_from_tree(run["config"])
-    model, tokenizer = load_model(config.model.name, cache_dir=config.model.cache_dir or None, seed=config.seed)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
