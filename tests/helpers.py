@@ -62,9 +62,14 @@ def tiny_config(folder: Path, *overrides: str, model: str = "tiny-llama") -> Exp
 def run_inline(config: ExperimentConfig) -> ServerRuntime:
     """Every round without any FL engine: the runtime and method need nothing from Flower."""
     server, client = ServerRuntime(config), ClientRuntime(config)
+    kept: dict[int, dict] = {}  # what each client keeps between rounds (Flower keeps it in the node's Context)
     for round_ in range(1, config.rounds + 1):
-        uploads = [client.train(instruction, merges) for instruction, merges in server.instructions(round_)]
-        server.complete_round(round_, uploads)
+        uploads = []
+        for instruction, merges in server.instructions(round_):
+            upload = client.train(instruction, merges, kept.get(instruction.client_id))
+            kept[instruction.client_id] = upload.local_state or kept.get(instruction.client_id)
+            uploads.append(upload)
+        server.last_diagnostics = server.complete_round(round_, uploads)
         server.last_uploads = uploads
     server.client_runtime = client
     return server

@@ -64,6 +64,9 @@ class FederationConfig:
     num_clients: int = _help("Number of simulated clients", 10)
     client_ranks: list[int] = _help("Largest LoRA rank each client's resources allow (AFLoRA's r_k^1), one per client", factory=lambda: [64, 32, 16, 16, 8, 8, 4, 4, 4, 4])
     sample_fraction: float = _help("Fraction of clients sampled each round (paper: 1.0; 0.2 for the ε study)", 1.0)
+    memory_mb: list[float] = _help("Per-client memory budget (MB); with uplink_mb it replaces client_ranks: each method gets the largest rank that fits (docs/budgets.md)", factory=list)
+    uplink_mb: list[float] = _help("Per-client upload budget per round (MB)", factory=list)
+    compute_speed: list[float] = _help("Per-client relative compute speed (1 = slowest class); LEGEND uses it", factory=list)
 
 
 @dataclass
@@ -258,6 +261,11 @@ def validate(config: ExperimentConfig) -> None:
         ),
         (all(r >= 1 for r in fed.client_ranks), f"federation.client_ranks must all be ≥ 1, got {fed.client_ranks}"),
         (0.0 < fed.sample_fraction <= 1.0, f"federation.sample_fraction must lie in (0, 1], got {fed.sample_fraction}"),
+        (bool(fed.memory_mb) == bool(fed.uplink_mb), "federation.memory_mb and federation.uplink_mb go together: give both or neither"),
+        *[(not values or len(values) == fed.num_clients,
+           f"federation.{name} has {len(values)} entries but federation.num_clients is {fed.num_clients}; give one per client")
+          for name, values in (("memory_mb", fed.memory_mb), ("uplink_mb", fed.uplink_mb), ("compute_speed", fed.compute_speed))],
+        (all(v > 0 for v in [*fed.memory_mb, *fed.uplink_mb, *fed.compute_speed]), "federation budgets must all be > 0"),
         (train.local_steps >= 1, f"train.local_steps must be ≥ 1, got {train.local_steps}"),
         (train.batch_size >= 1, f"train.batch_size must be ≥ 1, got {train.batch_size}"),
         (train.lr > 0, f"train.lr must be > 0, got {train.lr}"),

@@ -12,15 +12,18 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .methods.base import EVAL_PREFIX
+
 
 def payload_params(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Floating-point parameters in an upload (masks and other integer/bool metadata excluded)."""
-    return sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    """Floating-point parameters of the method's protocol in an upload (masks and evaluation-only tensors excluded)."""
+    return sum(t.numel() for k, t in tensors.items() if t.is_floating_point() and not k.startswith(EVAL_PREFIX))
 
 
-def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of every tensor in an upload as sent (float32 = 4 bytes, bool masks = 1 byte per entry)."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def payload_bytes(tensors: Mapping[str, torch.Tensor], *, evaluation_only: bool = False) -> int:
+    """Bytes as sent (float32 = 4 bytes, bool masks = 1 byte per entry): the protocol's tensors, or with
+    `evaluation_only` the tensors sent only so the server can evaluate a global model."""
+    return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(EVAL_PREFIX) == evaluation_only)
 
 
 def client_cost_pct(trained_params: Iterable[int], base_params: int) -> float:

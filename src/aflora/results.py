@@ -28,10 +28,14 @@ class RoundRecord:
     eval_seconds: float
     failures: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)  # other benchmarks, e.g. {"mmlu/accuracy": 0.31}
+    aggregation_seconds: float | None = None
+    server_seconds: float | None = None  # server-side work after aggregating (AFLoRA's A tuning), incl. the merge
+    aggregation_error: float | None = None  # ‖ΔW_global − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖, where defined
+    eval_uplink_bytes: int = 0  # sent only so the server can evaluate a global model (FedSA-LoRA's B)
 
 
 def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], *, round_seconds: float, eval_seconds: float,
-                 failures: list[dict[str, Any]] | None = None) -> RoundRecord:
+                 failures: list[dict[str, Any]] | None = None, server: dict[str, float] | None = None) -> RoundRecord:
     uploads = sorted(uploads, key=lambda u: u.client_id)
     key = lambda u: str(u.client_id)  # noqa: E731 - JSON object keys are strings
     return RoundRecord(
@@ -48,6 +52,8 @@ def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], 
         eval_seconds=eval_seconds,
         failures=failures or [],
         extra={k: v for k, v in metrics.items() if "/" in k},
+        eval_uplink_bytes=sum(payload_bytes(u.tensors, evaluation_only=True) for u in uploads),
+        **(server or {}),
     )
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
+from .budgets import DeviceBudget, ModelFootprint, ranks_from_budgets
 from .config import ConfigError, ExperimentConfig
 from .data import DataError, DatasetBundle, load_bundle, partition, split_public
 from .encoding import Encoded, PromptEncoder, training_batches
@@ -48,9 +50,23 @@ class Workload:
             return self.config.data.objective
         return "lm" if self.bundle.task.kind == "instruction" else "class_ce"
 
-    def client_specs(self) -> list[ClientSpec]:
-        ranks = self.config.federation.client_ranks
-        return [ClientSpec(cid, ranks[cid], len(rows)) for cid, rows in enumerate(self.client_rows)]
+    def budgets(self) -> list[DeviceBudget] | None:
+        fed = self.config.federation
+        if not fed.memory_mb:
+            return None
+        speeds = fed.compute_speed or [1.0] * fed.num_clients
+        return [DeviceBudget(m, u, s) for m, u, s in zip(fed.memory_mb, fed.uplink_mb, speeds)]
+
+    def client_specs(self, method: type[FederatedMethod], footprint: ModelFootprint) -> list[ClientSpec]:
+        """Clients with their maximum ranks: the configured list, or derived per method from device budgets."""
+        budgets = self.budgets()
+        if budgets is None:
+            ranks = self.config.federation.client_ranks
+            return [ClientSpec(cid, ranks[cid], len(rows)) for cid, rows in enumerate(self.client_rows)]
+        ranks = ranks_from_budgets(budgets, footprint, trained=method.trained_factors, uploaded=method.uploaded_factors,
+                                   batch_size=self.config.train.batch_size, seq_len=self.config.data.max_length)
+        return [ClientSpec(cid, r, len(rows), b.memory_mb, b.uplink_mb, b.compute_speed)
+                for cid, (r, b, rows) in enumerate(zip(ranks, budgets, self.client_rows))]
 
 
 def prepare_workload(config: ExperimentConfig) -> Workload:
@@ -135,11 +151,10 @@ class ModelSide:
         self.host = AdapterHost(model, config.model.target_modules)
         self.encoder = PromptEncoder(self.tokenizer, workload.bundle.task, config.data.max_length)
         self.autocast = autocast_dtype(config.model.precision, model)
-        self.method: FederatedMethod = method_class(config.method)(
-            config.method_options(),
-            module_shapes=self.host.module_shapes(),
-            clients=workload.client_specs(),
-            seed=config.seed,
+        method = method_class(config.method)
+        self.clients = workload.client_specs(method, self.host.footprint())
+        self.method: FederatedMethod = method(
+            config.method_options(), module_shapes=self.host.module_shapes(), clients=self.clients, seed=config.seed
         )
 
     @property
@@ -207,10 +222,11 @@ class ClientRuntime:
                 self.side.host.merge_into_base(adapter)
                 self.applied_rounds.add(round_)
 
-    def train(self, instruction: Instruction, merges: dict[int, Adapter]) -> Upload:
+    def train(self, instruction: Instruction, merges: dict[int, Adapter], local_state: dict[str, torch.Tensor] | None = None) -> Upload:
+        """One client's round; `local_state` is what the client kept last time (the engine stores it per client)."""
         self.sync_base(merges)
         examples = self.client_examples(instruction.client_id)
-        spec = self.side.method.local_job(instruction)
+        spec = self.side.method.local_job(instruction, local_state)
         train = self.config.train
         progress = StepProgress(f"round {instruction.round} client {instruction.client_id}", train.local_steps)
         result = self.side.train(
@@ -259,7 +275,7 @@ class ServerRuntime:
         self.method = self.side.method
         self.method.init_server_state()
         self.merges = BaseMerges()
-        self.client_synced_round: dict[int, int] = {c.client_id: 0 for c in self.workload.client_specs()}
+        self.client_synced_round: dict[int, int] = {c.client_id: 0 for c in self.side.clients}
 
     @cached_property
     def test_examples(self) -> list[Encoded]:
@@ -302,16 +318,25 @@ class ServerRuntime:
 
         return train_on_public
 
-    def complete_round(self, round: int, uploads: list[Upload]) -> None:
-        """Aggregate, run the server's own update, and merge the round's global update into the base."""
+    def complete_round(self, round: int, uploads: list[Upload]) -> dict[str, float]:
+        """Aggregate, run the server's own update, merge the round's global update into the base.
+
+        Returns the server's diagnostics: aggregation and server-step seconds, aggregation error."""
         if not uploads:
             raise RuntimeError(f"round {round}: no client replied, nothing to aggregate")
+        started = time.perf_counter()
         self.method.aggregate(uploads, round)
+        aggregated = time.perf_counter()
         self.method.server_update(self.server_trainer(round))
         update = self.method.round_merge()
         if update is not None:
             self.merges.by_round[round] = update
             self.side.host.merge_into_base(update)
+        diagnostics = {"aggregation_seconds": aggregated - started, "server_seconds": time.perf_counter() - aggregated}
+        error = self.method.aggregation_error()
+        if error is not None:
+            diagnostics["aggregation_error"] = error
+        return diagnostics
 
     @cached_property
     def extra_eval_sets(self) -> dict[str, tuple[PromptEncoder, list[Encoded]]]:

@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from ..config import config_from_tree
 from ..logs import configure_logging, quiet_flower
 from ..runtime import ClientRuntime
-from .records import read_instruction, upload_content
+from .records import arrays_to_tensors, read_instruction, tensors_to_arrays, upload_content
 
 app = ClientApp()
 
@@ -43,10 +43,18 @@ def identify(message: Message, context: Context) -> Message:
     return Message(content=content, reply_to=message)
 
 
+LOCAL_STATE = "aflora.local_state"
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     instruction, merges, experiment = read_instruction(message.content)
     if instruction.client_id != client_id_of(context):
         raise RuntimeError(f"message for client {instruction.client_id} reached client {client_id_of(context)}")
-    upload = client_runtime(experiment).train(instruction, merges)
+    # What the client keeps between rounds lives in Flower's per-node Context, not in a worker process:
+    # in simulation the next round may run in another worker.
+    kept = context.state.array_records.get(LOCAL_STATE)
+    upload = client_runtime(experiment).train(instruction, merges, arrays_to_tensors(kept) if kept else None)
+    if upload.local_state:
+        context.state[LOCAL_STATE] = tensors_to_arrays(upload.local_state)
     return Message(content=upload_content(upload), reply_to=message)

@@ -90,7 +90,7 @@ class MethodStrategy(Strategy):
                 log.warning("round %d: node %s failed: %s", server_round, reply.metadata.src_node_id, reply.error.reason)
                 continue
             uploads.append(read_upload(reply.content))
-        self.runtime.complete_round(server_round, uploads)
+        self._server_diagnostics = self.runtime.complete_round(server_round, uploads)
         self._round_seconds = time.perf_counter() - self._round_started
         self._uploads, self._failures = uploads, failures
         return None, MetricRecord({"clients": len(uploads)})
@@ -109,7 +109,8 @@ class MethodStrategy(Strategy):
             self.record.initial = dict(metrics, eval_seconds=eval_seconds)
         else:
             self.record.rounds.append(round_record(server_round, self._uploads, metrics, round_seconds=self._round_seconds,
-                                                   eval_seconds=eval_seconds, failures=self._failures))
+                                                   eval_seconds=eval_seconds, failures=self._failures,
+                                                   server=self._server_diagnostics))
         log.info("round %d: %s (evaluated in %.1fs)", server_round, _format_metrics(metrics), eval_seconds)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 

@@ -68,3 +68,13 @@ def stack_adapters(adapters: list[Adapter]) -> Adapter:
             B=torch.cat([p.scaled_B() for p in parts], dim=1),
         )
     return stacked
+
+
+def fresh_lora(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator) -> Adapter:
+    """LoRA's standard start (as PEFT's default): A ~ U(−1/√n, 1/√n) (kaiming-uniform, a=√5), B = 0."""
+    adapter: Adapter = {}
+    for name, (m, n) in sorted(shapes.items()):
+        bound = 1.0 / n**0.5
+        A = (torch.rand(rank, n, generator=generator) * 2.0 - 1.0) * bound
+        adapter[name] = ModuleFactors(A=A, B=torch.zeros(m, rank))
+    return adapter

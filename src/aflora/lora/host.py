@@ -17,6 +17,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..budgets import ModelFootprint
 from .diagonal import DiagonalLoraConfig, DiagonalLoraLinear
 from .factors import Adapter, ModuleFactors
 
@@ -69,6 +70,17 @@ class AdapterHost:
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of every adaptable module."""
         return {name: (layer.out_features, layer.in_features) for name, layer in self.layers.items()}
+
+    def footprint(self) -> ModelFootprint:
+        """The model facts the device-budget model needs (aflora.budgets)."""
+        config = self.model.config
+        return ModelFootprint(
+            base_params=self.base_param_count,
+            module_shapes=self.module_shapes(),
+            num_blocks=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+        )
 
     # ------------------------------------------------------------------ adapters
     def install(self, adapter: Adapter, *, trainable: Collection[str] = (), scaling: float = 1.0) -> None:

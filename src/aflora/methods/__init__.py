@@ -6,8 +6,9 @@ from typing import Any
 
 from .aflora import AFLoRA
 from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, options_from_mapping
+from .shared_lora import FedIT, FedSALoRA, FFALoRA
 
-METHODS: dict[str, type[FederatedMethod]] = {cls.name: cls for cls in (AFLoRA,)}
+METHODS: dict[str, type[FederatedMethod]] = {cls.name: cls for cls in (AFLoRA, FedIT, FFALoRA, FedSALoRA)}
 
 
 def method_class(name: str) -> type[FederatedMethod]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors
-from .aggregation import data_weights, pad_columns, rank_aware_weights, weighted_sum
+from .aggregation import data_weights, pad_columns, product_error_terms, rank_aware_weights, relative_error, weighted_sum
 from .base import FederatedMethod, Instruction, ServerTrainer, TrainSpec, Upload, tensor_key
 
 
@@ -88,6 +88,8 @@ def unit_norm_penalty(gamma: float):
 class AFLoRA(FederatedMethod):
     name = "aflora"
     options_class = AFLoRAOptions
+    trained_factors = frozenset({"B", "lam"})
+    uploaded_factors = frozenset({"B"})
 
     @classmethod
     def needs_public_data(cls, options: AFLoRAOptions) -> bool:
@@ -122,6 +124,7 @@ class AFLoRA(FederatedMethod):
     def aggregate(self, uploads: list[Upload], round: int) -> None:
         uploads = sorted(uploads, key=lambda u: u.client_id)  # a fixed order keeps sums bit-reproducible
         self.B_global = {}
+        self._error_terms: list[tuple[float, float]] = []
         for name, (m, _) in self.module_shapes.items():
             padded = [pad_columns(u.tensors[tensor_key("B", name)], self.masks[u.client_id][name], self.r_max) for u in uploads]
             sizes = [u.num_examples for u in uploads]
@@ -130,6 +133,9 @@ class AFLoRA(FederatedMethod):
             else:
                 weights = data_weights(sizes)
             self.B_global[name] = weighted_sum(padded, weights)  # Eq. 13
+            clients = [(float(w), u.tensors[tensor_key("B", name)], self.A_global[name][: mask.numel()][mask])
+                       for w, u, mask in zip(weights, uploads, (self.masks[u.client_id][name] for u in uploads))]
+            self._error_terms.append(product_error_terms(self.B_global[name], self.A_global[name], clients))
         for upload in uploads:  # the masks pruned by DDR apply from the next round on
             self.masks[upload.client_id] = {
                 name: upload.tensors[tensor_key("next_mask", name)].clone() for name in self.A_global
@@ -160,7 +166,10 @@ class AFLoRA(FederatedMethod):
         return {cid: {name: int(mask.sum()) for name, mask in masks.items()} for cid, masks in self.masks.items()}
 
     # ------------------------------------------------------------------ client
-    def local_job(self, instruction: Instruction) -> TrainSpec:
+    def aggregation_error(self) -> float | None:
+        return relative_error(self._error_terms) if self.B_global else None  # ~1e-7: exact up to float32
+
+    def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
         generator = self.client_generator(instruction)
         adapter: Adapter = {}
         for name, (m, _) in sorted(self.module_shapes.items()):

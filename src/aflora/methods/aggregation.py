@@ -58,3 +58,27 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torc
     for tensor, weight in zip(tensors, weights):
         total += float(weight) * tensor.to(torch.float64)
     return total.to(tensors[0].dtype)
+
+
+def low_rank_frobenius_sq(U: torch.Tensor, V: torch.Tensor) -> float:
+    """‖U V‖_F² = trace((UᵀU)(VVᵀ)) without forming the m × n product (float64)."""
+    U, V = U.double(), V.double()
+    return float(((U.T @ U) * (V @ V.T)).sum())
+
+
+def product_error_terms(
+    global_B: torch.Tensor, global_A: torch.Tensor, weighted_clients: Sequence[tuple[float, torch.Tensor, torch.Tensor]]
+) -> tuple[float, float]:
+    """(‖B_g A_g − Σ p_k B_k A_k‖_F², ‖Σ p_k B_k A_k‖_F²) for one module, by stacking the factors."""
+    ideal_U = torch.cat([p * B.double() for p, B, _ in weighted_clients], dim=1)
+    ideal_V = torch.cat([A.double() for _, _, A in weighted_clients], dim=0)
+    diff_U = torch.cat([ideal_U, -global_B.double()], dim=1)
+    diff_V = torch.cat([ideal_V, global_A.double()], dim=0)
+    return low_rank_frobenius_sq(diff_U, diff_V), low_rank_frobenius_sq(ideal_U, ideal_V)
+
+
+def relative_error(terms: Sequence[tuple[float, float]]) -> float:
+    """Combine per-module (error², ideal²) into one relative Frobenius error over all modules."""
+    error = sum(e for e, _ in terms)
+    ideal = sum(i for _, i in terms)
+    return (error / ideal) ** 0.5 if ideal > 0 else 0.0

@@ -36,6 +36,9 @@ class ClientSpec:
     client_id: int
     max_rank: int  # the largest rank its resources allow (AFLoRA's r_k^1)
     num_examples: int  # |D_k|
+    memory_mb: float | None = None  # device budgets, when given (aflora.budgets derives max_rank from them)
+    uplink_mb: float | None = None
+    compute_speed: float = 1.0  # relative to the slowest device class (LEGEND's capacity model)
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Upload:
     ranks: dict[str, int]  # module -> rank trained this round
     trained_params: int = 0  # filled in by the client runtime from the TrainSpec
     metrics: dict[str, float] = field(default_factory=dict)
+    # Tensors the client keeps for its next round and never sends (FedSA-LoRA's personal B).
+    local_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # The server-side trainer a method may call (AFLoRA's A tuning): trains a spec on the public set.
@@ -92,6 +97,11 @@ class FederatedMethod(ABC):
 
     name: ClassVar[str]
     options_class: ClassVar[type]
+    # Which factors a client trains and uploads, per unit of rank: drives budget-derived ranks
+    # (aflora.budgets) before any model is loaded. "A" costs in_features, "B" out_features, "lam" 1.
+    trained_factors: ClassVar[frozenset[str]]
+    uploaded_factors: ClassVar[frozenset[str]]
+    heterogeneous: ClassVar[bool] = True  # False: one rank for every client (the smallest budget, or options.rank)
 
     def __init__(self, options: Any, *, module_shapes: Mapping[str, tuple[int, int]], clients: list[ClientSpec], seed: int):
         self.options = options
@@ -130,9 +140,15 @@ class FederatedMethod(ABC):
         """Each client's current rank per module, as the server sees it (for results)."""
         return {}
 
+    def aggregation_error(self) -> float | None:
+        """After `aggregate`: ‖ΔW_global − Σ_k p_k B_k A_k‖_F / ‖Σ_k p_k B_k A_k‖_F over all modules, with the
+        method's own weights p_k; None where the method has no single global product (default)."""
+        return None
+
     # ---- client side
     @abstractmethod
-    def local_job(self, instruction: Instruction) -> TrainSpec: ...
+    def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
+        """The training job for one round; `local_state` is what this client kept from its last round."""
 
     @abstractmethod
     def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload: ...
@@ -160,6 +176,11 @@ def options_from_mapping(options_class: type, values: Mapping[str, Any], *, sect
     if unknown:
         raise ValueError(f"[{section}] has unknown keys {unknown}; known keys are {sorted(known)}")
     return options_class(**values)
+
+
+# Upload tensors under this prefix serve only the server's evaluation of a global model (FedSA-LoRA's
+# personal B); they are not part of the method's protocol and are costed apart (eval_uplink_bytes).
+EVAL_PREFIX = "eval/"
 
 
 def tensor_key(kind: str, module: str) -> str:

@@ -1,0 +1,84 @@
+"""Device budgets → each method's per-client rank (docs/budgets.md).
+
+A client may be described by its resources instead of a rank: memory (MB), uplink per round (MB) and
+a relative compute speed. Every method then gets the largest rank whose training memory and upload
+fit, computed from what that method trains and uploads per unit of rank (its declared factors), so
+methods are compared at equal device budgets rather than equal ranks.
+
+Memory model (per client, float32 weights, AdamW):
+    weights            4 · P_base
+    LoRA training      16 · trained(r)                 (weights, gradients and two Adam moments)
+    activations        L · (34·s·b·h + 5·a·s²·b)       (Korthikanti et al. 2022, 16-bit activations, per block)
+Uplink model: 4 · uploaded(r) bytes (float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+MB = 2**20
+MAX_RANK = 512  # a search cap: no budget here needs more
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    memory_mb: float
+    uplink_mb: float
+    compute_speed: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """What the budget model needs to know about the base model (read once from the loaded model)."""
+
+    base_params: int
+    module_shapes: Mapping[str, tuple[int, int]]  # adaptable modules: (out_features, in_features)
+    num_blocks: int
+    hidden_size: int
+    num_heads: int
+
+    def activation_bytes(self, batch_size: int, seq_len: int, blocks: int | None = None) -> float:
+        per_block = 34 * seq_len * batch_size * self.hidden_size + 5 * self.num_heads * seq_len**2 * batch_size
+        return (self.num_blocks if blocks is None else blocks) * per_block
+
+    def params_per_rank(self, factors: frozenset[str], modules: Sequence[str] | None = None) -> int:
+        """Parameters one unit of rank costs over `modules` (all adaptable ones by default)."""
+        cost = {"A": lambda m, n: n, "B": lambda m, n: m, "lam": lambda m, n: 1}
+        names = self.module_shapes if modules is None else modules
+        return sum(cost[f](*self.module_shapes[name]) for name in names for f in factors)
+
+
+def training_memory_bytes(footprint: ModelFootprint, trained_per_rank: int, rank: int, *, batch_size: int, seq_len: int) -> float:
+    return 4 * footprint.base_params + 16 * trained_per_rank * rank + footprint.activation_bytes(batch_size, seq_len)
+
+
+def max_rank_within(
+    budget: DeviceBudget, footprint: ModelFootprint, *, trained: frozenset[str], uploaded: frozenset[str], batch_size: int, seq_len: int
+) -> int:
+    """The largest rank whose training memory and upload fit the budget (0 when even rank 1 does not)."""
+    trained_per_rank = footprint.params_per_rank(trained)
+    uploaded_per_rank = footprint.params_per_rank(uploaded)
+    best = 0
+    for rank in range(1, MAX_RANK + 1):
+        memory = training_memory_bytes(footprint, trained_per_rank, rank, batch_size=batch_size, seq_len=seq_len)
+        if memory > budget.memory_mb * MB or 4 * uploaded_per_rank * rank > budget.uplink_mb * MB:
+            break
+        best = rank
+    return best
+
+
+def ranks_from_budgets(
+    budgets: Sequence[DeviceBudget], footprint: ModelFootprint, *, trained: frozenset[str], uploaded: frozenset[str],
+    batch_size: int, seq_len: int,
+) -> list[int]:
+    """Per-client maximum ranks for one method; a client whose budget fits no rank is an error, named."""
+    ranks = [max_rank_within(b, footprint, trained=trained, uploaded=uploaded, batch_size=batch_size, seq_len=seq_len) for b in budgets]
+    too_small = [cid for cid, r in enumerate(ranks) if r == 0]
+    if too_small:
+        need = training_memory_bytes(footprint, footprint.params_per_rank(trained), 1, batch_size=batch_size, seq_len=seq_len) / MB
+        raise ValueError(
+            f"clients {too_small} cannot train even rank 1 within their budgets (rank 1 needs {need:.0f} MB of memory "
+            f"and {4 * footprint.params_per_rank(uploaded) / MB:.3f} MB of uplink); raise federation.memory_mb / uplink_mb"
+        )
+    return ranks
