@@ -6,9 +6,14 @@ from typing import Any
 
 from .aflora import AFLoRA
 from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, options_from_mapping
+from .flexlora import FlexLoRA
+from .flora import FLoRA
+from .hetlora import HetLoRA
 from .shared_lora import FedIT, FedSALoRA, FFALoRA
 
-METHODS: dict[str, type[FederatedMethod]] = {cls.name: cls for cls in (AFLoRA, FedIT, FFALoRA, FedSALoRA)}
+METHODS: dict[str, type[FederatedMethod]] = {
+    cls.name: cls for cls in (AFLoRA, FedIT, FFALoRA, FedSALoRA, FLoRA, FlexLoRA, HetLoRA)
+}
 
 
 def method_class(name: str) -> type[FederatedMethod]:

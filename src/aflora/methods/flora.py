@@ -1,0 +1,71 @@
+"""FLoRA (Wang et al. 2024): heterogeneous ranks aggregated exactly by stacking.
+
+Each round every client trains a fresh LoRA of its own rank r_k. The server stacks them,
+ΔW = [B_1 … B_K] · [p_1 A_1; …; p_K A_K] = Σ_k p_k B_k A_k (exact), merges ΔW into every base model
+and the next round starts from fresh adapters. The stacked update (rank Σ r_k) is what clients must
+download to merge. (The public FLoRA code's homogeneous branch keeps only the first client's
+adapter; stacking here always covers every client, homogeneous or not.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..lora.factors import Adapter, ModuleFactors, fresh_lora
+from .aggregation import data_weights, product_error_terms, relative_error
+from .base import FederatedMethod, Instruction, TrainSpec, Upload, tensor_key
+
+
+@dataclass
+class LoRAScaleOptions:
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling is lora_alpha / r_k (PEFT's convention)."})
+
+    def __post_init__(self) -> None:
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+
+
+class FLoRA(FederatedMethod):
+    name = "flora"
+    options_class = LoRAScaleOptions
+    trained_factors = frozenset({"A", "B"})
+    uploaded_factors = frozenset({"A", "B"})
+
+    def init_server_state(self) -> None:
+        self._update: Adapter | None = None
+        self._error_terms: list[tuple[float, float]] = []
+
+    def instruct(self, client_id: int, round: int) -> Instruction:
+        # Nothing to send but the rank: adapters start fresh, the last update reaches clients as a base merge.
+        return Instruction(client_id=client_id, round=round, config={"rank": self.clients[client_id].max_rank})
+
+    def aggregate(self, uploads: list[Upload], round: int) -> None:
+        uploads = sorted(uploads, key=lambda u: u.client_id)
+        weights = data_weights([u.num_examples for u in uploads])
+        self._update, self._error_terms = {}, []
+        for name in sorted(self.module_shapes):
+            A = [u.tensors[tensor_key("A", name)] for u in uploads]
+            B = [u.tensors[tensor_key("B", name)] for u in uploads]
+            stacked = ModuleFactors(A=torch.cat([float(p) * a for p, a in zip(weights, A)], dim=0), B=torch.cat(B, dim=1))
+            self._update[name] = stacked
+            self._error_terms.append(product_error_terms(stacked.B, stacked.A, [(float(p), b, a) for p, b, a in zip(weights, B, A)]))
+
+    def aggregation_error(self) -> float | None:
+        return relative_error(self._error_terms) if self._update else None
+
+    def round_merge(self) -> Adapter | None:
+        return self._update
+
+    def client_ranks(self) -> dict[int, dict[str, int]]:
+        return {cid: {name: c.max_rank for name in self.module_shapes} for cid, c in self.clients.items()}
+
+    def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
+        rank = int(instruction.config["rank"])
+        adapter = fresh_lora(self.module_shapes, rank, self.client_generator(instruction))
+        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.lora_alpha / rank)
+
+    def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
+        tensors = {tensor_key(f, name): getattr(factors, f).detach().clone() for name, factors in trained.items() for f in ("A", "B")}
+        return Upload(instruction.client_id, num_examples, tensors, {name: f.rank for name, f in trained.items()})

@@ -1,0 +1,122 @@
+"""HETLoRA (Cho et al. 2024): zero-padded heterogeneous ranks, rank self-pruning, sparsity weights.
+
+- Distribution: client k gets the first r_k rank slices of the global A (r_max × n) and B (m × r_max).
+- Local training adds λ·Σ_modules ‖A[t:r]‖_F·‖B[:, t:r]‖_F on the trailing slices t = ⌊γ·r⌋..r. It is
+  computed on the live parameters, so it really pushes the tail towards zero (a public
+  reimplementation computes it on detached tensors, which makes it inert; a test checks its gradient).
+- Self-pruning: if training shrank that tail norm below what the client received, its rank becomes
+  max(min_rank, ⌊γ·r⌋) from the next round on (one rank per client, as in the paper's r_k).
+- Aggregation: zero-pad every A/B to r_max and average with sparsity weights p_k ∝ ‖B_k A_k‖_F.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..lora.factors import Adapter, ModuleFactors, fresh_lora
+from .aggregation import data_weights, low_rank_frobenius_sq, pad_columns, pad_rows, product_error_terms, relative_error, weighted_sum
+from .base import FederatedMethod, Instruction, Penalty, TrainSpec, Upload, tensor_key
+
+
+@dataclass
+class HetLoRAOptions:
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling is lora_alpha / r_k."})
+    reg_weight: float = field(default=0.01, metadata={"help": "λ of the self-pruning regularizer on the trailing rank slices."})
+    keep_ratio: float = field(default=0.9, metadata={"help": "γ: slices ⌊γ·r⌋..r are regularized and pruned together."})
+    min_rank: int = field(default=1, metadata={"help": "Self-pruning never goes below this rank."})
+    self_pruning: bool = field(default=True, metadata={"help": "Prune ranks whose tail norm shrank (false: fixed ranks)."})
+
+    def __post_init__(self) -> None:
+        if self.lora_alpha <= 0 or self.reg_weight < 0:
+            raise ValueError("hetlora.lora_alpha must be > 0 and hetlora.reg_weight ≥ 0")
+        if not 0.0 < self.keep_ratio < 1.0:
+            raise ValueError(f"hetlora.keep_ratio must lie in (0, 1), got {self.keep_ratio}")
+        if self.min_rank < 1:
+            raise ValueError(f"hetlora.min_rank must be ≥ 1, got {self.min_rank}")
+
+
+def tail_start(rank: int, keep_ratio: float, min_rank: int) -> int:
+    """First regularized slice: ⌊γ·r⌋, never below min_rank (so small ranks are not wiped out)."""
+    return max(min_rank, int(keep_ratio * rank))
+
+
+def tail_norm(A: torch.Tensor, B: torch.Tensor, start: int) -> torch.Tensor:
+    return A[start:].norm() * B[:, start:].norm()
+
+
+def tail_penalty(weight: float, start: int) -> Penalty:
+    """λ·Σ ‖A[t:]‖‖B[:, t:]‖ over live parameters (gradients flow into the tail slices)."""
+
+    def penalty(params) -> torch.Tensor:
+        return weight * sum(tail_norm(p["A"], p["B"], start) for p in params.values())
+
+    return penalty
+
+
+class HetLoRA(FederatedMethod):
+    name = "hetlora"
+    options_class = HetLoRAOptions
+    trained_factors = frozenset({"A", "B"})
+    uploaded_factors = frozenset({"A", "B"})
+
+    def init_server_state(self) -> None:
+        self.r_max = max(c.max_rank for c in self.clients.values())
+        self.global_factors: Adapter = fresh_lora(self.module_shapes, self.r_max, torch.Generator().manual_seed(self.seed))
+        self.ranks = {cid: c.max_rank for cid, c in self.clients.items()}
+        self._error_terms: list[tuple[float, float]] = []
+
+    def instruct(self, client_id: int, round: int) -> Instruction:
+        rank = self.ranks[client_id]
+        tensors = {}
+        for name, factors in self.global_factors.items():
+            tensors[tensor_key("A", name)] = factors.A[:rank].clone()
+            tensors[tensor_key("B", name)] = factors.B[:, :rank].clone()
+        return Instruction(client_id=client_id, round=round, tensors=tensors, config={"rank": rank})
+
+    def aggregate(self, uploads: list[Upload], round: int) -> None:
+        uploads = sorted(uploads, key=lambda u: u.client_id)
+        self._error_terms = []
+        for name in sorted(self.module_shapes):
+            A = [u.tensors[tensor_key("A", name)] for u in uploads]
+            B = [u.tensors[tensor_key("B", name)] for u in uploads]
+            norms = [low_rank_frobenius_sq(b, a) ** 0.5 for a, b in zip(A, B)]
+            # Sparsity-weighted: clients whose update carries more energy count more.
+            weights = torch.tensor(norms, dtype=torch.float64) / sum(norms) if sum(norms) > 0 else data_weights([u.num_examples for u in uploads])
+            prefix = [torch.arange(self.r_max) < a.shape[0] for a in A]
+            global_A = weighted_sum([pad_rows(a, keep, self.r_max) for a, keep in zip(A, prefix)], weights)
+            global_B = weighted_sum([pad_columns(b, keep, self.r_max) for b, keep in zip(B, prefix)], weights)
+            self.global_factors[name] = ModuleFactors(A=global_A, B=global_B)
+            self._error_terms.append(product_error_terms(global_B, global_A, [(float(p), b, a) for p, b, a in zip(weights, B, A)]))
+        for upload in uploads:
+            self.ranks[upload.client_id] = int(upload.tensors["next_rank"])
+
+    def aggregation_error(self) -> float | None:
+        return relative_error(self._error_terms) if self._error_terms else None
+
+    def global_adapter(self) -> Adapter | None:
+        return self.global_factors
+
+    def client_ranks(self) -> dict[int, dict[str, int]]:
+        return {cid: {name: rank for name in self.module_shapes} for cid, rank in self.ranks.items()}
+
+    def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
+        rank = int(instruction.config["rank"])
+        adapter = {name: ModuleFactors(A=instruction.tensors[tensor_key("A", name)], B=instruction.tensors[tensor_key("B", name)])
+                   for name in sorted(self.module_shapes)}
+        start = tail_start(rank, self.options.keep_ratio, self.options.min_rank)
+        penalty = tail_penalty(self.options.reg_weight, start) if start < rank and self.options.reg_weight > 0 else None
+        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.lora_alpha / rank, penalty=penalty)
+
+    def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
+        rank = int(instruction.config["rank"])
+        start = tail_start(rank, self.options.keep_ratio, self.options.min_rank)
+        next_rank = rank
+        if self.options.self_pruning and start < rank:
+            before = sum(float(tail_norm(instruction.tensors[tensor_key("A", n)], instruction.tensors[tensor_key("B", n)], start)) for n in trained)
+            after = sum(float(tail_norm(f.A, f.B, start)) for f in trained.values())
+            next_rank = start if after < before else rank
+        tensors = {tensor_key(f, name): getattr(factors, f).detach().clone() for name, factors in trained.items() for f in ("A", "B")}
+        tensors["next_rank"] = torch.tensor(next_rank)
+        return Upload(instruction.client_id, num_examples, tensors, {name: f.rank for name, f in trained.items()})
