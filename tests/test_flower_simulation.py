@@ -93,3 +93,19 @@ def test_export_merges_the_adapter_into_a_standalone_model(finished_run, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_fedsa_lora_personal_models_are_scored_on_local_test_rows(tmp_path):
+    """Through Flower's evaluate messages: each client pairs the shared A with its own B (kept in its Context)."""
+    config = tiny_config(tmp_path / "data", 'method="fedsa_lora"', "data.local_test_fraction=0.25")
+    simulate(config, tmp_path / "out")
+    run = load_run(tmp_path / "out")
+    workload = prepare_workload(config)
+    local_rows = sum(len(rows) for rows in workload.client_test_rows)
+    for r in run["rounds"]:
+        assert r["personalized"]["clients"] == 3.0 and r["personalized"]["num_examples"] == local_rows
+        assert 0.0 <= r["personalized"]["accuracy"] <= 1.0
+        assert r["eval_uplink_bytes"] > 0 and r["aggregation_error"] is None
+    assert run["final"]["personalized_accuracy"] == run["rounds"][-1]["personalized"]["accuracy"]
+    # personal and global models differ: the global one uses the mean of the personal B's
+    assert set(run["rounds"][-1]["personalized"]) >= {"accuracy", "loss"}

@@ -63,3 +63,15 @@ def test_client_app_keeps_local_state_between_rounds(tmp_path, monkeypatch):
     assert set(seen[1]) == {f"B/{name}" for name in server.method.module_shapes}
     assert any(float(t.abs().sum()) > 0 for t in seen[1].values())  # the personal B it trained in round 1
     assert json.loads(json.dumps(config.to_dict()))  # the experiment travels as JSON
+
+
+def test_local_test_rows_are_held_out_from_each_client():
+    from aflora.runtime import hold_out_local_tests
+
+    train, test = hold_out_local_tests([[0, 1, 2, 3, 4, 5, 6, 7], [10, 11, 12, 13]], 0.25, seed=0)
+    assert [len(t) for t in test] == [2, 1]
+    for rows, tr, te in zip([[0, 1, 2, 3, 4, 5, 6, 7], [10, 11, 12, 13]], train, test):
+        assert sorted(tr + te) == rows and not set(tr) & set(te)
+    assert hold_out_local_tests([[1, 2]], 0.0, seed=0) == ([[1, 2]], [[]])
+    with pytest.raises(Exception, match="too few"):
+        hold_out_local_tests([[1]], 0.5, seed=0)

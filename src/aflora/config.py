@@ -51,6 +51,7 @@ class DataConfig:
     eval_size: int = _help("Test rows evaluated each round, a seeded sample (0 = all)", 200)
     max_length: int = _help("Maximum tokens per example (long prompts lose their middle)", 128)
     objective: str = _help("'auto' (class_ce for classification, lm for instructions), 'class_ce' or 'lm'", "auto")
+    local_test_fraction: float = _help("Share of each client's rows held out as its own test set; > 0 adds per-client (personalized) evaluation every round", 0.0)
     extra_eval: list[str] = _help("Other registered benchmarks scored every round, e.g. [\"mmlu\"] for instruction tuning", factory=list)
     options: dict[str, Any] = _help(
         "Dataset-specific options: fpb_agree (50|66|75|All), mmlu_subjects, holdout_per_category; for a local file: "
@@ -272,6 +273,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.server.steps >= 0, f"server.steps must be ≥ 0, got {config.server.steps}"),
         (config.server.lr > 0, f"server.lr must be > 0, got {config.server.lr}"),
         (0.0 <= data.public_fraction < 1.0, f"data.public_fraction must lie in [0, 1), got {data.public_fraction}"),
+        (0.0 <= data.local_test_fraction < 1.0, f"data.local_test_fraction must lie in [0, 1), got {data.local_test_fraction}"),
         (data.public_size >= 0 and data.eval_size >= 0 and data.train_size >= 0, "data sizes must be ≥ 0"),
         (data.objective in ("auto", "class_ce", "lm"), f"data.objective must be auto, class_ce or lm, got {data.objective!r}"),
         (config.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {config.model.precision!r}"),

@@ -32,10 +32,12 @@ class RoundRecord:
     server_seconds: float | None = None  # server-side work after aggregating (AFLoRA's A tuning), incl. the merge
     aggregation_error: float | None = None  # ‖ΔW_global − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖, where defined
     eval_uplink_bytes: int = 0  # sent only so the server can evaluate a global model (FedSA-LoRA's B)
+    personalized: dict[str, float] = field(default_factory=dict)  # clients' own models on their local test rows
 
 
 def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], *, round_seconds: float, eval_seconds: float,
-                 failures: list[dict[str, Any]] | None = None, server: dict[str, float] | None = None) -> RoundRecord:
+                 failures: list[dict[str, Any]] | None = None, server: dict[str, float] | None = None,
+                 personalized: dict[str, float] | None = None) -> RoundRecord:
     uploads = sorted(uploads, key=lambda u: u.client_id)
     key = lambda u: str(u.client_id)  # noqa: E731 - JSON object keys are strings
     return RoundRecord(
@@ -53,6 +55,7 @@ def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], 
         failures=failures or [],
         extra={k: v for k, v in metrics.items() if "/" in k},
         eval_uplink_bytes=sum(payload_bytes(u.tensors, evaluation_only=True) for u in uploads),
+        personalized=dict(personalized or {}),
         **(server or {}),
     )
 
@@ -79,6 +82,7 @@ class RunRecord:
             "accuracy": last.accuracy if last else self.initial.get("accuracy"),
             "loss": last.loss if last else self.initial.get("loss"),
             "best_accuracy": max((r.accuracy for r in self.rounds if r.accuracy is not None), default=None),
+            "personalized_accuracy": last.personalized.get("accuracy") if last else None,
             "client_cost_pct": client_cost_pct(trained, self.base_params),
             "client_uplink_pct": client_cost_pct(uplink, self.base_params),
             "uplink_bytes_total": sum(n for r in self.rounds for n in r.uplink_bytes.values()),

@@ -43,6 +43,7 @@ class Workload:
     public_rows: list[int]
     test_rows: list[dict]
     extra_eval: dict[str, DatasetBundle] = field(default_factory=dict)  # name -> bundle with sampled test rows
+    client_test_rows: list[list[int]] = field(default_factory=list)  # each client's own held-out rows (may be empty)
 
     @property
     def objective(self) -> str:
@@ -92,12 +93,29 @@ def prepare_workload(config: ExperimentConfig) -> Workload:
         )
     except ValueError as err:  # the partitioners explain what to change; surface it as a data problem
         raise DataError(f"cannot partition {bundle.name} with data.partition={data.partition!r}: {err}") from None
+    client_rows, client_test_rows = hold_out_local_tests(client_rows, data.local_test_fraction, seed)
     extra = {name: load_bundle(name, data_dir=data.data_dir or None) for name in data.extra_eval}
     for name, extra_bundle in extra.items():
         if not extra_bundle.task.label_words:
             raise DataError(f"data.extra_eval: {name} has no label words to score; extra evaluations must be classification or multiple choice")
         extra_bundle.test = sample_rows(extra_bundle.test, data.eval_size, seed)
-    return Workload(config, bundle, client_rows, public_rows, sample_rows(bundle.test, data.eval_size, seed), extra)
+    return Workload(config, bundle, client_rows, public_rows, sample_rows(bundle.test, data.eval_size, seed), extra, client_test_rows)
+
+
+def hold_out_local_tests(client_rows: list[list[int]], fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Split every client's rows into (train, its own test set): personalized evaluation data, never trained on."""
+    if fraction <= 0:
+        return client_rows, [[] for _ in client_rows]
+    train, test = [], []
+    for cid, rows in enumerate(client_rows):
+        if len(rows) < 2:
+            raise DataError(f"client {cid} has {len(rows)} row(s): too few to hold out a local test set; lower data.local_test_fraction")
+        shuffled = list(rows)
+        random.Random(hash_seed(seed, cid, 11)).shuffle(shuffled)
+        held = min(len(rows) - 1, max(1, round_half_up(fraction * len(rows))))
+        test.append(sorted(shuffled[:held]))
+        train.append(sorted(shuffled[held:]))
+    return train, test
 
 
 def sample_rows(rows: list[dict], size: int, seed: int) -> list[dict]:
@@ -166,6 +184,18 @@ class ModelSide:
         encode = self.encoder.encode_lm if objective == "lm" else self.encoder.encode_classification
         return [encode(row) for row in rows]
 
+    @property
+    def scoring_objective(self) -> str:
+        """How evaluation scores this task: label-word accuracy where there are label words, else LM loss."""
+        return "class_ce" if self.encoder.label_token_ids else "lm"
+
+    def evaluate(self, examples: list[Encoded], adapter: Adapter | None, encoder: PromptEncoder | None = None) -> dict[str, float]:
+        encoder = encoder or self.encoder
+        common = dict(batch_size=self.workload.config.train.eval_batch_size, pad_id=self.pad_id, adapter=adapter, autocast_dtype=self.autocast)
+        if encoder.label_token_ids:
+            return evaluate_classification(self.host, examples, label_token_ids=encoder.label_token_ids, **common)
+        return evaluate_lm_loss(self.host, examples, **common)
+
     def train(self, spec: TrainSpec, examples: list[Encoded], *, steps: int, batch_size: int, optim: OptimConfig, seed: int, on_step=None):
         return train_adapter(
             self.host,
@@ -214,6 +244,14 @@ class ClientRuntime:
                 raise ValueError(f"client {client_id} has no training data")
             self._encoded[client_id] = self.side.encode(rows)
         return self._encoded[client_id]
+
+    def evaluate(self, instruction: Instruction, merges: dict[int, Adapter], local_state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """The client's own model (e.g. FedSA-LoRA's shared A with its personal B) on its local test rows."""
+        self.sync_base(merges)
+        rows = [self.workload.bundle.train[i] for i in self.workload.client_test_rows[instruction.client_id]]
+        if not rows:
+            raise ValueError(f"client {instruction.client_id} has no local test rows; set data.local_test_fraction > 0")
+        return self.side.evaluate(self.side.encode(rows, self.side.scoring_objective), self.side.method.client_model(instruction, local_state))
 
     def sync_base(self, merges: dict[int, Adapter]) -> None:
         """Apply the global updates of rounds this process's base model has not seen, in order."""
@@ -279,8 +317,7 @@ class ServerRuntime:
 
     @cached_property
     def test_examples(self) -> list[Encoded]:
-        objective = "class_ce" if self.workload.bundle.task.label_words else "lm"
-        return self.side.encode(self.workload.test_rows, objective)
+        return self.side.encode(self.workload.test_rows, self.side.scoring_objective)
 
     @cached_property
     def public_examples(self) -> list[Encoded]:
@@ -293,11 +330,7 @@ class ServerRuntime:
 
     def instructions(self, round: int) -> list[tuple[Instruction, dict[int, Adapter]]]:
         """Each sampled client's instruction and the base-model merges it has not received yet."""
-        messages = []
-        for cid in self.sample_clients(round):
-            messages.append((self.method.instruct(cid, round), self.merges.since(self.client_synced_round[cid])))
-            self.client_synced_round[cid] = max(self.merges.by_round, default=0)
-        return messages
+        return [(self.method.instruct(cid, round), self._merges_for(cid)) for cid in self.sample_clients(round)]
 
     def server_trainer(self, round: int):
         server = self.config.server
@@ -349,17 +382,23 @@ class ServerRuntime:
 
     def evaluate(self) -> dict[str, float]:
         """The global model on the test rows (accuracy and loss, or LM loss), plus every extra benchmark."""
-        side = self.side
-        common = dict(batch_size=self.config.train.eval_batch_size, pad_id=side.pad_id,
-                      adapter=self.method.global_adapter(), autocast_dtype=side.autocast)
-        if side.encoder.label_token_ids:
-            metrics = evaluate_classification(side.host, self.test_examples, label_token_ids=side.encoder.label_token_ids, **common)
-        else:
-            metrics = evaluate_lm_loss(side.host, self.test_examples, **common)
+        adapter = self.method.global_adapter()
+        metrics = self.side.evaluate(self.test_examples, adapter)
         for name, (encoder, examples) in self.extra_eval_sets.items():
-            extra = evaluate_classification(side.host, examples, label_token_ids=encoder.label_token_ids, **common)
+            extra = self.side.evaluate(examples, adapter, encoder)
             metrics.update({f"{name}/accuracy": extra["accuracy"], f"{name}/loss": extra["loss"]})
         return metrics
+
+    def evaluation_messages(self, round: int, client_ids: list[int]) -> list[tuple[Instruction, dict[int, Adapter]]]:
+        """For personalized evaluation: what each client needs to assemble its current model."""
+        if not self.config.data.local_test_fraction:
+            return []
+        return [(self.method.evaluation_instruction(cid, round), self._merges_for(cid)) for cid in client_ids]
+
+    def _merges_for(self, client_id: int) -> dict[int, Adapter]:
+        merges = self.merges.since(self.client_synced_round[client_id])
+        self.client_synced_round[client_id] = max(self.merges.by_round, default=0)
+        return merges
 
 
 def round_half_up(x: float) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..config import config_from_tree
@@ -58,3 +58,12 @@ def train(message: Message, context: Context) -> Message:
     if upload.local_state:
         context.state[LOCAL_STATE] = tensors_to_arrays(upload.local_state)
     return Message(content=upload_content(upload), reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Personalized evaluation: the client's own model on its local test rows."""
+    instruction, merges, experiment = read_instruction(message.content)
+    kept = context.state.array_records.get(LOCAL_STATE)
+    metrics = client_runtime(experiment).evaluate(instruction, merges, arrays_to_tensors(kept) if kept else None)
+    return Message(content=RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}), reply_to=message)

@@ -65,6 +65,7 @@ class MethodStrategy(Strategy):
         self._round_started = 0.0
         self._round_seconds = 0.0
         self._uploads = []
+        self._personalized: dict[str, float] = {}
 
     def summary(self) -> None:
         config = self.runtime.config
@@ -96,10 +97,20 @@ class MethodStrategy(Strategy):
         return None, MetricRecord({"clients": len(uploads)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []  # the global model is evaluated centrally, on the server (evaluate_fn)
+        """Personalized evaluation: this round's clients score their own models on their local test rows.
+        (The global model is evaluated centrally, on the server: evaluate_fn.)"""
+        clients = [u.client_id for u in self._uploads]
+        return [
+            Message(content=instruction_content(instruction, merges, self.experiment),
+                    dst_node_id=self.node_of_client[instruction.client_id], message_type="evaluate")
+            for instruction, merges in self.runtime.evaluation_messages(server_round, clients)
+        ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        """Example-weighted mean of the clients' own-model metrics."""
+        results = [dict(r.content.metric_records["metrics"]) for r in replies if not r.has_error()]
+        self._personalized = weighted_means(results)
+        return MetricRecord(self._personalized) if self._personalized else None
 
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         started = time.perf_counter()
@@ -110,9 +121,19 @@ class MethodStrategy(Strategy):
         else:
             self.record.rounds.append(round_record(server_round, self._uploads, metrics, round_seconds=self._round_seconds,
                                                    eval_seconds=eval_seconds, failures=self._failures,
-                                                   server=self._server_diagnostics))
+                                                   server=self._server_diagnostics, personalized=self._personalized))
         log.info("round %d: %s (evaluated in %.1fs)", server_round, _format_metrics(metrics), eval_seconds)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
+def weighted_means(results: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of every metric weighted by each result's num_examples (plus the total count)."""
+    total = sum(r["num_examples"] for r in results)
+    if not total:
+        return {}
+    keys = sorted({k for r in results for k in r} - {"num_examples"})
+    means = {k: sum(r[k] * r["num_examples"] for r in results) / total for k in keys}
+    return {**means, "num_examples": float(total), "clients": float(len(results))}
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:

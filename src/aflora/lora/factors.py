@@ -78,3 +78,18 @@ def fresh_lora(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.G
         A = (torch.rand(rank, n, generator=generator) * 2.0 - 1.0) * bound
         adapter[name] = ModuleFactors(A=A, B=torch.zeros(m, rank))
     return adapter
+
+
+def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """Flat message form: "A/<module>", "B/<module>" and, for Λ-LoRA, "lam/<module>"."""
+    flat = {}
+    for name, factors in adapter.items():
+        flat[f"A/{name}"], flat[f"B/{name}"] = factors.A, factors.B
+        if factors.lam is not None:
+            flat[f"lam/{name}"] = factors.lam
+    return flat
+
+
+def adapter_from_tensors(tensors: dict[str, torch.Tensor]) -> Adapter:
+    names = sorted(key.split("/", 1)[1] for key in tensors if key.startswith("A/"))
+    return {name: ModuleFactors(A=tensors[f"A/{name}"], B=tensors[f"B/{name}"], lam=tensors.get(f"lam/{name}")) for name in names}

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..lora.factors import Adapter
+from ..lora.factors import Adapter, adapter_from_tensors, adapter_tensors
 
 Scalar = bool | int | float | str
 
@@ -145,7 +145,15 @@ class FederatedMethod(ABC):
         method's own weights p_k; None where the method has no single global product (default)."""
         return None
 
+    def evaluation_instruction(self, client_id: int, round: int) -> Instruction:
+        """What a client needs to assemble its own current model (default: the global adapter, if any)."""
+        return Instruction(client_id=client_id, round=round, tensors=adapter_tensors(self.global_adapter() or {}))
+
     # ---- client side
+    def client_model(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> Adapter:
+        """The client's own adapter on top of its (merged) base, from `evaluation_instruction` (default: as sent)."""
+        return adapter_from_tensors(instruction.tensors)
+
     @abstractmethod
     def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
         """The training job for one round; `local_state` is what this client kept from its last round."""

@@ -88,7 +88,14 @@ class SharedLoRA(FederatedMethod):
     def client_ranks(self) -> dict[int, dict[str, int]]:
         return {cid: {name: self.rank for name in self.module_shapes} for cid in self.clients}
 
+    def evaluation_instruction(self, client_id: int, round: int) -> Instruction:
+        """The shared factors only: a FedSA-LoRA client pairs them with its own B (see client_model)."""
+        return self.instruct(client_id, round)
+
     # ------------------------------------------------------------------ client
+    def client_model(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> Adapter:
+        return self.local_job(instruction, local_state).adapter
+
     def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
         adapter = {}
         for name, (m, _) in sorted(self.module_shapes.items()):
