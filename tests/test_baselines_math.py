@@ -225,7 +225,7 @@ def test_hetlora_prunes_when_the_tail_shrank():
 # ---------------------------------------------------------------------------- trainability per method
 EXPECTED_TRAINABLE = {
     "aflora": {"B", "lam"}, "fedit": {"A", "B"}, "ffa_lora": {"B"}, "fedsa_lora": {"A", "B"},
-    "flora": {"A", "B"}, "flexlora": {"A", "B"}, "hetlora": {"A", "B"},
+    "flora": {"A", "B"}, "flexlora": {"A", "B"}, "hetlora": {"A", "B"}, "legend": {"A", "B"},
 }
 
 

@@ -21,7 +21,7 @@ EXACT = {"aflora", "flora", "ffa_lora"}  # aggregate == Σ p_k B_k A_k up to flo
 UNDEFINED = {"fedsa_lora"}  # no single global product
 
 
-@pytest.mark.parametrize("name", sorted(set(METHODS) - {"legend"}))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_two_rounds_of_every_method(name, tmp_path):
     server = run_inline(tiny_config(tmp_path, f'method="{name}"'))
     before = server.evaluate()

@@ -29,6 +29,15 @@ class DeviceBudget:
 
 
 @dataclass(frozen=True)
+class LocalWorkload:
+    """What one local round computes: E optimizer steps on batches of b sequences of s tokens."""
+
+    batch_size: int
+    seq_len: int
+    local_steps: int
+
+
+@dataclass(frozen=True)
 class ModelFootprint:
     """What the budget model needs to know about the base model (read once from the loaded model)."""
 

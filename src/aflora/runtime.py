@@ -17,7 +17,7 @@ from functools import cached_property
 
 import torch
 
-from .budgets import DeviceBudget, ModelFootprint, ranks_from_budgets
+from .budgets import DeviceBudget, LocalWorkload, ModelFootprint, ranks_from_budgets
 from .config import ConfigError, ExperimentConfig
 from .data import DataError, DatasetBundle, load_bundle, partition, split_public
 from .encoding import Encoded, PromptEncoder, training_batches
@@ -61,11 +61,14 @@ class Workload:
     def client_specs(self, method: type[FederatedMethod], footprint: ModelFootprint) -> list[ClientSpec]:
         """Clients with their maximum ranks: the configured list, or derived per method from device budgets."""
         budgets = self.budgets()
+        ranks = self.config.federation.client_ranks
         if budgets is None:
-            ranks = self.config.federation.client_ranks
             return [ClientSpec(cid, ranks[cid], len(rows)) for cid, rows in enumerate(self.client_rows)]
-        ranks = ranks_from_budgets(budgets, footprint, trained=method.trained_factors, uploaded=method.uploaded_factors,
-                                   batch_size=self.config.train.batch_size, seq_len=self.config.data.max_length)
+        if not method.configures_from_budgets:  # LEGEND turns budgets into depth and ranks itself
+            ranks = ranks_from_budgets(
+                budgets, footprint, trained=method.trained_factors, uploaded=method.uploaded_factors,
+                batch_size=self.config.train.batch_size, seq_len=self.config.data.max_length,
+            )
         return [ClientSpec(cid, r, len(rows), b.memory_mb, b.uplink_mb, b.compute_speed)
                 for cid, (r, b, rows) in enumerate(zip(ranks, budgets, self.client_rows))]
 
@@ -172,7 +175,8 @@ class ModelSide:
         method = method_class(config.method)
         self.clients = workload.client_specs(method, self.host.footprint())
         self.method: FederatedMethod = method(
-            config.method_options(), module_shapes=self.host.module_shapes(), clients=self.clients, seed=config.seed
+            config.method_options(), module_shapes=self.host.module_shapes(), clients=self.clients, seed=config.seed,
+            footprint=self.host.footprint(), workload=LocalWorkload(config.train.batch_size, config.data.max_length, config.train.local_steps),
         )
 
     @property

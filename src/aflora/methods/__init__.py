@@ -9,10 +9,11 @@ from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, o
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA
+from .legend import LEGEND
 from .shared_lora import FedIT, FedSALoRA, FFALoRA
 
 METHODS: dict[str, type[FederatedMethod]] = {
-    cls.name: cls for cls in (AFLoRA, FedIT, FFALoRA, FedSALoRA, FLoRA, FlexLoRA, HetLoRA)
+    cls.name: cls for cls in (AFLoRA, FedIT, FFALoRA, FedSALoRA, FLoRA, FlexLoRA, HetLoRA, LEGEND)
 }
 
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..budgets import LocalWorkload, ModelFootprint
 from ..lora.factors import Adapter, adapter_from_tensors, adapter_tensors
 
 Scalar = bool | int | float | str
@@ -102,12 +103,26 @@ class FederatedMethod(ABC):
     trained_factors: ClassVar[frozenset[str]]
     uploaded_factors: ClassVar[frozenset[str]]
     heterogeneous: ClassVar[bool] = True  # False: one rank for every client (the smallest budget, or options.rank)
+    # True: the method turns device budgets into its own per-client configuration (LEGEND's depth and
+    # ranks) instead of the generic largest-rank-that-fits (aflora.budgets).
+    configures_from_budgets: ClassVar[bool] = False
 
-    def __init__(self, options: Any, *, module_shapes: Mapping[str, tuple[int, int]], clients: list[ClientSpec], seed: int):
+    def __init__(
+        self,
+        options: Any,
+        *,
+        module_shapes: Mapping[str, tuple[int, int]],
+        clients: list[ClientSpec],
+        seed: int,
+        footprint: ModelFootprint | None = None,
+        workload: LocalWorkload | None = None,
+    ):
         self.options = options
         self.module_shapes = dict(module_shapes)  # module -> (out_features, in_features)
         self.clients = {c.client_id: c for c in clients}
         self.seed = seed
+        self.footprint = footprint  # the model's size facts, for methods with a cost model (None in math tests)
+        self.workload = workload
 
     @classmethod
     def needs_public_data(cls, options: Any) -> bool:

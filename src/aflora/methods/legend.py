@@ -1,0 +1,355 @@
+"""LEGEND (Liu et al., arXiv 2412.20004, IEEE TMC 2025): per-device LoRA depth and rank distribution,
+layer-wise aggregation.
+
+Only the paper's abstract was available; every rule below that it does not state is marked in
+docs/legend.md, which also gives the cost model's formulas. In short:
+- Device k adapts the top d_k transformer blocks (counted from the output) with ranks r_{k,1} ≥ r_{k,2} ≥ …
+  (position 1 = the block next to the output), drawn from a candidate set R. Blocks below carry no LoRA, so
+  autograd never back-propagates below the lowest adapted block: that is LEGEND's compute saving.
+- The server chooses (d_k, r_k) with a greedy LoRA configuration algorithm ("LCD"): start at d_min blocks of
+  rank r_min; extend depth while the device's modeled round time, memory and upload fit; otherwise raise the
+  rank of the highest layer that stays monotone; stop when no move fits (`configure_devices`).
+- Costs come from a deterministic model (FLOP-proportional compute ÷ compute_speed, upload bytes ÷ bandwidth,
+  aflora.budgets' memory model with activations for d blocks only): a simulation has no device to time, so the
+  paper's measured, EMA-smoothed status reports are omitted and configurations are computed once.
+- Aggregation is per module and per rank slice: slice j of a module is the |D_k|-weighted mean over the devices
+  that trained it (r_{k,l} > j); slices and modules nobody trained keep their previous global value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..budgets import LocalWorkload, MB, ModelFootprint
+from ..lora.factors import Adapter, ModuleFactors, fresh_lora
+from ..lora.host import block_index
+from .aggregation import data_weights, product_error_terms, relative_error, weighted_sum
+from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, tensor_key
+
+log = logging.getLogger(__name__)
+
+DEADLINES = ("quantile", "straggler")
+FLOAT32_BYTES = 4
+TRAINING_BYTES_PER_PARAM = 16  # weights, gradients and two AdamW moments in fp32 (as aflora.budgets)
+
+
+@dataclass
+class LEGENDOptions:
+    ranks: list[int] = field(
+        default_factory=lambda: [2, 4, 8, 16],
+        metadata={"help": "Candidate per-layer ranks R; the smallest is r_min (every new layer), the largest r_max."},
+    )
+    min_depth: int = field(default=1, metadata={"help": "d_min: every device adapts at least this many top blocks."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling is lora_alpha / r with r the device's top-layer rank."})
+    deadline: str = field(
+        default="quantile",
+        metadata={
+            "help": "Round deadline T of the greedy: 'quantile' = the deadline_quantile-quantile of the devices' "
+            "full-configuration times (every block at r_max); 'straggler' = the slowest device's time at the minimal "
+            "configuration (d_min blocks at r_min)."
+        },
+    )
+    deadline_quantile: float = field(default=0.5, metadata={"help": "q of the 'quantile' deadline, in [0, 1]."})
+    device_tflops: float = field(
+        default=1.0, metadata={"help": "Effective training throughput (TFLOP/s) of a device with compute_speed 1."}
+    )
+    uplink_window_seconds: float = field(
+        default=10.0,
+        metadata={"help": "Seconds in which a device can send its uplink_mb: bandwidth β_k = uplink_mb / this."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ranks, str):  # Flower's flat run-config carries lists as "2,4,8,16"
+            self.ranks = [part.strip() for part in self.ranks.split(",") if part.strip()]
+        try:
+            ranks = [int(r) for r in self.ranks]
+        except (TypeError, ValueError):
+            raise ValueError(f"legend.ranks must be a list of integers such as [2, 4, 8, 16], got {self.ranks!r}") from None
+        if not ranks or any(r < 1 for r in ranks) or len(set(ranks)) != len(ranks):
+            raise ValueError(f"legend.ranks must be distinct integers ≥ 1, e.g. [2, 4, 8, 16]; got {self.ranks!r}")
+        self.ranks = sorted(ranks)
+        if self.min_depth < 1:
+            raise ValueError(f"legend.min_depth must be ≥ 1 (every device trains at least one block), got {self.min_depth}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"legend.lora_alpha must be > 0, got {self.lora_alpha}")
+        if self.deadline not in DEADLINES:
+            raise ValueError(f"legend.deadline must be one of {list(DEADLINES)}, got {self.deadline!r}")
+        if not 0.0 <= self.deadline_quantile <= 1.0:
+            raise ValueError(f"legend.deadline_quantile must lie in [0, 1], got {self.deadline_quantile}")
+        if self.device_tflops <= 0:
+            raise ValueError(f"legend.device_tflops must be > 0, got {self.device_tflops}")
+        if self.uplink_window_seconds <= 0:
+            raise ValueError(f"legend.uplink_window_seconds must be > 0, got {self.uplink_window_seconds}")
+
+
+# ---------------------------------------------------------------------------- configurations and their costs
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One device's LoRA depth and rank distribution, from the output down (blocks[0] is the top block)."""
+
+    client_id: int
+    blocks: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.blocks) != len(self.ranks) or not self.blocks:
+            raise ValueError(f"a LEGEND configuration needs one rank per adapted block, got blocks {self.blocks}, ranks {self.ranks}")
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def module_ranks(self, module_names: Sequence[str]) -> dict[str, int]:
+        """Rank of every module inside the adapted blocks (modules of other blocks are absent: not trained)."""
+        rank_of_block = dict(zip(self.blocks, self.ranks))
+        return {name: rank_of_block[block_index(name)] for name in sorted(module_names) if block_index(name) in rank_of_block}
+
+
+@dataclass(frozen=True)
+class DeviceCosts:
+    """Modeled costs of one configuration on one device (docs/legend.md, "Cost model")."""
+
+    trained_params: int  # Σ_i s_{l_i} r_i
+    compute_seconds: float
+    upload_seconds: float
+    memory_bytes: float
+    uplink_bytes: int
+
+    @property
+    def round_seconds(self) -> float:
+        return self.compute_seconds + self.upload_seconds
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Deterministic per-device cost of a LoRA configuration: a simulation has no device to time."""
+
+    footprint: ModelFootprint
+    workload: LocalWorkload
+    device_tflops: float = 1.0
+    uplink_window_seconds: float = 10.0
+
+    def rank_params(self, block: int) -> int:
+        """s_l: parameters of one unit of rank in block l (A and B of every adapted module of the block)."""
+        modules = [name for name in self.footprint.module_shapes if block_index(name) == block]
+        return self.footprint.params_per_rank(frozenset({"A", "B"}), modules)
+
+    def costs(self, config: DeviceConfig, client: ClientSpec) -> DeviceCosts:
+        foot, work = self.footprint, self.workload
+        lora_params = sum(self.rank_params(block) * rank for block, rank in zip(config.blocks, config.ranks))
+        tokens = work.batch_size * work.seq_len
+        # Forward over all L blocks (2 FLOPs per parameter and token); backward only through the d adapted blocks
+        # (activation gradients ≈ the block's forward, P/L per block); LoRA's own forward+backward, 6 per parameter.
+        step_flops = 2 * foot.base_params * tokens + 2 * (foot.base_params / foot.num_blocks) * tokens * config.depth + 6 * lora_params * tokens
+        compute_seconds = work.local_steps * step_flops / (client.compute_speed * self.device_tflops * 1e12)
+        uplink_bytes = FLOAT32_BYTES * lora_params  # A (r × in) and B (out × r) of every adapted module, fp32
+        upload_seconds = 0.0
+        if client.uplink_mb is not None:
+            upload_seconds = uplink_bytes / (client.uplink_mb * MB / self.uplink_window_seconds)
+        memory = (
+            FLOAT32_BYTES * foot.base_params
+            + TRAINING_BYTES_PER_PARAM * lora_params
+            + foot.activation_bytes(work.batch_size, work.seq_len, blocks=config.depth)  # stored for d blocks only
+        )
+        return DeviceCosts(lora_params, compute_seconds, upload_seconds, memory, uplink_bytes)
+
+
+def adapted_blocks(module_names: Sequence[str]) -> list[int]:
+    """Transformer blocks that hold adaptable modules, from the output down (depth d = the first d of them)."""
+    outside = [name for name in module_names if block_index(name) is None]
+    if outside:
+        raise ValueError(
+            f"LEGEND places LoRA by transformer block, but {outside[:3]} are not inside a numbered block; "
+            "set model.target_modules to layers inside the blocks (e.g. q_proj, v_proj)"
+        )
+    return sorted({block_index(name) for name in module_names}, reverse=True)
+
+
+def within_budgets(costs: DeviceCosts, client: ClientSpec, deadline_seconds: float) -> bool:
+    """Every constraint of the greedy: round time ≤ T, memory ≤ M_k, upload ≤ the uplink budget."""
+    return (
+        costs.round_seconds <= deadline_seconds
+        and (client.memory_mb is None or costs.memory_bytes <= client.memory_mb * MB)
+        and (client.uplink_mb is None or costs.uplink_bytes <= client.uplink_mb * MB)
+    )
+
+
+def greedy_configuration(
+    client: ClientSpec, blocks: Sequence[int], cost: CostModel, ranks: Sequence[int], min_depth: int, deadline_seconds: float
+) -> DeviceConfig:
+    """LCD for one device: from d_min blocks at r_min, (a) extend depth by one block at r_min if it fits, else
+    (b) raise the highest layer that can take the next candidate rank without exceeding the layer above it and
+    still fits; stop when neither move fits. Ranks stay non-increasing from the output down."""
+    ranks = sorted(ranks)
+    current = DeviceConfig(client.client_id, tuple(blocks[:min_depth]), (ranks[0],) * min_depth)
+    start = cost.costs(current, client)
+    if not within_budgets(start, client, float("inf")):
+        raise ValueError(
+            f"client {client.client_id} cannot train even {min_depth} block(s) at rank {ranks[0]} within its budgets "
+            f"(that needs {start.memory_bytes / MB:.1f} MB of memory and {start.uplink_bytes / MB:.4f} MB of uplink; it has "
+            f"{client.memory_mb} MB and {client.uplink_mb} MB); raise federation.memory_mb / uplink_mb or lower legend.ranks"
+        )
+    next_rank = dict(zip(ranks, ranks[1:]))
+    while True:
+        moves = []
+        if current.depth < len(blocks):  # (a) one more block below, at r_min
+            moves.append(DeviceConfig(client.client_id, tuple(blocks[: current.depth + 1]), current.ranks + (ranks[0],)))
+        for i, rank in enumerate(current.ranks):  # (b) the highest raisable layer first
+            raised = next_rank.get(rank)
+            if raised is not None and (i == 0 or current.ranks[i - 1] >= raised):
+                moves.append(DeviceConfig(client.client_id, current.blocks, current.ranks[:i] + (raised,) + current.ranks[i + 1:]))
+        chosen = next((m for m in moves if within_budgets(cost.costs(m, client), client, deadline_seconds)), None)
+        if chosen is None:
+            return current
+        current = chosen
+
+
+def capped_configuration(client: ClientSpec, blocks: Sequence[int], ranks: Sequence[int]) -> DeviceConfig:
+    """A device without budgets (or without a cost model): every block, at the largest candidate rank ≤ max_rank
+    (max_rank itself when it is below every candidate)."""
+    allowed = [r for r in ranks if r <= client.max_rank]
+    rank = max(allowed) if allowed else client.max_rank
+    return DeviceConfig(client.client_id, tuple(blocks), (rank,) * len(blocks))
+
+
+def deadline_seconds(clients: Sequence[ClientSpec], blocks: Sequence[int], cost: CostModel, options: LEGENDOptions) -> float:
+    """T of the greedy (docs/legend.md, "Deadline")."""
+    if options.deadline == "straggler":
+        minimal = [DeviceConfig(c.client_id, tuple(blocks[: options.min_depth]), (options.ranks[0],) * options.min_depth) for c in clients]
+        return max(cost.costs(config, c).round_seconds for config, c in zip(minimal, clients))
+    full = [cost.costs(DeviceConfig(c.client_id, tuple(blocks), (options.ranks[-1],) * len(blocks)), c).round_seconds for c in clients]
+    return float(torch.quantile(torch.tensor(full, dtype=torch.float64), options.deadline_quantile))
+
+
+def configure_devices(
+    clients: Sequence[ClientSpec], module_names: Sequence[str], options: LEGENDOptions, cost: CostModel | None = None
+) -> dict[int, DeviceConfig]:
+    """Each device's depth and rank distribution.
+
+    Devices with budgets (memory_mb / uplink_mb) get the greedy LCD under the cost model; devices without
+    budgets, or every device when no cost model is given, get `capped_configuration` (full depth, max_rank cap).
+    """
+    blocks = adapted_blocks(module_names)
+    if options.min_depth > len(blocks):
+        raise ValueError(f"legend.min_depth is {options.min_depth} but the model has only {len(blocks)} adapted blocks")
+    budgeted = [c for c in clients if c.memory_mb is not None or c.uplink_mb is not None]
+    if budgeted and cost is None:
+        log.warning("LEGEND got device budgets but no cost model (footprint and local workload): falling back to "
+                    "full depth at each client's budget-derived max_rank")
+    configs = {c.client_id: capped_configuration(c, blocks, options.ranks) for c in clients}
+    if budgeted and cost is not None:
+        deadline = deadline_seconds(budgeted, blocks, cost, options)
+        for client in budgeted:
+            configs[client.client_id] = greedy_configuration(client, blocks, cost, options.ranks, options.min_depth, deadline)
+    return configs
+
+
+# ---------------------------------------------------------------------------- the method
+class LEGEND(FederatedMethod):
+    name = "legend"
+    options_class = LEGENDOptions
+    trained_factors = frozenset({"A", "B"})
+    uploaded_factors = frozenset({"A", "B"})
+    heterogeneous = True
+    configures_from_budgets = True  # depth and per-layer ranks come from the budgets (configure_devices)
+
+    def __init__(self, options: LEGENDOptions, **kwargs) -> None:
+        super().__init__(options, **kwargs)
+        adapted_blocks(list(self.module_shapes))  # fail early on modules outside the blocks
+        if (self.footprint is None) != (self.workload is None):
+            raise ValueError("LEGEND's cost model needs both the model footprint and the local workload, or neither")
+        self.cost = None
+        if self.footprint is not None:
+            self.cost = CostModel(self.footprint, self.workload, options.device_tflops, options.uplink_window_seconds)
+
+    # ------------------------------------------------------------------ server
+    def init_server_state(self) -> None:
+        self.global_factors: Adapter = {}
+        self.configs: dict[int, DeviceConfig] = {}
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._error_terms: list[tuple[float, float]] = []
+        # The inputs (budgets, speeds, the cost model) are static in a simulation: configure once.
+        self.assign_configs(configure_devices(list(self.clients.values()), list(self.module_shapes), self.options, self.cost))
+
+    def assign_configs(self, configs: Mapping[int, DeviceConfig]) -> None:
+        """Adopt new device configurations; a module's global rank grows to the largest rank any device now has
+        on it, the new slices starting as standard LoRA (A kaiming-uniform, B = 0). Trained slices are never dropped."""
+        self.configs = dict(configs)
+        wanted: dict[str, int] = {}
+        for config in self.configs.values():
+            for name, rank in config.module_ranks(list(self.module_shapes)).items():
+                wanted[name] = max(wanted.get(name, 0), rank)
+        for name, rank in sorted(wanted.items()):
+            have = self.global_factors[name].rank if name in self.global_factors else 0
+            if rank > have:
+                fresh = fresh_lora({name: self.module_shapes[name]}, rank - have, self._generator)[name]
+                if name in self.global_factors:
+                    old = self.global_factors[name]
+                    fresh = ModuleFactors(A=torch.cat([old.A, fresh.A]), B=torch.cat([old.B, fresh.B], dim=1))
+                self.global_factors[name] = fresh
+
+    def instruct(self, client_id: int, round: int) -> Instruction:
+        config = self.configs[client_id]
+        tensors = {}
+        for name, rank in config.module_ranks(list(self.module_shapes)).items():
+            factors = self.global_factors[name]
+            tensors[tensor_key("A", name)] = factors.A[:rank].clone()  # HetLoRA-style truncation to the first r slices
+            tensors[tensor_key("B", name)] = factors.B[:, :rank].contiguous().clone()
+        return Instruction(client_id=client_id, round=round, tensors=tensors, config={"depth": config.depth})
+
+    def aggregate(self, uploads: list[Upload], round: int) -> None:
+        uploads = sorted(uploads, key=lambda u: u.client_id)  # a fixed order keeps sums bit-reproducible
+        self._error_terms = []
+        for name, factors in self.global_factors.items():
+            holders = [u for u in uploads if tensor_key("A", name) in u.tensors]
+            if not holders:
+                continue  # nobody trained this module: it keeps its previous global value
+            A = [u.tensors[tensor_key("A", name)] for u in holders]
+            B = [u.tensors[tensor_key("B", name)] for u in holders]
+            ranks = [a.shape[0] for a in A]
+            if max(ranks) > factors.rank:
+                raise ValueError(f"{name}: a client uploaded rank {max(ranks)} but the global rank is {factors.rank}")
+            new_A, new_B = factors.A.clone(), factors.B.clone()
+            # Slices [low, high) between consecutive distinct ranks are held by the same devices (r_k ≥ high):
+            # average them over exactly those, weighted by |D_k| (zero padding would dilute the higher slices).
+            low = 0
+            for high in sorted(set(ranks)):
+                members = [i for i, r in enumerate(ranks) if r >= high]
+                weights = data_weights([holders[i].num_examples for i in members])
+                new_A[low:high] = weighted_sum([A[i][low:high] for i in members], weights)
+                new_B[:, low:high] = weighted_sum([B[i][:, low:high] for i in members], weights)
+                low = high
+            self.global_factors[name] = ModuleFactors(A=new_A, B=new_B)
+            # Ideal: Σ p_k B_k A_k over this module's holders, p_k = |D_k| normalized over them.
+            weights = data_weights([u.num_examples for u in holders])
+            self._error_terms.append(product_error_terms(new_B, new_A, [(float(p), b, a) for p, b, a in zip(weights, B, A)]))
+
+    def aggregation_error(self) -> float | None:
+        return relative_error(self._error_terms) if self._error_terms else None
+
+    def global_adapter(self) -> Adapter | None:
+        return self.global_factors
+
+    def client_ranks(self) -> dict[int, dict[str, int]]:
+        """Ranks of the modules each client trains; modules below its depth are absent (not rank 0)."""
+        return {cid: config.module_ranks(list(self.module_shapes)) for cid, config in sorted(self.configs.items())}
+
+    # ------------------------------------------------------------------ client
+    def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
+        adapter: Adapter = {}
+        for key in sorted(instruction.tensors):
+            kind, name = key.split("/", 1)
+            if kind == "A":
+                adapter[name] = ModuleFactors(A=instruction.tensors[key], B=instruction.tensors[tensor_key("B", name)])
+        if not adapter:
+            raise ValueError(f"LEGEND instruction for client {instruction.client_id} adapts no module")
+        top_rank = max(f.rank for f in adapter.values())  # ranks are non-increasing from the output: the top layer's
+        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.lora_alpha / top_rank)
+
+    def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
+        tensors = {tensor_key(f, name): getattr(factors, f).detach().clone() for name, factors in trained.items() for f in ("A", "B")}
+        return Upload(instruction.client_id, num_examples, tensors, {name: f.rank for name, f in trained.items()})
