@@ -73,3 +73,14 @@ def run_inline(config: ExperimentConfig) -> ServerRuntime:
         server.last_uploads = uploads
     server.client_runtime = client
     return server
+
+
+def write_tiny_config_toml(folder: Path, *overrides: str, model: str = "tiny-llama") -> Path:
+    """`tiny_config` as an experiment file, for tests that go through the CLI (`--config`)."""
+    from aflora.compare import toml_literal
+    from aflora.config import flatten
+
+    config = tiny_config(folder, *overrides, model=model)
+    path = folder / "tiny.toml"
+    path.write_text("".join(f"{key} = {toml_literal(value)}\n" for key, value in flatten(config.to_dict()).items()))
+    return path

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from aflora.config import ConfigError, config_from_flat, flatten, load_config
+from aflora.values import tomllib
 from aflora.data import DataError
 from aflora.models import ModelError, resolve_model
 from aflora.runtime import preflight
@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
         ("nonsense.key=1", "unknown config key 'nonsense'"),
         ("data.bogus=1", r"\[data\] has unknown keys \['bogus'\]"),
         ("aflora.bogus=1", r"\[aflora\] has unknown keys \['bogus'\]"),
+        ("aflora.ddr=yes", "aflora.ddr must be of type bool"),
+        ("hetlora.keep_ratio=1.5", r"hetlora.keep_ratio must lie in \(0, 1\)"),
         ("rounds", "is not of the form key=value"),
     ],
 )

@@ -1,7 +1,8 @@
-"""Command line: `aflora run`, `aflora export`, `aflora config`."""
+"""Command line: `aflora run`, `aflora compare`, `aflora export`, `aflora config`."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -46,6 +47,30 @@ def run(
 
     simulate(experiment, out)
     err.print(f"[green]results, plots and adapter written to {out}[/green]")
+
+
+@app.command()
+def compare(
+    methods: Annotated[str, typer.Option(
+        "--methods", "-m",
+        help="Comma-separated entries: a method, or method:key=value[+key=value...] for an ablation of its options, "
+             "e.g. aflora,fedit,aflora:ddr=false+rank_aware_weights=false")],
+    config: ConfigOption = None,
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds; every entry runs with each")] = "0",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: <label>/seed<k>/ per run, comparison.md/.csv, plots")] = Path("runs/compare"),
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Run again the runs whose results.json is already in --out (default: reuse them)")] = False,
+) -> None:
+    """Run several methods (and ablations) × seeds on one identical experiment; write a comparison table and plots."""
+    from .compare import markdown_table, parse_entries, parse_seeds, plan_comparison, run_comparison
+
+    configure_logging()
+    plan = plan_comparison(config, _overrides(set_, data_dir), parse_entries(methods), parse_seeds(seeds), out, overwrite=overwrite)
+    configure_logging(plan.base.engine.verbose)
+    rows = run_comparison(plan, command=shlex.join(["aflora", *sys.argv[1:]]))
+    typer.echo("\n".join(markdown_table(rows)))
+    err.print(f"[green]table, plots and {len(plan.runs)} runs written to {out} (comparison.md, comparison.csv)[/green]")
 
 
 @app.command()

@@ -8,17 +8,13 @@ Every field is validated before any model or data is loaded, naming the field an
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .methods import METHODS, method_options
-
-
-class ConfigError(ValueError):
-    """A configuration value that is missing, malformed or out of range."""
+from .values import ConfigError, coerce, tomllib
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -188,7 +184,7 @@ def config_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
     tree = dict(tree)
     hints = typing.get_type_hints(ExperimentConfig)
     top: dict[str, Any] = {name: _build_section(cls, tree.pop(name, {}), name) for name, cls in SECTIONS.items()}
-    top.update({name: _coerce(tree.pop(name), hints[name], name) for name in TOP_LEVEL if name in tree})
+    top.update({name: coerce(tree.pop(name), hints[name], name) for name in TOP_LEVEL if name in tree})
     methods = {}
     for key, value in tree.items():
         if key not in METHODS or not isinstance(value, dict):
@@ -208,43 +204,7 @@ def _build_section(cls: type, values: Any, section: str) -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"[{section}] has unknown keys {unknown}; known keys are {sorted(names)}")
-    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Accept the TOML type, or the string form Flower's flat run-config can carry (lists as '64,32,16')."""
-    origin = typing.get_origin(hint)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a table (e.g. {key}.fpb_agree = \"All\"), got {value!r}")
-        return value
-    if origin is list:
-        (item_type,) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(v, item_type, key) for v in value]
-    try:
-        if hint is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if hint is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if hint is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if hint is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be of type {hint.__name__}, got {value!r}") from None
-    return value
+    return cls(**{k: coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
 
 
 def validate(config: ExperimentConfig) -> None:

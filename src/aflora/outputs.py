@@ -23,7 +23,6 @@ ADAPTER_DIR = "adapter"
 
 def write_outputs(out_dir: Path, record: RunRecord, runtime: ServerRuntime) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    record.write(out_dir)
     plot_run(record.to_json(), out_dir)
     adapter = runtime.merges.exported_adapter(runtime.method.global_adapter())
     if adapter:
@@ -34,6 +33,7 @@ def write_outputs(out_dir: Path, record: RunRecord, runtime: ServerRuntime) -> N
             base_model=runtime.config.model.name,
             conv1d_modules={name for name in adapter if host.is_conv1d(name)},
         )
+    record.write(out_dir)  # last: a folder with results.json holds a finished run (compare reuses it)
     print_summary(record)
 
 

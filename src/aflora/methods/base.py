@@ -17,6 +17,7 @@ Methods see tensors and records only — never Flower, never a model — so thei
 from __future__ import annotations
 
 import dataclasses
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch
 
 from ..budgets import LocalWorkload, ModelFootprint
 from ..lora.factors import Adapter, adapter_from_tensors, adapter_tensors
+from ..values import coerce
 
 Scalar = bool | int | float | str
 
@@ -193,12 +195,13 @@ def hash_seed(*parts: int) -> int:
 
 
 def options_from_mapping(options_class: type, values: Mapping[str, Any], *, section: str) -> Any:
-    """Build a method's options dataclass from a config table, naming unknown keys clearly."""
+    """Build a method's options dataclass from a config table: unknown keys and wrong types named clearly."""
     known = {f.name for f in dataclasses.fields(options_class)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"[{section}] has unknown keys {unknown}; known keys are {sorted(known)}")
-    return options_class(**values)
+    hints = typing.get_type_hints(options_class)
+    return options_class(**{key: coerce(value, hints[key], f"{section}.{key}") for key, value in values.items()})
 
 
 # Upload tensors under this prefix serve only the server's evaluation of a global model (FedSA-LoRA's

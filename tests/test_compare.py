@@ -1,0 +1,296 @@
+"""`aflora compare`: entry parsing, the table from hand-made results, validation before any run, and one
+end-to-end comparison through the CLI on a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from aflora.cli import main
+from aflora.compare import (
+    COLUMNS,
+    Entry,
+    csv_columns,
+    parse_entries,
+    parse_entry,
+    parse_seeds,
+    plan_comparison,
+    summarize,
+    toml_literal,
+    write_csv,
+    write_markdown,
+    write_plots,
+)
+from aflora.config import ConfigError, load_config, parse_override
+from aflora.data import DataError
+
+from helpers import write_tiny_config_toml
+
+MIB = 2**20
+
+
+# ---------------------------------------------------------------------------- entries and seeds
+def test_plain_method_entries():
+    assert parse_entries("aflora, fedit,ffa_lora") == [Entry("aflora", "aflora"), Entry("fedit", "fedit"), Entry("ffa_lora", "ffa_lora")]
+
+
+def test_ablation_entry_sets_only_that_methods_options():
+    entry = parse_entry("aflora:ddr=false+rank_aware_weights=false+beta=0.5")
+    assert entry == Entry("aflora:ddr=false+rank_aware_weights=false+beta=0.5", "aflora",
+                          {"ddr": False, "rank_aware_weights": False, "beta": 0.5})
+    config = load_config(None, ["aflora.gamma=0.02", *entry.config_overrides()])
+    assert config.method == "aflora"
+    options = config.method_options()
+    assert (options.ddr, options.rank_aware_weights, options.server_tuning, options.beta, options.gamma) == (False, False, True, 0.5, 0.02)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("aflora,fedt", "entry 'fedt': unknown method 'fedt'; available methods are"),
+        ("aflora:dr=false", r"entry 'aflora:dr=false': aflora has no option 'dr'; its options are \[.*'ddr'"),
+        ("aflora:ddr=maybe", "entry 'aflora:ddr=maybe': aflora.ddr must be of type bool, got 'maybe'"),
+        ("aflora:alpha=2", r"entry 'aflora:alpha=2': aflora.alpha is a fusion ratio and must lie in \[0, 1\]"),
+        ("aflora:", "entry 'aflora:' has nothing after ':'"),
+        ("aflora:ddr", "entry 'aflora:ddr': 'ddr' is not key=value"),
+        ("aflora:ddr=false+ddr=true", "sets 'ddr' twice"),
+        ("aflora:data.eval_size=10", "aflora has no option 'data.eval_size'.*use --set"),
+        ("aflora,,fedit", "empty entry"),
+        ("fedit,aflora,fedit", r"names \['fedit'\] more than once"),
+        ("aflora:ddr=false/x", "contains a space or a slash"),
+    ],
+)
+def test_bad_entries_are_named(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_entries(spec)
+
+
+def test_seeds():
+    assert parse_seeds("0,1, 2") == [0, 1, 2]
+    with pytest.raises(ConfigError, match="comma-separated integers"):
+        parse_seeds("0,one")
+    with pytest.raises(ConfigError, match="repeats a seed"):
+        parse_seeds("1,1")
+
+
+@pytest.mark.parametrize("value", [True, False, 3, -2, 0.5, 1e-05, "a \"quoted\" word", [1, 2], ["x", "y"]])
+def test_toml_literal_parses_back_exactly(value):
+    assert parse_override(f"k={toml_literal(value)}") == ("k", value)
+
+
+# ---------------------------------------------------------------------------- the table
+def fake_run(method: str, seed: int, *, accuracy: float | None, loss: float = 1.0, best: float | None = None,
+             cost_pct: float = 0.1, uplink: list[int] = (MIB, MIB), round_seconds: list[float] = (1.0, 3.0),
+             aggregation_seconds: list[float] = (0.01, 0.03), server_seconds: list[float | None] = (None, None),
+             errors: list[float | None] = (None, None), eval_uplink: int = 0) -> dict:
+    """A results.json dict with just the fields the table reads."""
+    rounds = [
+        {"round": i + 1, "accuracy": accuracy, "loss": loss, "uplink_bytes": {"0": up // 2, "1": up - up // 2},
+         "round_seconds": rs, "aggregation_seconds": ag, "server_seconds": ss, "aggregation_error": er,
+         "eval_uplink_bytes": eval_uplink}
+        for i, (up, rs, ag, ss, er) in enumerate(zip(uplink, round_seconds, aggregation_seconds, server_seconds, errors))
+    ]
+    return {
+        "method": method, "seed": seed, "initial": {"accuracy": None if accuracy is None else 0.25, "loss": 2.0},
+        "rounds": rounds,
+        "final": {"accuracy": accuracy, "loss": loss, "best_accuracy": best, "client_cost_pct": cost_pct,
+                  "uplink_bytes_total": sum(uplink)},
+    }
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+@pytest.fixture
+def runs() -> dict[str, list[dict]]:
+    return {
+        "aflora": [
+            fake_run("aflora", 0, accuracy=0.70, best=0.72, cost_pct=0.20, uplink=[4 * MIB, 2 * MIB], round_seconds=[2.0, 4.0],
+                     server_seconds=[0.5, 0.7], errors=[1e-7, 3e-7]),
+            fake_run("aflora", 1, accuracy=0.60, best=0.65, cost_pct=0.10, uplink=[4 * MIB, 4 * MIB], round_seconds=[1.0, 1.0],
+                     server_seconds=[0.3, 0.5], errors=[2e-7, 2e-7]),
+            fake_run("aflora", 2, accuracy=0.65, best=0.66, cost_pct=0.15, uplink=[4 * MIB, 3 * MIB], round_seconds=[3.0, 3.0],
+                     server_seconds=[0.4, 0.4], errors=[None, 4e-7]),
+        ],
+        "fedit": [fake_run("fedit", s, accuracy=a, best=a, cost_pct=0.5) for s, a in ((0, 0.5), (1, 0.55), (2, 0.45))],
+        "fedsa_lora": [fake_run("fedsa_lora", s, accuracy=0.4, best=0.4, eval_uplink=MIB // 2) for s in (0, 1, 2)],
+    }
+
+
+def test_rows_hold_mean_and_sample_std_over_seeds(runs):
+    rows = {row.label: row for row in summarize(runs)}
+    assert list(rows) == ["aflora", "fedit", "fedsa_lora"]
+    aflora = rows["aflora"]
+    assert (aflora.method, aflora.seeds, aflora.metric, aflora.finals) == ("aflora", [0, 1, 2], "accuracy", [0.70, 0.60, 0.65])
+    expected = {
+        "final": mean_std([0.70, 0.60, 0.65]),
+        "best_accuracy": mean_std([0.72, 0.65, 0.66]),
+        "client_cost_pct": mean_std([0.20, 0.10, 0.15]),
+        "uplink_mib": mean_std([6.0, 8.0, 7.0]),
+        "round_seconds": mean_std([3.0, 1.0, 3.0]),  # per seed: the mean over its rounds
+        "aggregation_seconds": mean_std([0.02, 0.02, 0.02]),
+        "server_seconds": mean_std([0.6, 0.4, 0.4]),
+        "aggregation_error": mean_std([2e-7, 2e-7, 4e-7]),  # seed 2's null round is skipped, not counted as 0
+        "eval_uplink_mib": (0.0, 0.0),
+    }
+    for key, (mean, std) in expected.items():
+        assert aflora.stats[key].mean == pytest.approx(mean, abs=1e-12), key
+        assert aflora.stats[key].std == pytest.approx(std, abs=1e-12), key
+    assert rows["fedit"].stats["aggregation_error"].mean is None  # null for the method: blank, not 0
+    assert rows["fedit"].stats["server_seconds"].mean is None
+    assert rows["fedsa_lora"].stats["eval_uplink_mib"].mean == pytest.approx(1.0)  # 2 rounds × 0.5 MiB
+
+
+def test_instruction_tasks_compare_final_loss():
+    rows = summarize({"fedit": [fake_run("fedit", 0, accuracy=None, loss=1.5), fake_run("fedit", 1, accuracy=None, loss=2.5)]})
+    assert rows[0].metric == "loss"
+    assert (rows[0].stats["final"].mean, rows[0].stats["final"].std) == pytest.approx(mean_std([1.5, 2.5]))
+    assert rows[0].stats["best_accuracy"].mean is None
+
+
+def test_markdown_and_csv_have_one_row_per_label(runs, tmp_path):
+    rows = summarize(runs)
+    md = write_markdown(rows, tmp_path / "comparison.md", header=["Command: `aflora compare ...`", "Machine: test"]).read_text()
+    assert "- Command: `aflora compare ...`" in md and "- Machine: test" in md
+    table = [line for line in md.splitlines() if line.startswith("| `")]
+    assert [line.split("|")[1].strip() for line in table[:3]] == ["`aflora`", "`fedit`", "`fedsa_lora`"]
+    header = next(line for line in md.splitlines() if line.startswith("| entry | seeds"))
+    titles = [t.strip() for t in header.strip("|").split("|")]
+    assert titles == ["entry", "seeds", "final accuracy", "best accuracy", "client cost %", "uplink MiB", "round s",
+                      "aggregation s", "server step s", "aggregation error", "eval-only uplink MiB"]
+    cells = dict(zip(titles, (c.strip() for c in table[0].strip("|").split("|"))))
+    mean, std = mean_std([0.70, 0.60, 0.65])
+    assert cells["final accuracy"] == f"{mean:.4f} ± {std:.4f}"
+    assert cells["seeds"] == "3"
+    fedit = dict(zip(titles, (c.strip() for c in table[1].strip("|").split("|"))))
+    assert fedit["aggregation error"] == "" and fedit["eval-only uplink MiB"] == "0.000 ± 0.000"
+    assert "Final accuracy per seed" in md and "| `fedit` | 0.5000 | 0.5500 | 0.4500 |" in md
+
+    with (write_csv(rows, tmp_path / "comparison.csv")).open() as handle:
+        reader = csv.DictReader(handle)
+        records = list(reader)
+    assert reader.fieldnames == csv_columns()
+    assert reader.fieldnames[:4] == ["label", "method", "seeds", "metric"]
+    assert {f"{c.key}_mean" for c in COLUMNS} <= set(reader.fieldnames)
+    assert [r["label"] for r in records] == ["aflora", "fedit", "fedsa_lora"]
+    assert records[0]["seeds"] == "0 1 2" and float(records[0]["final_mean"]) == pytest.approx(mean)
+    assert records[1]["aggregation_error_mean"] == "" and records[1]["aggregation_error_std"] == ""
+
+
+def test_one_seed_shows_no_std_and_zero_eval_uplink_is_left_out(runs, tmp_path):
+    rows = summarize({label: seeds[:1] for label, seeds in runs.items() if label != "fedsa_lora"})
+    md = write_markdown(rows, tmp_path / "comparison.md", header=[]).read_text()
+    assert "±" not in md.split("Mean ±")[0]
+    assert "eval-only uplink" not in md and "per seed" not in md
+    assert "| `aflora` | 1 | 0.7000 | 0.7200 |" in md
+
+
+def test_overlay_plots_with_seed_bands(runs, tmp_path):
+    for path in write_plots(runs, tmp_path):
+        assert path.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------- validation before any run
+@pytest.fixture
+def tiny_toml(tmp_path) -> Path:
+    return write_tiny_config_toml(tmp_path / "data")
+
+
+def test_plan_checks_every_entry_before_running(tiny_toml, tmp_path):
+    plan = plan_comparison(tiny_toml, [], parse_entries("fedit,aflora:ddr=false"), [0, 1], tmp_path / "out")
+    assert [(r.entry.label, r.seed, r.config.method, r.config.seed) for r in plan.runs] == [
+        ("fedit", 0, "fedit", 0), ("aflora:ddr=false", 0, "aflora", 0), ("fedit", 1, "fedit", 1), ("aflora:ddr=false", 1, "aflora", 1)]
+    assert plan.runs[3].out_dir == tmp_path / "out" / "aflora:ddr=false" / "seed1"
+    assert plan.runs[1].config.method_options().ddr is False
+    first, second = plan.runs[0].config.to_dict(), plan.runs[1].config.to_dict()
+    for key in ("method", "aflora"):
+        first.pop(key, None), second.pop(key, None)
+    assert first == second  # nothing else differs between entries
+
+    # AFLoRA tunes on the public set; without server steps it cannot run, and says which entry is at fault
+    with pytest.raises(ConfigError, match="entry 'aflora', seed 0: aflora tunes on the server's public set"):
+        plan_comparison(tiny_toml, ["server.steps=0"], parse_entries("fedit,aflora"), [0], tmp_path / "out")
+    plan_comparison(tiny_toml, ["server.steps=0"], parse_entries("fedit,aflora:server_tuning=false"), [0], tmp_path / "out")
+    with pytest.raises(DataError, match="entry 'fedit', seed 0: "):
+        plan_comparison(tiny_toml, ['data.dataset="/no/such/file.csv"'], parse_entries("fedit"), [0], tmp_path / "out")
+    with pytest.raises(ConfigError, match="compare sets seed per run"):
+        plan_comparison(tiny_toml, ["seed=3"], parse_entries("fedit"), [0], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_earlier_results_are_reused_only_for_the_same_config(tiny_toml, tmp_path):
+    out = tmp_path / "out"
+    config = load_config(tiny_toml, ['method="fedit"', "seed=0"])
+    (out / "fedit" / "seed0").mkdir(parents=True)
+    (out / "fedit" / "seed0" / "results.json").write_text(json.dumps({"config": config.to_dict()}))
+    plan = plan_comparison(tiny_toml, [], parse_entries("fedit"), [0, 1], out)
+    assert [r.reuse for r in plan.runs] == [True, False]
+    assert not any(r.reuse for r in plan_comparison(tiny_toml, [], parse_entries("fedit"), [0], out, overwrite=True).runs)
+    with pytest.raises(ConfigError, match=r"was run with another config \(rounds: 2 there, 3 now\).*--overwrite"):
+        plan_comparison(tiny_toml, ["rounds=3"], parse_entries("fedit"), [0], out)
+    (out / "fedit" / "seed0" / "results.json").write_text("{")  # e.g. a disk that filled up
+    with pytest.raises(ConfigError, match="is not a results file"):
+        plan_comparison(tiny_toml, [], parse_entries("fedit"), [0], out)
+
+
+def test_cli_fails_fast_naming_the_entry(tiny_toml, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["aflora", "compare", "--config", str(tiny_toml), "--methods", "aflora,fedit,aflora:dr=false",
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert "entry 'aflora:dr=false': aflora has no option 'dr'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.mark.flower
+def test_compare_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
+    """Three methods × one seed, two rounds each through Flower's simulation engine; a second call reuses them.
+
+    In-process through `aflora.cli.main` (a subprocess would add ~10 s of imports per call); kept to three runs
+    (each starts Ray, ~15 s on 2 cores): the ablation syntax reaching the config is tested above.
+    """
+    config = write_tiny_config_toml(tmp_path / "data")
+    out = tmp_path / "cmp"
+    entries = ["aflora", "fedit", "ffa_lora"]
+    argv = ["aflora", "compare", "--config", str(config), "--methods", ",".join(entries), "--seeds", "0", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    main()
+
+    for label in entries:
+        run = json.loads((out / label / "seed0" / "results.json").read_text())
+        assert [r["round"] for r in run["rounds"]] == [1, 2]
+        assert run["method"] == label and run["seed"] == 0
+        assert (out / label / "seed0" / "rounds.csv").is_file() and (out / label / "seed0" / "accuracy.png").is_file()
+    with (out / "comparison.csv").open() as handle:
+        assert [r["label"] for r in csv.DictReader(handle)] == entries
+    md = (out / "comparison.md").read_text()
+    assert f"Command: `aflora compare --config {config} --methods aflora,fedit,ffa_lora" in md
+    assert "rounds: 2 · local steps: 2" in md and "CPUs" in md
+    assert sum(line.startswith("| `") for line in md.splitlines()) == len(entries)
+    assert "| `fedit` | 1 |" in capsys.readouterr().out  # the table is printed too
+    for plot in ("accuracy.png", "uplink.png"):
+        assert (out / plot).stat().st_size > 1000
+
+    stamps = {label: (out / label / "seed0" / "results.json").stat().st_mtime_ns for label in entries}
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("aflora.compare").addHandler(handler)
+    try:
+        main()
+    finally:
+        logging.getLogger("aflora.compare").removeHandler(handler)
+    assert sum("reusing" in m for m in messages) == len(entries) and not any("->" in m for m in messages)
+    assert {label: (out / label / "seed0" / "results.json").stat().st_mtime_ns for label in entries} == stamps
+    assert "3 of them reused" in (out / "comparison.md").read_text()
