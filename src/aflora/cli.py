@@ -86,6 +86,20 @@ def export(
     err.print(f"[green]merged model written to {out}[/green]")
 
 
+@app.command()
+def partition(
+    config: ConfigOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for client_<k>.jsonl, task.json, manifest.json")] = Path("shards"),
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Write each client's rows to its own file, for SuperNodes that must see only their own data."""
+    from .shards import write_shards
+
+    paths = write_shards(load_config(config, _overrides(set_, data_dir)), out)
+    err.print(f"[green]{len(paths)} client files written to {out}[/green] (SuperNode k: --node-config \"partition-id=k data-file={out}/client_k.jsonl\")")
+
+
 @app.command("config")
 def show_config(config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None) -> None:
     """Print the resolved experiment configuration (after overrides) as TOML-like key = value lines."""

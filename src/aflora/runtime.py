@@ -14,6 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,7 @@ from .lora.host import AdapterHost
 from .methods import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, method_class
 from .methods.base import hash_seed
 from .models import load_model, resolve_model
+from .shards import read_shard
 from .training import OptimConfig, train_adapter
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,17 @@ def prepare_workload(config: ExperimentConfig) -> Workload:
             raise DataError(f"data.extra_eval: {name} has no label words to score; extra evaluations must be classification or multiple choice")
         extra_bundle.test = sample_rows(extra_bundle.test, data.eval_size, seed)
     return Workload(config, bundle, client_rows, public_rows, sample_rows(bundle.test, data.eval_size, seed), extra, client_test_rows)
+
+
+def node_workload(config: ExperimentConfig, client_id: int, data_file: Path) -> Workload:
+    """A deployed client's view: only its own file (`aflora partition`), no other client's rows."""
+    task, train, test = read_shard(data_file)
+    bundle = DatasetBundle(name=f"node data {data_file.name}", task=task, train=train + test, test=[], source=str(data_file))
+    client_rows = [[] for _ in range(config.federation.num_clients)]
+    client_test_rows = [[] for _ in range(config.federation.num_clients)]
+    client_rows[client_id] = list(range(len(train)))
+    client_test_rows[client_id] = list(range(len(train), len(train) + len(test)))
+    return Workload(config, bundle, client_rows, public_rows=[], test_rows=[], client_test_rows=client_test_rows)
 
 
 def hold_out_local_tests(client_rows: list[list[int]], fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -234,9 +247,10 @@ class BaseMerges:
 class ClientRuntime:
     """One per process; serves every client whose message arrives here, on one shared base model."""
 
-    def __init__(self, config: ExperimentConfig) -> None:
+    def __init__(self, config: ExperimentConfig, *, client_id: int | None = None, data_file: Path | None = None) -> None:
+        """In simulation every process derives all partitions; a deployed node passes its own `data_file`."""
         self.config = config
-        self.workload = prepare_workload(config)
+        self.workload = node_workload(config, client_id, data_file) if data_file else prepare_workload(config)
         self.side = ModelSide(self.workload)
         self.applied_rounds: set[int] = set()
         self._encoded: dict[int, list[Encoded]] = {}

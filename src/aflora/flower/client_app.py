@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -21,11 +22,19 @@ app = ClientApp()
 
 
 @functools.lru_cache(maxsize=1)
-def client_runtime(experiment_json: str) -> ClientRuntime:
-    """Built on the first message of a run and reused: the model loads once per process."""
+def _runtime(experiment_json: str, client_id: int, data_file: str) -> ClientRuntime:
     configure_logging()
     quiet_flower(verbose=False)
-    return ClientRuntime(config_from_tree(json.loads(experiment_json)))
+    config = config_from_tree(json.loads(experiment_json))
+    return ClientRuntime(config, client_id=client_id, data_file=Path(data_file) if data_file else None)
+
+
+def client_runtime(experiment_json: str, context: Context) -> ClientRuntime:
+    """Built on the first message of a run and reused: the model loads once per process. A SuperNode given
+    `data-file` in its node config reads only that file (see aflora.shards); otherwise (simulation) every
+    process derives the partitions from the experiment config."""
+    data_file = str(context.node_config.get("data-file", ""))
+    return _runtime(experiment_json, client_id_of(context) if data_file else -1, data_file)
 
 
 def client_id_of(context: Context) -> int:
@@ -54,7 +63,7 @@ def train(message: Message, context: Context) -> Message:
     # What the client keeps between rounds lives in Flower's per-node Context, not in a worker process:
     # in simulation the next round may run in another worker.
     kept = context.state.array_records.get(LOCAL_STATE)
-    upload = client_runtime(experiment).train(instruction, merges, arrays_to_tensors(kept) if kept else None)
+    upload = client_runtime(experiment, context).train(instruction, merges, arrays_to_tensors(kept) if kept else None)
     if upload.local_state:
         context.state[LOCAL_STATE] = tensors_to_arrays(upload.local_state)
     return Message(content=upload_content(upload), reply_to=message)
@@ -65,5 +74,5 @@ def evaluate(message: Message, context: Context) -> Message:
     """Personalized evaluation: the client's own model on its local test rows."""
     instruction, merges, experiment = read_instruction(message.content)
     kept = context.state.array_records.get(LOCAL_STATE)
-    metrics = client_runtime(experiment).evaluate(instruction, merges, arrays_to_tensors(kept) if kept else None)
+    metrics = client_runtime(experiment, context).evaluate(instruction, merges, arrays_to_tensors(kept) if kept else None)
     return Message(content=RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}), reply_to=message)
