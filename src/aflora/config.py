@@ -61,6 +61,7 @@ class FederationConfig:
     num_clients: int = _help("Number of simulated clients", 10)
     client_ranks: list[int] = _help("Largest LoRA rank each client's resources allow (AFLoRA's r_k^1), one per client", factory=lambda: [64, 32, 16, 16, 8, 8, 4, 4, 4, 4])
     sample_fraction: float = _help("Fraction of clients sampled each round (paper: 1.0; 0.2 for the ε study)", 1.0)
+    min_replies: int = _help("A round aborts (checkpoint kept) when fewer clients than this reply usably", 1)
     memory_mb: list[float] = _help("Per-client memory budget (MB); with uplink_mb it replaces client_ranks: each method gets the largest rank that fits (docs/budgets.md)", factory=list)
     uplink_mb: list[float] = _help("Per-client upload budget per round (MB)", factory=list)
     compute_speed: list[float] = _help("Per-client relative compute speed (1 = slowest class); LEGEND uses it", factory=list)
@@ -89,6 +90,9 @@ class EngineConfig:
     threads: int = _help("torch threads per process (0 = torch's default)", 0)
     verbose: bool = _help("Flower's own INFO logs", False)
     connect_timeout: float = _help("Seconds the server waits for every client's SuperNode to connect", 300.0)
+    round_timeout: float = _help("Seconds the server waits for a round's replies; late clients count as failed", 3600.0)
+    fail_clients: list[int] = _help("Fault injection for rehearsals and tests: these clients raise instead of training", factory=list)
+    fail_from_round: int = _help("...from this round on", 1)
 
 
 @dataclass
@@ -222,6 +226,8 @@ def validate(config: ExperimentConfig) -> None:
         ),
         (all(r >= 1 for r in fed.client_ranks), f"federation.client_ranks must all be ≥ 1, got {fed.client_ranks}"),
         (0.0 < fed.sample_fraction <= 1.0, f"federation.sample_fraction must lie in (0, 1], got {fed.sample_fraction}"),
+        (1 <= fed.min_replies <= fed.num_clients, f"federation.min_replies must lie in [1, num_clients], got {fed.min_replies}"),
+        (config.engine.round_timeout > 0 and config.engine.connect_timeout > 0, "engine timeouts must be > 0 seconds"),
         (bool(fed.memory_mb) == bool(fed.uplink_mb), "federation.memory_mb and federation.uplink_mb go together: give both or neither"),
         *[(not values or len(values) == fed.num_clients,
            f"federation.{name} has {len(values)} entries but federation.num_clients is {fed.num_clients}; give one per client")

@@ -94,6 +94,13 @@ class RunRecord:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunRecord:
+        """Rebuild a record written by `to_json` (a checkpoint's, to continue a run)."""
+        fields = dict(data)
+        fields["rounds"] = [RoundRecord(**r) for r in fields["rounds"]]
+        return cls(**fields)
+
     def write(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(self.to_json(), indent=2))

@@ -26,7 +26,7 @@ from .evaluation import evaluate_classification, evaluate_lm_loss
 from .lora.factors import Adapter, stack_adapters
 from .lora.host import AdapterHost
 from .methods import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, method_class
-from .methods.base import hash_seed
+from .methods.base import hash_seed, validate_upload
 from .models import load_model, resolve_model
 from .shards import read_shard
 from .training import OptimConfig, train_adapter
@@ -244,6 +244,10 @@ class BaseMerges:
 
 
 # ---------------------------------------------------------------------------- client side
+class RoundAborted(RuntimeError):
+    """Too few usable replies to aggregate a round; the run stops with its last checkpoint intact."""
+
+
 class ClientRuntime:
     """One per process; serves every client whose message arrives here, on one shared base model."""
 
@@ -280,6 +284,9 @@ class ClientRuntime:
 
     def train(self, instruction: Instruction, merges: dict[int, Adapter], local_state: dict[str, torch.Tensor] | None = None) -> Upload:
         """One client's round; `local_state` is what the client kept last time (the engine stores it per client)."""
+        engine = self.config.engine
+        if instruction.client_id in engine.fail_clients and instruction.round >= engine.fail_from_round:
+            raise RuntimeError(f"client {instruction.client_id}: injected fault (engine.fail_clients) in round {instruction.round}")
         self.sync_base(merges)
         examples = self.client_examples(instruction.client_id)
         spec = self.side.method.local_job(instruction, local_state)
@@ -329,6 +336,7 @@ class ServerRuntime:
         self.workload = workload or prepare_workload(config)
         self.side = ModelSide(self.workload)
         self.method = self.side.method
+        self.constructed_keys = set(vars(self.method))  # what init_server_state and rounds add is the state to checkpoint
         self.method.init_server_state()
         self.merges = BaseMerges()
         self.client_synced_round: dict[int, int] = {c.client_id: 0 for c in self.side.clients}
@@ -348,7 +356,9 @@ class ServerRuntime:
 
     def instructions(self, round: int) -> list[tuple[Instruction, dict[int, Adapter]]]:
         """Each sampled client's instruction and the base-model merges it has not received yet."""
-        return [(self.method.instruct(cid, round), self._merges_for(cid)) for cid in self.sample_clients(round)]
+        messages = [(self.method.instruct(cid, round), self._merges_for(cid)) for cid in self.sample_clients(round)]
+        self.sent = {instruction.client_id: instruction for instruction, _ in messages}  # replies are checked against these
+        return messages
 
     def server_trainer(self, round: int):
         server = self.config.server
@@ -369,12 +379,42 @@ class ServerRuntime:
 
         return train_on_public
 
+    def accept(self, round: int, uploads: list[Upload], failures: list[dict]) -> list[Upload]:
+        """The replies fit to aggregate; every other sampled client gets a failure entry with its reason.
+
+        Weights are then computed over the accepted replies only (every method normalises over what it
+        aggregates). Fewer than federation.min_replies accepted replies abort the round: nothing is
+        aggregated and the checkpoint of the previous round stays as it was."""
+        accepted: dict[int, Upload] = {}
+        for upload in uploads:
+            instruction = self.sent.get(upload.client_id)
+            if upload.client_id in accepted:
+                reason = "a second reply from this client in the same round"
+            elif instruction is None:
+                reason = "this client was not asked to train this round"
+            else:
+                reason = validate_upload(self.method, upload, instruction)
+            if reason:
+                failures.append({"client": upload.client_id, "reason": f"rejected: {reason}"})
+                log.warning("round %d: reply of client %d rejected: %s", round, upload.client_id, reason)
+            else:
+                accepted[upload.client_id] = upload
+        explained = {f.get("client") for f in failures}
+        for cid in sorted(set(self.sent) - set(accepted) - explained):
+            failures.append({"client": cid, "reason": "no reply (the client crashed, timed out or was unreachable)"})
+        minimum = self.config.federation.min_replies
+        if len(accepted) < minimum:
+            reasons = "; ".join(f"client {f['client']}: {f['reason']}" for f in failures)
+            raise RoundAborted(
+                f"round {round}: {len(accepted)} of {len(self.sent)} clients replied usably, fewer than "
+                f"federation.min_replies = {minimum} ({reasons})"
+            )
+        return [accepted[cid] for cid in sorted(accepted)]
+
     def complete_round(self, round: int, uploads: list[Upload]) -> dict[str, float]:
-        """Aggregate, run the server's own update, merge the round's global update into the base.
+        """Aggregate the accepted uploads, run the server's own update, merge the round's update into the base.
 
         Returns the server's diagnostics: aggregation and server-step seconds, aggregation error."""
-        if not uploads:
-            raise RuntimeError(f"round {round}: no client replied, nothing to aggregate")
         started = time.perf_counter()
         self.method.aggregate(uploads, round)
         aggregated = time.perf_counter()

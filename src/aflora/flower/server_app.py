@@ -8,9 +8,10 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from ..checkpoint import load_checkpoint, restore, save_checkpoint
 from ..config import ExperimentConfig, config_from_flat
 from ..logs import configure_logging
 from ..outputs import write_outputs
@@ -20,10 +21,9 @@ from .strategy import MethodStrategy
 
 log = logging.getLogger(__name__)
 
-ROUND_TIMEOUT_SECONDS = 24 * 3600.0
-
-
-def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload: Workload | None = None) -> RunRecord:
+def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload: Workload | None = None,
+                   *, resume: bool = False) -> RunRecord:
+    """All rounds of one experiment (or the rounds left after the checkpoint in out_dir, with resume)."""
     started = time.perf_counter()
     runtime = ServerRuntime(config, workload or preflight(config))
     workload = runtime.workload
@@ -41,8 +41,21 @@ def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload
         config=config.to_dict(),
         base_params=runtime.side.host.base_param_count,
     )
-    strategy = MethodStrategy(runtime, record, experiment=config.to_dict())
-    strategy.start(grid, ArrayRecord(), num_rounds=config.rounds, timeout=ROUND_TIMEOUT_SECONDS, evaluate_fn=strategy.evaluate_fn)
+    done = 0
+    if resume:
+        state, saved = load_checkpoint(out_dir)
+        done = restore(runtime, state)
+        record = RunRecord.from_json(saved)
+        started -= record.final.get("wall_seconds_so_far", 0.0)
+        log.info("resuming %s after round %d of %d", out_dir, done, config.rounds)
+
+    def checkpoint(round_: int) -> None:
+        record.final["wall_seconds_so_far"] = time.perf_counter() - started
+        save_checkpoint(out_dir, round_, runtime, record)
+
+    strategy = MethodStrategy(runtime, record, experiment=config.to_dict(), on_round_end=checkpoint)
+    strategy.summary()
+    strategy.run_rounds(grid, done + 1, config.rounds)
     record.finish(wall_seconds=time.perf_counter() - started, final_ranks=runtime.method.client_ranks())
     write_outputs(out_dir, record, runtime)
     return record

@@ -21,7 +21,7 @@ from .server_app import run_federation
 log = logging.getLogger(__name__)
 
 
-def simulate(config: ExperimentConfig, out_dir: Path, workload: Workload | None = None) -> RunRecord:
+def simulate(config: ExperimentConfig, out_dir: Path, workload: Workload | None = None, *, resume: bool = False) -> RunRecord:
     """Run the experiment with one virtual SuperNode per client; returns the run's record.
 
     Model spec, data and partitions are checked first (`preflight`), so bad input fails before Ray starts.
@@ -35,7 +35,7 @@ def simulate(config: ExperimentConfig, out_dir: Path, workload: Workload | None 
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        finished.append(run_federation(grid, config, out_dir, workload))
+        finished.append(run_federation(grid, config, out_dir, workload, resume=resume))
 
     run_simulation(
         server_app=server_app,

@@ -57,15 +57,31 @@ def identify_clients(grid: Grid, num_clients: int, *, timeout_seconds: float) ->
 
 
 class MethodStrategy(Strategy):
-    def __init__(self, runtime: ServerRuntime, record: RunRecord, experiment: dict) -> None:
+    def __init__(self, runtime: ServerRuntime, record: RunRecord, experiment: dict, on_round_end=None) -> None:
         self.runtime = runtime
         self.record = record
         self.experiment = experiment
+        self.on_round_end = on_round_end  # e.g. write a checkpoint
         self.node_of_client: dict[int, int] = {}
         self._round_started = 0.0
         self._round_seconds = 0.0
         self._uploads = []
         self._personalized: dict[str, float] = {}
+
+    def run_rounds(self, grid: Grid, first_round: int, last_round: int) -> None:
+        """Flower's round loop (train, per-client evaluate, central evaluate) from any round, so a resumed
+        run continues where its checkpoint ended."""
+        timeout = self.runtime.config.engine.round_timeout
+        if first_round == 1:
+            self.evaluate_fn(0, ArrayRecord())
+        for server_round in range(first_round, last_round + 1):
+            replies = grid.send_and_receive(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid), timeout=timeout)
+            self.aggregate_train(server_round, replies)
+            evaluations = list(self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
+            self.aggregate_evaluate(server_round, grid.send_and_receive(evaluations, timeout=timeout) if evaluations else [])
+            self.evaluate_fn(server_round, ArrayRecord())
+            if self.on_round_end is not None:
+                self.on_round_end(server_round)
 
     def summary(self) -> None:
         config = self.runtime.config
@@ -84,17 +100,24 @@ class MethodStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        client_of_node = {node: cid for cid, node in self.node_of_client.items()}
         uploads, failures = [], []
         for reply in replies:
+            client = client_of_node.get(reply.metadata.src_node_id)
             if reply.has_error():
-                failures.append({"node_id": reply.metadata.src_node_id, "reason": reply.error.reason})
-                log.warning("round %d: node %s failed: %s", server_round, reply.metadata.src_node_id, reply.error.reason)
+                failures.append({"client": client, "reason": f"client error: {reply.error.reason}"})
+                log.warning("round %d: client %s failed: %s", server_round, client, reply.error.reason)
                 continue
-            uploads.append(read_upload(reply.content))
-        self._server_diagnostics = self.runtime.complete_round(server_round, uploads)
+            try:
+                uploads.append(read_upload(reply.content))
+            except (KeyError, ValueError, TypeError) as err:  # a reply we cannot even read
+                failures.append({"client": client, "reason": f"rejected: unreadable reply ({type(err).__name__}: {err})"})
+                log.warning("round %d: unreadable reply from client %s: %s", server_round, client, err)
+        accepted = self.runtime.accept(server_round, uploads, failures)
+        self._server_diagnostics = self.runtime.complete_round(server_round, accepted)
         self._round_seconds = time.perf_counter() - self._round_started
-        self._uploads, self._failures = uploads, failures
-        return None, MetricRecord({"clients": len(uploads)})
+        self._uploads, self._failures = accepted, failures
+        return None, MetricRecord({"clients": len(accepted)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Personalized evaluation: this round's clients score their own models on their local test rows.

@@ -20,7 +20,7 @@ import torch
 
 from ..lora.factors import Adapter, ModuleFactors
 from .aggregation import data_weights, pad_columns, product_error_terms, rank_aware_weights, relative_error, weighted_sum
-from .base import FederatedMethod, Instruction, ServerTrainer, TrainSpec, Upload, tensor_key
+from .base import FederatedMethod, Instruction, ServerTrainer, TrainSpec, Upload, factor_shapes, tensor_key
 
 
 @dataclass
@@ -166,6 +166,21 @@ class AFLoRA(FederatedMethod):
         return {cid: {name: int(mask.sum()) for name, mask in masks.items()} for cid, masks in self.masks.items()}
 
     # ------------------------------------------------------------------ client
+    def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        masks = {name: instruction.tensors[tensor_key("mask", name)] for name in self.module_shapes}
+        expected = factor_shapes(self.module_shapes, {"B"}, {name: int(mask.sum()) for name, mask in masks.items()})
+        expected.update({tensor_key("next_mask", name): ((mask.numel(),), torch.bool) for name, mask in masks.items()})
+        return expected
+
+    def check_upload(self, upload: Upload, instruction: Instruction) -> str | None:
+        for name in self.module_shapes:
+            mask, next_mask = instruction.tensors[tensor_key("mask", name)], upload.tensors[tensor_key("next_mask", name)]
+            if (next_mask & ~mask).any():
+                return f"the mask of {name} grows (masks only shrink: a pruned dimension cannot come back)"
+            if not next_mask.any():
+                return f"the mask of {name} keeps no dimension"
+        return None
+
     def aggregation_error(self) -> float | None:
         return relative_error(self._error_terms) if self.B_global else None  # ~1e-7: exact up to float32
 

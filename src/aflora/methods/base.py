@@ -157,6 +157,16 @@ class FederatedMethod(ABC):
         """Each client's current rank per module, as the server sees it (for results)."""
         return {}
 
+    # ---- what a correct reply looks like (checked by the server before aggregating)
+    @abstractmethod
+    def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every tensor key a correct reply to `instruction` carries, with its shape and dtype
+        (evaluation-only `eval/` tensors included)."""
+
+    def check_upload(self, upload: Upload, instruction: Instruction) -> str | None:
+        """Method-specific sense checks beyond shapes (e.g. a mask that grows); a reason, or None if fine."""
+        return None
+
     def aggregation_error(self) -> float | None:
         """After `aggregate`: ‖ΔW_global − Σ_k p_k B_k A_k‖_F / ‖Σ_k p_k B_k A_k‖_F over all modules, with the
         method's own weights p_k; None where the method has no single global product (default)."""
@@ -207,6 +217,33 @@ def options_from_mapping(options_class: type, values: Mapping[str, Any], *, sect
 # Upload tensors under this prefix serve only the server's evaluation of a global model (FedSA-LoRA's
 # personal B); they are not part of the method's protocol and are costed apart (eval_uplink_bytes).
 EVAL_PREFIX = "eval/"
+
+
+def factor_shapes(shapes: Mapping[str, tuple[int, int]], factors: frozenset[str] | set[str], ranks: Mapping[str, int],
+                  *, prefix: str = "") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Expected float32 shapes of uploaded factors: A (r × n), B (m × r), Λ (r), per module at its rank."""
+    shape_of = {"A": lambda m, n, r: (r, n), "B": lambda m, n, r: (m, r), "lam": lambda m, n, r: (r,)}
+    return {prefix + tensor_key(f, name): (shape_of[f](*shapes[name], rank), torch.float32)
+            for name, rank in ranks.items() for f in sorted(factors)}
+
+
+def validate_upload(method: FederatedMethod, upload: Upload, instruction: Instruction) -> str | None:
+    """Why a reply must be rejected (wrong client, keys, shapes, dtypes, non-finite values, sense checks), or None."""
+    if upload.client_id != instruction.client_id:
+        return f"reply claims client {upload.client_id} but answers client {instruction.client_id}'s instruction"
+    if upload.num_examples <= 0:
+        return f"num_examples must be positive, got {upload.num_examples}"
+    expected = method.expected_upload(instruction)
+    missing, unexpected = sorted(set(expected) - set(upload.tensors)), sorted(set(upload.tensors) - set(expected))
+    if missing or unexpected:
+        return f"tensor keys differ from the instruction's: missing {missing[:3]}, unexpected {unexpected[:3]}"
+    for key, (shape, dtype) in expected.items():
+        tensor = upload.tensors[key]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            return f"{key} is {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(shape)} {dtype}"
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"{key} holds NaN or Inf values"
+    return method.check_upload(upload, instruction)
 
 
 def tensor_key(kind: str, module: str) -> str:

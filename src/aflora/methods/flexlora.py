@@ -15,7 +15,7 @@ import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
 from .aggregation import data_weights
-from .base import FederatedMethod, Instruction, TrainSpec, Upload, tensor_key
+from .base import FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
 from .flora import LoRAScaleOptions
 
 
@@ -53,6 +53,10 @@ class FlexLoRA(FederatedMethod):
             self._global[name] = ModuleFactors(A=torch.cat(A, dim=0), B=torch.cat([float(p) * b for p, b in zip(weights, B)], dim=1))
             dense = self._global[name].delta()  # Σ_k p_k B_k A_k, the full-size average
             self._svd[name] = torch.linalg.svd(dense, full_matrices=False)
+
+    def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        rank = int(instruction.config["rank"])
+        return factor_shapes(self.module_shapes, self.uploaded_factors, {name: rank for name in self.module_shapes})
 
     def aggregation_error(self) -> float | None:
         if not self._svd:

@@ -15,7 +15,7 @@ import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
 from .aggregation import data_weights, product_error_terms, relative_error
-from .base import FederatedMethod, Instruction, TrainSpec, Upload, tensor_key
+from .base import FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
 
 
 @dataclass
@@ -51,6 +51,10 @@ class FLoRA(FederatedMethod):
             stacked = ModuleFactors(A=torch.cat([float(p) * a for p, a in zip(weights, A)], dim=0), B=torch.cat(B, dim=1))
             self._update[name] = stacked
             self._error_terms.append(product_error_terms(stacked.B, stacked.A, [(float(p), b, a) for p, b, a in zip(weights, B, A)]))
+
+    def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        rank = int(instruction.config["rank"])
+        return factor_shapes(self.module_shapes, self.uploaded_factors, {name: rank for name in self.module_shapes})
 
     def aggregation_error(self) -> float | None:
         return relative_error(self._error_terms) if self._update else None

@@ -17,7 +17,7 @@ import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
 from .aggregation import data_weights, low_rank_frobenius_sq, pad_columns, pad_rows, product_error_terms, relative_error, weighted_sum
-from .base import FederatedMethod, Instruction, Penalty, TrainSpec, Upload, tensor_key
+from .base import FederatedMethod, Instruction, Penalty, TrainSpec, Upload, factor_shapes, tensor_key
 
 
 @dataclass
@@ -91,6 +91,18 @@ class HetLoRA(FederatedMethod):
             self._error_terms.append(product_error_terms(global_B, global_A, [(float(p), b, a) for p, b, a in zip(weights, B, A)]))
         for upload in uploads:
             self.ranks[upload.client_id] = int(upload.tensors["next_rank"])
+
+    def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        rank = int(instruction.config["rank"])
+        expected = factor_shapes(self.module_shapes, self.uploaded_factors, {name: rank for name in self.module_shapes})
+        expected["next_rank"] = ((), torch.int64)
+        return expected
+
+    def check_upload(self, upload: Upload, instruction: Instruction) -> str | None:
+        rank, next_rank = int(instruction.config["rank"]), int(upload.tensors["next_rank"])
+        if not self.options.min_rank <= next_rank <= rank:
+            return f"next rank {next_rank} is outside [{self.options.min_rank}, {rank}] (ranks only shrink)"
+        return None
 
     def aggregation_error(self) -> float | None:
         return relative_error(self._error_terms) if self._error_terms else None

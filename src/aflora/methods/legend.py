@@ -28,7 +28,7 @@ from ..budgets import LocalWorkload, MB, ModelFootprint
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
 from ..lora.host import block_index
 from .aggregation import data_weights, product_error_terms, relative_error, weighted_sum
-from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, tensor_key
+from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
 
 log = logging.getLogger(__name__)
 
@@ -349,6 +349,12 @@ class LEGEND(FederatedMethod):
             raise ValueError(f"LEGEND instruction for client {instruction.client_id} adapts no module")
         top_rank = max(f.rank for f in adapter.values())  # ranks are non-increasing from the output: the top layer's
         return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.lora_alpha / top_rank)
+
+    def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """A and B of exactly the modules (and ranks) the instruction configured: the top-d blocks."""
+        ranks = {name: instruction.tensors[tensor_key("A", name)].shape[0]
+                 for name in self.module_shapes if tensor_key("A", name) in instruction.tensors}
+        return factor_shapes(self.module_shapes, self.uploaded_factors, ranks)
 
     def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
         tensors = {tensor_key(f, name): getattr(factors, f).detach().clone() for name, factors in trained.items() for f in ("A", "B")}

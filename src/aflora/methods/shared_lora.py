@@ -24,7 +24,7 @@ import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
 from .aggregation import data_weights, product_error_terms, relative_error, weighted_sum
-from .base import EVAL_PREFIX, FederatedMethod, Instruction, TrainSpec, Upload, tensor_key
+from .base import EVAL_PREFIX, FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
 
 
 @dataclass
@@ -76,6 +76,12 @@ class SharedLoRA(FederatedMethod):
             if "B" in self.kept_factors:  # FedSA-LoRA: the evaluated global model uses the mean personal B
                 averaged["B"] = weighted_sum([u.tensors[EVAL_PREFIX + tensor_key("B", name)] for u in uploads], weights)
             self.global_factors[name] = ModuleFactors(A=averaged.get("A", factors.A), B=averaged.get("B", factors.B))
+
+    def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        ranks = {name: self.rank for name in self.module_shapes}
+        expected = factor_shapes(self.module_shapes, self.uploaded_factors, ranks)
+        expected.update(factor_shapes(self.module_shapes, self.kept_factors, ranks, prefix=EVAL_PREFIX))
+        return expected
 
     def aggregation_error(self) -> float | None:
         if self._error_terms is not None:
