@@ -1,7 +1,8 @@
 # Two entry points for a newcomer (see README):
 #   make demo   set up .venv, then run the main job (AFLoRA, 10 clients, AG News, SmolLM2) into runs/demo
 #   make test   set up .venv, then run the test suite CI runs (tiny models + a representative real-model subset)
-# More: make flwr-demo (the main job through `flwr run .`), make test-all (every test, including the slow
+# More: make flwr-demo (the main job through `flwr run .`), make federation (the main job on a real local
+# deployment: TLS SuperLink + authenticated SuperNodes), make test-all (every test, including the slow
 # real-model ones), make setup.
 
 VENV ?= .venv
@@ -10,7 +11,7 @@ DATA_DIR ?= $(or $(AFLORA_DATA_DIR),$(wildcard ../shared/data))
 DATA_FLAG = $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 PYTEST = $(VENV)/bin/python -m pytest
 
-.PHONY: setup demo flwr-demo test test-all
+.PHONY: setup demo flwr-demo federation test test-all
 
 setup:
 	./scripts/setup.sh
@@ -24,6 +25,13 @@ flwr-demo: setup
 	FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 PATH=$(abspath $(VENV))/bin:$$PATH flwr run . \
 	  --federation-config "num-supernodes=10" --stream \
 	  --run-config 'out-dir="$(abspath runs/flwr-demo)" $(if $(DATA_DIR),data.data_dir="$(abspath $(DATA_DIR))",)'
+
+# The same job on a real deployment on this machine (docs/deployment.md): a SuperLink with TLS and SuperNode
+# authentication, one registered SuperNode per client reading only its own data file, `flwr run`, then everything
+# stopped. FEDERATION_CONFIG picks the experiment; FEDERATION_ARGS adds options (e.g. --set rounds=1).
+FEDERATION_CONFIG ?= configs/default.toml
+federation: setup
+	$(VENV)/bin/aflora federation run --config $(FEDERATION_CONFIG) --out runs/federation-run --overwrite $(DATA_FLAG) $(FEDERATION_ARGS)
 
 test: setup
 	AFLORA_TEST_DATA_DIR=$(DATA_DIR) $(PYTEST) -m "not slow or ci" -q

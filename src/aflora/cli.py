@@ -14,6 +14,7 @@ from .config import ConfigError, load_config
 from .data import DataError
 from .logs import configure_logging
 from .models import ModelError
+from .runtime import RoundAborted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Federated LoRA fine-tuning of LLMs on heterogeneous clients.")
 err = Console(stderr=True, soft_wrap=True)  # never break an error message mid-sentence
@@ -37,16 +38,38 @@ def run(
     set_: SetOption = None,
     data_dir: DataDirOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the results already in --out")] = False,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its last checkpoint")] = None,
 ) -> None:
-    """Run one federated experiment on Flower's simulation engine."""
-    experiment = load_config(config, _overrides(set_, data_dir))
-    if (out / "results.json").exists() and not overwrite:
-        raise ConfigError(f"{out} already holds a finished run (results.json); choose another --out or pass --overwrite")
+    """Run one federated experiment on Flower's simulation engine (or resume one)."""
+    if resume is not None:
+        experiment, out = _resumed_experiment(resume, set_, data_dir)
+    else:
+        experiment = load_config(config, _overrides(set_, data_dir))
+        if (out / "results.json").exists() and not overwrite:
+            raise ConfigError(f"{out} already holds a finished run (results.json); choose another --out or pass --overwrite")
     configure_logging(experiment.engine.verbose)
     from .flower.simulation import simulate  # Flower and Ray load only when a run starts
 
-    simulate(experiment, out)
+    simulate(experiment, out, resume=resume is not None)
     err.print(f"[green]results, plots and adapter written to {out}[/green]")
+
+
+def _resumed_experiment(folder: Path, sets: list[str] | None, data_dir: Path | None):
+    """The checkpointed run's own config; only rounds (to extend) and where data lives may change."""
+    from .checkpoint import load_checkpoint
+    from .config import config_from_tree, parse_override, set_dotted
+
+    _, record = load_checkpoint(folder)
+    tree = record["config"]
+    for item in _overrides(sets, data_dir):
+        key, value = parse_override(item)
+        if key not in ("rounds", "data.data_dir") and not key.startswith("engine."):
+            raise ConfigError(f"--resume continues the same experiment: {key} cannot change (only rounds, data.data_dir, engine.*)")
+        set_dotted(tree, key, value)
+    experiment = config_from_tree(tree)
+    if experiment.rounds <= record["rounds"][-1]["round"] and (folder / "results.json").exists():
+        raise ConfigError(f"{folder} already finished all {experiment.rounds} rounds; pass --set rounds=N to extend it")
+    return experiment, folder
 
 
 @app.command()
@@ -109,12 +132,90 @@ def show_config(config: ConfigOption = None, set_: SetOption = None, data_dir: D
         typer.echo(f"{key} = {value!r}")
 
 
+federation_app = typer.Typer(no_args_is_help=True, help=(
+    "A real Flower federation on this machine: TLS SuperLink, one authenticated SuperNode per client, `flwr run` "
+    "(docs/deployment.md)."))
+app.add_typer(federation_app, name="federation")
+StateOption = Annotated[Path, typer.Option("--state", help="Folder for the federation's certificates, keys, data files, logs and FLWR_HOME")]
+FEDERATION_STATE = Path("runs/federation")
+
+
+def _federation_call(action, *args, **kwargs):
+    """Run one deployment step; its errors end the command with their message, and SIGTERM stops what it started."""
+    import signal
+
+    from .deploy import FederationError
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the `finally` that stops the processes
+    configure_logging()
+    try:
+        return action(*args, **kwargs)
+    except FederationError as error:
+        err.print(f"[red]error:[/red] {error}")
+        sys.exit(1)
+
+
+@federation_app.command("up")
+def federation_up(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    state: StateOption = FEDERATION_STATE,
+) -> None:
+    """Start a SuperLink and one SuperNode per client (federation.num_clients) and leave them running."""
+    from . import deploy
+
+    federation = _federation_call(deploy.up, load_config(config, _overrides(set_, data_dir)), state)
+    err.print(f"[green]federation up[/green]: SuperLink {federation.address}, {federation.partitions} SuperNodes. "
+              f"Submit runs with `aflora federation run --state {state} --config ... --out ...`; "
+              f"Flower's CLI: `FLWR_HOME={federation.layout.flwr_home} flwr supernode ls`; stop with `aflora federation down --state {state}`")
+
+
+@federation_app.command("run")
+def federation_run(
+    config: ConfigOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for results, plots and the adapter")] = Path("runs/federation-run"),
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    state: StateOption = FEDERATION_STATE,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the run before stopping it")] = 4 * 3600.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace the results already in --out")] = False,
+) -> None:
+    """`flwr run` one experiment on the federation that is up in --state (else on a new one, stopped afterwards)."""
+    from . import deploy
+
+    _federation_call(deploy.run_once, load_config(config, _overrides(set_, data_dir)), out, state, timeout=timeout,
+                     overwrite=overwrite)
+    err.print(f"[green]results, plots and adapter written to {out}[/green]")
+
+
+@federation_app.command("down")
+def federation_down(state: StateOption = FEDERATION_STATE) -> None:
+    """Stop the federation's SuperNodes and SuperLink (certificates, keys and logs stay in --state)."""
+    from . import deploy
+
+    stopped = _federation_call(deploy.down, state)
+    err.print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing was running in {state}")
+
+
+@federation_app.command("status")
+def federation_status(state: StateOption = FEDERATION_STATE) -> None:
+    """The federation's processes and its SuperNodes as the SuperLink sees them."""
+    from . import deploy
+
+    typer.echo(_federation_call(deploy.describe, state))
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
     except (ConfigError, DataError, ModelError, FileNotFoundError) as error:
         err.print(f"[red]error:[/red] {error}")
         sys.exit(2)
+    except RoundAborted as error:
+        err.print(f"[red]run stopped:[/red] {error}. The checkpoint of the last completed round is intact: "
+                  "continue with `aflora run --resume <the --out folder>`.")
+        sys.exit(3)
     except typer.Abort:
         sys.exit(130)
     except Exception as error:  # click's usage errors arrive here in non-standalone mode

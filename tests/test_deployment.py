@@ -1,0 +1,166 @@
+"""A real deployment on 127.0.0.1, as docs/deployment.md does it by hand: a SuperLink with TLS and SuperNode
+authentication, three SuperNodes whose keys were registered with `flwr supernode register`, each reading only its
+own data file, two AFLoRA rounds with ranks [8,4,2] submitted with `flwr run`; and a fourth SuperNode whose key
+was never registered, which the SuperLink refuses. Before it, quick checks of the pieces: certificates a strict TLS
+client accepts, node keys Flower reads, the experiment file the ServerApp reads.
+
+Everything (FLWR_HOME included) lives in a temporary folder; every wait is bounded; every process is stopped in
+`finally`. The deployment takes about a minute and a half on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import ssl
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from aflora import deploy
+from aflora.config import config_from_flat
+
+from helpers import tiny_config
+
+pytestmark = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
+                                reason="needs openssl and ssh-keygen to create the federation's certificates and keys")
+
+
+def deployed(test):
+    """A test on the running federation: slow, but CI runs it (`make test`): the only check of the real path."""
+    marks = [pytest.mark.slow, pytest.mark.ci]
+    if importlib.util.find_spec("pytest_timeout"):
+        marks.append(pytest.mark.timeout(600))
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+def test_certificates_satisfy_a_strict_tls_client_for_every_local_name(tmp_path):
+    """What Python >= 3.13 checks by default (X509_STRICT), and the SANs the SuperLink is reached by."""
+    certs = deploy.make_certificates(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(certs["server.pem"], certs["server.key"])
+    client = ssl.create_default_context(cafile=str(certs["ca.crt"]))
+    client.verify_flags |= ssl.VERIFY_X509_STRICT
+    for name in deploy.LOCAL_HOSTS:
+        listener = socket.create_server(("127.0.0.1", 0))
+        accepted: list[BaseException | None] = []
+
+        def serve() -> None:
+            connection, _ = listener.accept()
+            try:
+                with server.wrap_socket(connection, server_side=True):
+                    accepted.append(None)
+            except (ssl.SSLError, OSError) as error:
+                accepted.append(error)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        with socket.create_connection(listener.getsockname(), timeout=10) as raw:
+            with client.wrap_socket(raw, server_hostname=name) as tls:
+                assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        thread.join(timeout=10)
+        listener.close()
+        assert accepted == [None]
+    assert deploy.make_certificates(tmp_path) == certs  # kept, not made again
+
+
+def test_node_keys_are_what_flower_reads(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    public = deploy.make_node_key(tmp_path / "node_0")
+    assert try_load_public_key(public)  # what `flwr supernode register` accepts
+    assert isinstance(load_ssh_private_key((tmp_path / "node_0").read_bytes(), None), ec.EllipticCurvePrivateKey)
+
+
+def test_the_experiment_file_gives_the_server_the_same_experiment_with_absolute_paths(tmp_path, monkeypatch):
+    """The ServerApp runs in another folder: relative data paths must arrive absolute, everything else unchanged."""
+    config = tiny_config(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    relative = tiny_config(Path("data"), 'data.data_dir="data"')
+    path = deploy.write_experiment(relative, tmp_path / "experiment.toml")
+    read_back = config_from_flat({"config-file": str(path)})
+    assert read_back.data.dataset == config.data.dataset == str(tmp_path / "data" / "train.csv")
+    assert read_back.data.options["test_path"] == str(tmp_path / "data" / "test.csv")
+    assert read_back.data.data_dir == str(tmp_path / "data")
+    assert read_back.model.name == "tiny-llama"  # a name, not a path: left alone
+    assert read_back.to_dict() == {**config.to_dict(), "data": {**config.to_dict()["data"], "data_dir": str(tmp_path / "data")}}
+
+
+STARTUP_SECONDS = 120.0
+RUN_SECONDS = 300.0
+REFUSAL_SECONDS = 60.0
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("deployment")
+    config = tiny_config(folder / "data", "rounds=2", "engine.connect_timeout=120")
+    state, out = folder / "state", folder / "out"
+    layout = deploy.Layout(state.resolve())
+    intruder = None
+    try:
+        federation = deploy.up(config, state, timeout=STARTUP_SECONDS)
+        # A 4th SuperNode with a key pair the SuperLink was never told about; it starts while the run is submitted.
+        intruder_key = layout.root / "unregistered" / "node"
+        deploy.make_node_key(intruder_key)
+        intruder = deploy.start_supernode(layout, federation.address, intruder_key, partition=3, partitions=4, name="unregistered")
+        results = deploy.submit(config, out, state, timeout=RUN_SECONDS, echo=False)
+        deploy.wait_until(lambda: deploy.exit_code(intruder) is not None, timeout=REFUSAL_SECONDS,
+                          what="the unregistered SuperNode to give up")
+        nodes = deploy.list_nodes(layout)
+        family = [pid for p in [*federation.processes(), intruder] for pid in deploy.family(p)]
+    finally:
+        stopped = deploy.down(state)
+        if intruder is not None:
+            deploy.stop(intruder)  # it has exited, but the SuperExec it started may still be retrying
+    return SimpleNamespace(config=config, layout=layout, federation=federation, results=results, out=out, nodes=nodes,
+                           intruder=intruder, intruder_exit=deploy.exit_code(intruder), family=family, stopped=stopped)
+
+
+@deployed
+def test_two_aflora_rounds_on_three_authenticated_supernodes(deployment):
+    run = deployment.results
+    assert run["method"] == "aflora" and run["num_clients"] == 3
+    assert [r["round"] for r in run["rounds"]] == [1, 2]
+    for r in run["rounds"]:
+        assert set(r["clients"]) == {0, 1, 2}
+        assert not r.get("failures")
+    assert run["rounds"][0]["ranks"] == {"0": 8.0, "1": 4.0, "2": 2.0}  # round 1 trains at each client's budget
+    for cid in ("0", "1", "2"):
+        assert run["rounds"][1]["ranks"][cid] <= run["rounds"][0]["ranks"][cid]
+    assert (deployment.out / "adapter" / "adapter_config.json").is_file()
+
+
+@deployed
+def test_the_federation_used_its_own_flower_home(deployment):
+    """FLWR_HOME in the state folder: the connection, and the app the SuperLink/SuperNodes installed, are there."""
+    home = deployment.layout.flwr_home
+    assert deploy.CONNECTION in (home / "config.toml").read_text()
+    assert any((home / "apps").iterdir())
+
+
+@deployed
+def test_an_unregistered_supernode_is_refused(deployment):
+    """Flower 1.41: the SuperLink answers the unknown key's ActivateNode with HTTP 412 (code 2004); the SuperNode
+    exits (Flower's exit code 305, process status 1) and never becomes a node of the federation."""
+    assert deployment.intruder_exit not in (None, 0)
+    refused = deploy.log_tail(deployment.intruder.log, 40)
+    assert "Failed to activate SuperNode" in refused and "305" in refused
+    assert "No SuperNode found with the given public key" in Path(deployment.federation.superlink.log).read_text()
+    assert len(deployment.nodes) == 3  # only the registered keys
+    assert {node["status"] for node in deployment.nodes} == {"online"}
+
+
+@deployed
+def test_down_stops_every_process(deployment):
+    assert set(deployment.stopped) == {"superlink", "supernode-0", "supernode-1", "supernode-2"}
+    assert len(deployment.family) >= 8  # SuperLink, SuperNodes and the SuperExecs they started
+    assert not any(deploy._command_line(pid) for pid in deployment.family)
+    assert not deployment.layout.state_file.exists()
