@@ -65,8 +65,8 @@ def run_inline(config: ExperimentConfig) -> ServerRuntime:
     kept: dict[int, dict] = {}  # what each client keeps between rounds (Flower keeps it in the node's Context)
     for round_ in range(1, config.rounds + 1):
         uploads = []
-        for instruction, merges in server.instructions(round_):
-            upload = client.train(instruction, merges, kept.get(instruction.client_id))
+        for instruction, sync in server.instructions(round_):
+            upload = client.train(instruction, sync, kept.get(instruction.client_id))
             kept[instruction.client_id] = upload.local_state or kept.get(instruction.client_id)
             uploads.append(upload)
         server.last_diagnostics = server.complete_round(round_, uploads)

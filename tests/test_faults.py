@@ -29,7 +29,7 @@ def one_round(tmp_path):
     """A server that sent round 1 to 3 clients, and their three honest uploads."""
     config = tiny_config(tmp_path, "federation.min_replies=2")
     server, client = ServerRuntime(config), ClientRuntime(config)
-    uploads = [client.train(instruction, merges) for instruction, merges in server.instructions(1)]
+    uploads = [client.train(instruction, sync) for instruction, sync in server.instructions(1)]
     return server, uploads
 
 

@@ -13,7 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from aflora.flower import client_app
 from aflora.flower.records import instruction_content
 from aflora.methods import METHODS
-from aflora.runtime import ServerRuntime
+from aflora.runtime import BaseSync, ServerRuntime
 
 from helpers import run_inline, tiny_config
 
@@ -48,16 +48,16 @@ def test_client_app_keeps_local_state_between_rounds(tmp_path, monkeypatch):
     seen = []
     original = client_app.ClientRuntime.train
 
-    def spy(self, instruction, merges, local_state=None):
+    def spy(self, instruction, sync, local_state=None):
         seen.append(local_state)
-        return original(self, instruction, merges, local_state)
+        return original(self, instruction, sync, local_state)
 
     monkeypatch.setattr(client_app.ClientRuntime, "train", spy)
     for attribute in ("_task_id", "_run_id", "_node_id"):  # what a Flower runtime sets before messages exist
         monkeypatch.setattr(TaskIdentity, attribute, 1)
     for round_ in (1, 2):
         instruction = server.method.instruct(1, round_)
-        message = Message(content=instruction_content(instruction, {}, config.to_dict()), dst_node_id=7, message_type="train")
+        message = Message(content=instruction_content(instruction, BaseSync({}, []), config.to_dict()), dst_node_id=7, message_type="train")
         client_app.train(message, context)
     assert seen[0] is None
     assert set(seen[1]) == {f"B/{name}" for name in server.method.module_shapes}

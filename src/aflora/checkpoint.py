@@ -42,6 +42,7 @@ def save_checkpoint(out_dir: Path, round_: int, runtime: Any, record: RunRecord)
         "method": method_state(runtime.method, runtime.constructed_keys),
         "merges": runtime.merges.by_round,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        "privacy_releases": list(runtime.privacy.releases) if runtime.privacy is not None else [],
     }
     _atomic(folder / STATE_FILE, lambda path: torch.save(state, path))
     _atomic(folder / RECORD_FILE, lambda path: path.write_text(json.dumps(record.to_json(), indent=2)))
@@ -66,6 +67,8 @@ def restore(runtime: Any, state: dict[str, Any]) -> int:
     for round_, update in sorted(state["merges"].items()):
         runtime.merges.by_round[round_] = update
         runtime.side.host.merge_into_base(update)  # the same additions in the same order: the same weights
+    if runtime.privacy is not None:
+        runtime.privacy.replay(state.get("privacy_releases", []))
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])

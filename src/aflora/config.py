@@ -85,6 +85,13 @@ class ServerConfig:
 
 
 @dataclass
+class PrivacySection:
+    clip_norm: float = _help("Client-level DP: each upload is clipped to this joint L2 norm; 0 = DP off (docs/privacy.md)", 0.0)
+    noise_multiplier: float = _help("σ: the server adds N(0, (σ·clip_norm/m)²) to the aggregate of m clients", 1.0)
+    delta: float = _help("δ at which ε is reported", 1e-5)
+
+
+@dataclass
 class EngineConfig:
     client_cpus: int = _help("CPU cores each simulated client worker gets (workers = cores / client_cpus)", 2)
     threads: int = _help("torch threads per process (0 = torch's default)", 0)
@@ -105,6 +112,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     engine: EngineConfig = field(default_factory=EngineConfig)
     # Method hyperparameters, one table per method name ([aflora], ...); validated by that method.
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -121,7 +129,7 @@ class ExperimentConfig:
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "federation": FederationConfig,
-    "train": TrainConfig, "server": ServerConfig, "engine": EngineConfig,
+    "train": TrainConfig, "server": ServerConfig, "privacy": PrivacySection, "engine": EngineConfig,
 }
 TOP_LEVEL = ("method", "seed", "rounds")
 
@@ -228,6 +236,11 @@ def validate(config: ExperimentConfig) -> None:
         (0.0 < fed.sample_fraction <= 1.0, f"federation.sample_fraction must lie in (0, 1], got {fed.sample_fraction}"),
         (1 <= fed.min_replies <= fed.num_clients, f"federation.min_replies must lie in [1, num_clients], got {fed.min_replies}"),
         (config.engine.round_timeout > 0 and config.engine.connect_timeout > 0, "engine timeouts must be > 0 seconds"),
+        (config.privacy.clip_norm >= 0 and config.privacy.noise_multiplier >= 0, "privacy.clip_norm and privacy.noise_multiplier must be ≥ 0"),
+        (0 < config.privacy.delta < 1, f"privacy.delta must lie in (0, 1), got {config.privacy.delta}"),
+        (not config.privacy.clip_norm or METHODS[config.method].supports_dp,
+         f"privacy.clip_norm > 0 needs a method whose uploads are its whole update and whose aggregate is a weighted sum "
+         f"(supported: {sorted(n for n, c in METHODS.items() if c.supports_dp)}); {config.method} is not"),
         (bool(fed.memory_mb) == bool(fed.uplink_mb), "federation.memory_mb and federation.uplink_mb go together: give both or neither"),
         *[(not values or len(values) == fed.num_clients,
            f"federation.{name} has {len(values)} entries but federation.num_clients is {fed.num_clients}; give one per client")

@@ -538,10 +538,13 @@ def list_nodes(layout: Layout) -> list[dict]:
 def start_supernode(layout: Layout, address: str, private_key: Path, partition: int, partitions: int,
                     name: str | None = None) -> Process:
     """`flower-supernode` for one client: TLS to the SuperLink, its authentication key, and its node config
-    (partition-id, num-partitions, data-file: the only rows it reads)."""
+    (partition-id, num-partitions, data-file: the only rows it reads; state-dir: where it keeps the global
+    updates it received, since a SuperNode may start a fresh ClientApp process for every message)."""
     from .compare import toml_literal
 
-    node_config = f"partition-id={partition} num-partitions={partitions} data-file={toml_literal(str(layout.shard(partition).resolve()))}"
+    state_dir = (layout.root / "nodes" / f"node_{partition}").resolve()
+    node_config = (f"partition-id={partition} num-partitions={partitions} "
+                   f"data-file={toml_literal(str(layout.shard(partition).resolve()))} state-dir={toml_literal(str(state_dir))}")
     cmd = [
         executable("flower-supernode"),
         "--superlink", address,

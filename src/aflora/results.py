@@ -33,6 +33,8 @@ class RoundRecord:
     aggregation_error: float | None = None  # ‖ΔW_global − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖, where defined
     eval_uplink_bytes: int = 0  # sent only so the server can evaluate a global model (FedSA-LoRA's B)
     personalized: dict[str, float] = field(default_factory=dict)  # clients' own models on their local test rows
+    dp_noise_std: float | None = None  # client-level DP: the noise added to the aggregate this round
+    dp_epsilon: float | None = None  # ... and the cumulative ε at privacy.delta after it
 
 
 def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], *, round_seconds: float, eval_seconds: float,
@@ -83,6 +85,7 @@ class RunRecord:
             "loss": last.loss if last else self.initial.get("loss"),
             "best_accuracy": max((r.accuracy for r in self.rounds if r.accuracy is not None), default=None),
             "personalized_accuracy": last.personalized.get("accuracy") if last else None,
+            "dp_epsilon": last.dp_epsilon if last else None,
             "client_cost_pct": client_cost_pct(trained, self.base_params),
             "client_uplink_pct": client_cost_pct(uplink, self.base_params),
             "uplink_bytes_total": sum(n for r in self.rounds for n in r.uplink_bytes.values()),

@@ -17,17 +17,19 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .budgets import DeviceBudget, LocalWorkload, ModelFootprint, ranks_from_budgets
 from .config import ConfigError, ExperimentConfig
 from .data import DataError, DatasetBundle, load_bundle, partition, split_public
 from .encoding import Encoded, PromptEncoder, training_batches
 from .evaluation import evaluate_classification, evaluate_lm_loss
-from .lora.factors import Adapter, stack_adapters
+from .lora.factors import Adapter, adapter_from_tensors, adapter_tensors, stack_adapters
 from .lora.host import AdapterHost
 from .methods import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, method_class
 from .methods.base import hash_seed, validate_upload
 from .models import load_model, resolve_model
+from .privacy import PrivacyLedger, clip_upload, noise_std
 from .shards import read_shard
 from .training import OptimConfig, train_adapter
 
@@ -229,6 +231,35 @@ class ModelSide:
 
 # ---------------------------------------------------------------------------- base-model sync
 @dataclass
+class BaseSync:
+    """What a client process needs to bring its copy of the base model up to the global one."""
+
+    merges: dict[int, Adapter]  # the updates this client has not acknowledged yet, by round
+    merged_rounds: list[int]  # every round whose update is in the global base model
+    store: str = ""  # a folder holding every round's update, when server and clients share a disk (simulation)
+
+
+class MergeStore:
+    """Round updates as files (round_<t>.safetensors): a simulation's shared store, or a SuperNode's state-dir."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, round_: int) -> Path:
+        return self.folder / f"round_{round_}.safetensors"
+
+    def save(self, round_: int, adapter: Adapter) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(round_).with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in adapter_tensors(adapter).items()}, tmp)
+        tmp.replace(self.path(round_))
+
+    def load(self, round_: int) -> Adapter | None:
+        path = self.path(round_)
+        return adapter_from_tensors(load_file(path)) if path.is_file() else None
+
+
+@dataclass
 class BaseMerges:
     """Low-rank updates merged into the base model, by round. Every process replays the ones it lacks."""
 
@@ -251,12 +282,15 @@ class RoundAborted(RuntimeError):
 class ClientRuntime:
     """One per process; serves every client whose message arrives here, on one shared base model."""
 
-    def __init__(self, config: ExperimentConfig, *, client_id: int | None = None, data_file: Path | None = None) -> None:
-        """In simulation every process derives all partitions; a deployed node passes its own `data_file`."""
+    def __init__(self, config: ExperimentConfig, *, client_id: int | None = None, data_file: Path | None = None,
+                 state_dir: Path | None = None) -> None:
+        """In simulation every process derives all partitions; a deployed node passes its own `data_file`
+        and a `state_dir` that outlives its processes (the round updates it has received)."""
         self.config = config
         self.workload = node_workload(config, client_id, data_file) if data_file else prepare_workload(config)
         self.side = ModelSide(self.workload)
         self.applied_rounds: set[int] = set()
+        self.node_store = MergeStore(Path(state_dir) / "merges") if state_dir else None
         self._encoded: dict[int, list[Encoded]] = {}
 
     def client_examples(self, client_id: int) -> list[Encoded]:
@@ -267,27 +301,42 @@ class ClientRuntime:
             self._encoded[client_id] = self.side.encode(rows)
         return self._encoded[client_id]
 
-    def evaluate(self, instruction: Instruction, merges: dict[int, Adapter], local_state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    def evaluate(self, instruction: Instruction, sync: BaseSync, local_state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """The client's own model (e.g. FedSA-LoRA's shared A with its personal B) on its local test rows."""
-        self.sync_base(merges)
+        self.sync_base(sync)
         rows = [self.workload.bundle.train[i] for i in self.workload.client_test_rows[instruction.client_id]]
         if not rows:
             raise ValueError(f"client {instruction.client_id} has no local test rows; set data.local_test_fraction > 0")
         return self.side.evaluate(self.side.encode(rows, self.side.scoring_objective), self.side.method.client_model(instruction, local_state))
 
-    def sync_base(self, merges: dict[int, Adapter]) -> None:
-        """Apply the global updates of rounds this process's base model has not seen, in order."""
-        for round_, adapter in sorted(merges.items()):
-            if round_ not in self.applied_rounds:
-                self.side.host.merge_into_base(adapter)
-                self.applied_rounds.add(round_)
+    def sync_base(self, sync: BaseSync) -> None:
+        """Apply, in order, every merged round this process's base model lacks.
 
-    def train(self, instruction: Instruction, merges: dict[int, Adapter], local_state: dict[str, torch.Tensor] | None = None) -> Upload:
+        An update comes from the message, from this node's state-dir (a deployed SuperNode may start a
+        fresh process for every message) or from the run's shared store (simulation workers). A round
+        found nowhere is an error: training on an incomplete base would be silently wrong."""
+        for round_, adapter in sync.merges.items():
+            if self.node_store is not None and round_ not in self.applied_rounds:
+                self.node_store.save(round_, adapter)
+        stores = [store for store in (self.node_store, MergeStore(Path(sync.store)) if sync.store else None) if store]
+        for round_ in sorted(sync.merged_rounds):
+            if round_ in self.applied_rounds:
+                continue
+            adapter = sync.merges.get(round_) or next((a for st in stores if (a := st.load(round_)) is not None), None)
+            if adapter is None:
+                raise RuntimeError(
+                    f"this client's base model lacks the global update of round {round_} (it has rounds "
+                    f"{sorted(self.applied_rounds)}); give the SuperNode a persistent --node-config state-dir=<folder>"
+                )
+            self.side.host.merge_into_base(adapter)
+            self.applied_rounds.add(round_)
+
+    def train(self, instruction: Instruction, sync: BaseSync, local_state: dict[str, torch.Tensor] | None = None) -> Upload:
         """One client's round; `local_state` is what the client kept last time (the engine stores it per client)."""
         engine = self.config.engine
         if instruction.client_id in engine.fail_clients and instruction.round >= engine.fail_from_round:
             raise RuntimeError(f"client {instruction.client_id}: injected fault (engine.fail_clients) in round {instruction.round}")
-        self.sync_base(merges)
+        self.sync_base(sync)
         examples = self.client_examples(instruction.client_id)
         spec = self.side.method.local_job(instruction, local_state)
         train = self.config.train
@@ -302,6 +351,8 @@ class ClientRuntime:
             on_step=progress,
         )
         upload = self.side.method.upload(instruction, result.adapter, len(examples))
+        if self.config.privacy.clip_norm:
+            upload.metrics["update_norm"] = clip_upload(upload.tensors, self.config.privacy.clip_norm)
         upload.trained_params = spec.trained_params()
         upload.metrics.update(train_loss=result.mean_loss, train_seconds=result.seconds, train_tokens=float(result.tokens))
         mean_rank = sum(upload.ranks.values()) / max(len(upload.ranks), 1)
@@ -338,8 +389,17 @@ class ServerRuntime:
         self.method = self.side.method
         self.constructed_keys = set(vars(self.method))  # what init_server_state and rounds add is the state to checkpoint
         self.method.init_server_state()
+        privacy = config.privacy
+        self.privacy: PrivacyLedger | None = None
+        if privacy.clip_norm:
+            self.method.uniform_weights = True
+            self.privacy = PrivacyLedger(noise_multiplier=privacy.noise_multiplier, delta=privacy.delta,
+                                         population=config.federation.num_clients, sampled=config.federation.sample_fraction < 1)
         self.merges = BaseMerges()
-        self.client_synced_round: dict[int, int] = {c.client_id: 0 for c in self.side.clients}
+        self.merge_store: MergeStore | None = None  # set by the engine when clients share the server's disk
+        self._pending_ack: dict[int, int] = {}
+        # The last merged round each client confirmed holding (by a successful reply): it gets every later one.
+        self.acknowledged: dict[int, int] = {c.client_id: 0 for c in self.side.clients}
 
     @cached_property
     def test_examples(self) -> list[Encoded]:
@@ -356,7 +416,7 @@ class ServerRuntime:
 
     def instructions(self, round: int) -> list[tuple[Instruction, dict[int, Adapter]]]:
         """Each sampled client's instruction and the base-model merges it has not received yet."""
-        messages = [(self.method.instruct(cid, round), self._merges_for(cid)) for cid in self.sample_clients(round)]
+        messages = [(self.method.instruct(cid, round), self.base_sync(cid)) for cid in self.sample_clients(round)]
         self.sent = {instruction.client_id: instruction for instruction, _ in messages}  # replies are checked against these
         return messages
 
@@ -398,7 +458,10 @@ class ServerRuntime:
                 failures.append({"client": upload.client_id, "reason": f"rejected: {reason}"})
                 log.warning("round %d: reply of client %d rejected: %s", round, upload.client_id, reason)
             else:
+                if self.privacy is not None:  # enforce the bound even if a client skipped its clipping
+                    clip_upload(upload.tensors, self.config.privacy.clip_norm)
                 accepted[upload.client_id] = upload
+                self.acknowledge(upload.client_id)
         explained = {f.get("client") for f in failures}
         for cid in sorted(set(self.sent) - set(accepted) - explained):
             failures.append({"client": cid, "reason": "no reply (the client crashed, timed out or was unreachable)"})
@@ -417,17 +480,27 @@ class ServerRuntime:
         Returns the server's diagnostics: aggregation and server-step seconds, aggregation error."""
         started = time.perf_counter()
         self.method.aggregate(uploads, round)
+        dp = self.add_privacy_noise(round, len(uploads)) if self.privacy is not None else {}
         aggregated = time.perf_counter()
         self.method.server_update(self.server_trainer(round))
         update = self.method.round_merge()
         if update is not None:
             self.merges.by_round[round] = update
             self.side.host.merge_into_base(update)
-        diagnostics = {"aggregation_seconds": aggregated - started, "server_seconds": time.perf_counter() - aggregated}
+            if self.merge_store is not None:
+                self.merge_store.save(round, update)
+        diagnostics = {"aggregation_seconds": aggregated - started, "server_seconds": time.perf_counter() - aggregated, **dp}
         error = self.method.aggregation_error()
         if error is not None:
             diagnostics["aggregation_error"] = error
         return diagnostics
+
+    def add_privacy_noise(self, round: int, num_clients: int) -> dict[str, float]:
+        """The Gaussian mechanism on the aggregate (aflora.privacy); seeded by round, so resumes stay identical."""
+        privacy = self.config.privacy
+        std = noise_std(privacy.noise_multiplier, privacy.clip_norm, num_clients)
+        self.method.add_aggregate_noise(std, torch.Generator().manual_seed(hash_seed(self.config.seed, round, 13)))
+        return {"dp_noise_std": std, "dp_epsilon": self.privacy.release(num_clients)}
 
     @cached_property
     def extra_eval_sets(self) -> dict[str, tuple[PromptEncoder, list[Encoded]]]:
@@ -451,12 +524,19 @@ class ServerRuntime:
         """For personalized evaluation: what each client needs to assemble its current model."""
         if not self.config.data.local_test_fraction:
             return []
-        return [(self.method.evaluation_instruction(cid, round), self._merges_for(cid)) for cid in client_ids]
+        return [(self.method.evaluation_instruction(cid, round), self.base_sync(cid)) for cid in client_ids]
 
-    def _merges_for(self, client_id: int) -> dict[int, Adapter]:
-        merges = self.merges.since(self.client_synced_round[client_id])
-        self.client_synced_round[client_id] = max(self.merges.by_round, default=0)
-        return merges
+    def base_sync(self, client_id: int) -> BaseSync:
+        self._pending_ack[client_id] = max(self.merges.by_round, default=0)
+        return BaseSync(
+            merges=self.merges.since(self.acknowledged[client_id]),
+            merged_rounds=sorted(self.merges.by_round),
+            store=str(self.merge_store.folder) if self.merge_store else "",
+        )
+
+    def acknowledge(self, client_id: int) -> None:
+        """A successful reply: the client's base holds every update sent with that message."""
+        self.acknowledged[client_id] = self._pending_ack.get(client_id, self.acknowledged[client_id])
 
 
 def round_half_up(x: float) -> int:

@@ -22,19 +22,22 @@ app = ClientApp()
 
 
 @functools.lru_cache(maxsize=1)
-def _runtime(experiment_json: str, client_id: int, data_file: str) -> ClientRuntime:
+def _runtime(experiment_json: str, client_id: int, data_file: str, state_dir: str) -> ClientRuntime:
     configure_logging()
     quiet_flower(verbose=False)
     config = config_from_tree(json.loads(experiment_json))
-    return ClientRuntime(config, client_id=client_id, data_file=Path(data_file) if data_file else None)
+    return ClientRuntime(config, client_id=client_id, data_file=Path(data_file) if data_file else None,
+                         state_dir=Path(state_dir) if state_dir else None)
 
 
 def client_runtime(experiment_json: str, context: Context) -> ClientRuntime:
     """Built on the first message of a run and reused: the model loads once per process. A SuperNode given
-    `data-file` in its node config reads only that file (see aflora.shards); otherwise (simulation) every
-    process derives the partitions from the experiment config."""
+    `data-file` in its node config reads only that file (see aflora.shards), and with `state-dir` keeps the
+    global updates it received across its processes; otherwise (simulation) every process derives the
+    partitions from the experiment config and finds updates in the run's shared store."""
     data_file = str(context.node_config.get("data-file", ""))
-    return _runtime(experiment_json, client_id_of(context) if data_file else -1, data_file)
+    state_dir = str(context.node_config.get("state-dir", ""))
+    return _runtime(experiment_json, client_id_of(context) if data_file else -1, data_file, state_dir)
 
 
 def client_id_of(context: Context) -> int:
@@ -57,13 +60,13 @@ LOCAL_STATE = "aflora.local_state"
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    instruction, merges, experiment = read_instruction(message.content)
+    instruction, sync, experiment = read_instruction(message.content)
     if instruction.client_id != client_id_of(context):
         raise RuntimeError(f"message for client {instruction.client_id} reached client {client_id_of(context)}")
     # What the client keeps between rounds lives in Flower's per-node Context, not in a worker process:
     # in simulation the next round may run in another worker.
     kept = context.state.array_records.get(LOCAL_STATE)
-    upload = client_runtime(experiment, context).train(instruction, merges, arrays_to_tensors(kept) if kept else None)
+    upload = client_runtime(experiment, context).train(instruction, sync, arrays_to_tensors(kept) if kept else None)
     if upload.local_state:
         context.state[LOCAL_STATE] = tensors_to_arrays(upload.local_state)
     return Message(content=upload_content(upload), reply_to=message)
@@ -72,7 +75,7 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Personalized evaluation: the client's own model on its local test rows."""
-    instruction, merges, experiment = read_instruction(message.content)
+    instruction, sync, experiment = read_instruction(message.content)
     kept = context.state.array_records.get(LOCAL_STATE)
-    metrics = client_runtime(experiment, context).evaluate(instruction, merges, arrays_to_tensors(kept) if kept else None)
+    metrics = client_runtime(experiment, context).evaluate(instruction, sync, arrays_to_tensors(kept) if kept else None)
     return Message(content=RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()})}), reply_to=message)

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ..lora.factors import Adapter, ModuleFactors
 from ..methods import Instruction, Upload
+from ..runtime import BaseSync
 
 FACTORS = ("A", "B", "lam")
 
@@ -42,20 +43,22 @@ def arrays_to_merges(record: ArrayRecord) -> dict[int, Adapter]:
     return {r: {m: ModuleFactors(**f) for m, f in modules.items()} for r, modules in parts.items()}
 
 
-def instruction_content(instruction: Instruction, merges: dict[int, Adapter], experiment: dict[str, Any]) -> RecordDict:
+def instruction_content(instruction: Instruction, sync: BaseSync, experiment: dict[str, Any]) -> RecordDict:
     return RecordDict({
         "instruction": tensors_to_arrays(instruction.tensors),
-        "merges": merges_to_arrays(merges),
+        "merges": merges_to_arrays(sync.merges),
         "meta": ConfigRecord({
             "client_id": instruction.client_id,
             "round": instruction.round,
             "config": json.dumps(instruction.config),
+            "merged_rounds": json.dumps(sync.merged_rounds),
+            "merge_store": sync.store,
             "experiment": json.dumps(experiment, sort_keys=True),
         }),
     })
 
 
-def read_instruction(content: RecordDict) -> tuple[Instruction, dict[int, Adapter], str]:
+def read_instruction(content: RecordDict) -> tuple[Instruction, BaseSync, str]:
     meta = content.config_records["meta"]
     instruction = Instruction(
         client_id=int(meta["client_id"]),
@@ -63,7 +66,8 @@ def read_instruction(content: RecordDict) -> tuple[Instruction, dict[int, Adapte
         tensors=arrays_to_tensors(content.array_records["instruction"]),
         config=json.loads(str(meta["config"])),
     )
-    return instruction, arrays_to_merges(content.array_records["merges"]), str(meta["experiment"])
+    sync = BaseSync(arrays_to_merges(content.array_records["merges"]), json.loads(str(meta["merged_rounds"])), str(meta["merge_store"]))
+    return instruction, sync, str(meta["experiment"])
 
 
 def upload_content(upload: Upload) -> RecordDict:

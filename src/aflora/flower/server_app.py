@@ -16,16 +16,21 @@ from ..config import ExperimentConfig, config_from_flat
 from ..logs import configure_logging
 from ..outputs import write_outputs
 from ..results import RunRecord
-from ..runtime import ServerRuntime, Workload, preflight
+from ..runtime import MergeStore, ServerRuntime, Workload, preflight
 from .strategy import MethodStrategy
 
 log = logging.getLogger(__name__)
 
 def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload: Workload | None = None,
-                   *, resume: bool = False) -> RunRecord:
-    """All rounds of one experiment (or the rounds left after the checkpoint in out_dir, with resume)."""
+                   *, resume: bool = False, shared_disk: bool = False) -> RunRecord:
+    """All rounds of one experiment (or the rounds left after the checkpoint in out_dir, with resume).
+
+    With `shared_disk` (simulation: clients on this machine), every round's global update is also kept
+    in out_dir/merges, where any worker process can catch up from."""
     started = time.perf_counter()
     runtime = ServerRuntime(config, workload or preflight(config))
+    if shared_disk:
+        runtime.merge_store = MergeStore(Path(out_dir).resolve() / "merges")
     workload = runtime.workload
     log.info(
         "%s on %s (%s): %d clients with %s rows, public set %d rows, %d test rows",
@@ -45,6 +50,9 @@ def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload
     if resume:
         state, saved = load_checkpoint(out_dir)
         done = restore(runtime, state)
+        if runtime.merge_store is not None:  # a fresh store for fresh workers
+            for round_, update in runtime.merges.by_round.items():
+                runtime.merge_store.save(round_, update)
         record = RunRecord.from_json(saved)
         started -= record.final.get("wall_seconds_so_far", 0.0)
         log.info("resuming %s after round %d of %d", out_dir, done, config.rounds)

@@ -35,7 +35,7 @@ def simulate(config: ExperimentConfig, out_dir: Path, workload: Workload | None 
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        finished.append(run_federation(grid, config, out_dir, workload, resume=resume))
+        finished.append(run_federation(grid, config, out_dir, workload, resume=resume, shared_disk=True))
 
     run_simulation(
         server_app=server_app,

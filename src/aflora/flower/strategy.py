@@ -93,8 +93,8 @@ class MethodStrategy(Strategy):
             self.node_of_client = identify_clients(grid, config.federation.num_clients, timeout_seconds=config.engine.connect_timeout)
         self._round_started = time.perf_counter()
         messages = []
-        for instruction, merges in self.runtime.instructions(server_round):
-            content = instruction_content(instruction, merges, self.experiment)
+        for instruction, sync in self.runtime.instructions(server_round):
+            content = instruction_content(instruction, sync, self.experiment)
             messages.append(Message(content=content, dst_node_id=self.node_of_client[instruction.client_id], message_type="train"))
         log.info("round %d: training clients %s", server_round, [m.content.config_records["meta"]["client_id"] for m in messages])
         return messages
@@ -124,14 +124,18 @@ class MethodStrategy(Strategy):
         (The global model is evaluated centrally, on the server: evaluate_fn.)"""
         clients = [u.client_id for u in self._uploads]
         return [
-            Message(content=instruction_content(instruction, merges, self.experiment),
+            Message(content=instruction_content(instruction, sync, self.experiment),
                     dst_node_id=self.node_of_client[instruction.client_id], message_type="evaluate")
-            for instruction, merges in self.runtime.evaluation_messages(server_round, clients)
+            for instruction, sync in self.runtime.evaluation_messages(server_round, clients)
         ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' own-model metrics."""
-        results = [dict(r.content.metric_records["metrics"]) for r in replies if not r.has_error()]
+        client_of_node = {node: cid for cid, node in self.node_of_client.items()}
+        replies = [r for r in replies if not r.has_error()]
+        for reply in replies:
+            self.runtime.acknowledge(client_of_node[reply.metadata.src_node_id])
+        results = [dict(r.content.metric_records["metrics"]) for r in replies]
         self._personalized = weighted_means(results)
         return MetricRecord(self._personalized) if self._personalized else None
 

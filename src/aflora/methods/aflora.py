@@ -90,6 +90,7 @@ class AFLoRA(FederatedMethod):
     options_class = AFLoRAOptions
     trained_factors = frozenset({"B", "lam"})
     uploaded_factors = frozenset({"B"})
+    supports_dp = True  # B' is a client's whole contribution (adapters restart every round); B_global a weighted sum
 
     @classmethod
     def needs_public_data(cls, options: AFLoRAOptions) -> bool:
@@ -128,7 +129,9 @@ class AFLoRA(FederatedMethod):
         for name, (m, _) in self.module_shapes.items():
             padded = [pad_columns(u.tensors[tensor_key("B", name)], self.masks[u.client_id][name], self.r_max) for u in uploads]
             sizes = [u.num_examples for u in uploads]
-            if self.options.rank_aware_weights:
+            if self.uniform_weights:  # DP: data-dependent weights would break the sensitivity bound
+                weights = torch.full((len(uploads),), 1.0 / len(uploads), dtype=torch.float64)
+            elif self.options.rank_aware_weights:
                 weights = rank_aware_weights([u.ranks[name] for u in uploads], sizes)
             else:
                 weights = data_weights(sizes)
@@ -141,6 +144,10 @@ class AFLoRA(FederatedMethod):
                 name: upload.tensors[tensor_key("next_mask", name)].clone() for name in self.A_global
             }
         self._round_update = None
+
+    def add_aggregate_noise(self, std: float, generator: torch.Generator) -> None:
+        for name in sorted(self.B_global):
+            self.B_global[name] = self.B_global[name] + std * torch.randn(self.B_global[name].shape, generator=generator)
 
     def server_update(self, trainer: ServerTrainer | None) -> None:
         A_fused = self.A_global

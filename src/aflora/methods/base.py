@@ -108,6 +108,10 @@ class FederatedMethod(ABC):
     # True: the method turns device budgets into its own per-client configuration (LEGEND's depth and
     # ranks) instead of the generic largest-rank-that-fits (aflora.budgets).
     configures_from_budgets: ClassVar[bool] = False
+    # True: client-level DP applies (aflora.privacy): uploads are the client's whole update, the aggregate is
+    # a weighted sum that can take uniform weights (`uniform_weights`) and Gaussian noise (`add_aggregate_noise`).
+    supports_dp: ClassVar[bool] = False
+    uniform_weights: bool = False
 
     def __init__(
         self,
@@ -141,6 +145,10 @@ class FederatedMethod(ABC):
 
     @abstractmethod
     def aggregate(self, uploads: list[Upload], round: int) -> None: ...
+
+    def add_aggregate_noise(self, std: float, generator: torch.Generator) -> None:
+        """DP: add N(0, std²) to every entry of what `aggregate` just produced (methods with supports_dp)."""
+        raise NotImplementedError(f"{self.name} does not support client-level DP")
 
     def server_update(self, trainer: ServerTrainer | None) -> None:
         """Work the server does after aggregating (default: none)."""
