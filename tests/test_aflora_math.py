@@ -212,3 +212,10 @@ def test_default_row_norm_is_sqrt_in_features():
 def test_normalize_rows():
     A = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
     torch.testing.assert_close(normalize_rows(A, 1.0), torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+
+
+def test_relative_error_of_an_exact_aggregate_is_a_real_zero():
+    from aflora.methods.aggregation import relative_error
+
+    error = relative_error([(-1e-15, 4.0), (2e-16, 1.0)])  # rounding can make the trace identity slightly negative
+    assert isinstance(error, float) and error == 0.0

@@ -79,6 +79,7 @@ def product_error_terms(
 
 def relative_error(terms: Sequence[tuple[float, float]]) -> float:
     """Combine per-module (error², ideal²) into one relative Frobenius error over all modules."""
-    error = sum(e for e, _ in terms)
+    # error² comes from a trace identity: for an exact aggregate it is ~0 and may round below zero.
+    error = max(sum(e for e, _ in terms), 0.0)
     ideal = sum(i for _, i in terms)
     return (error / ideal) ** 0.5 if ideal > 0 else 0.0
