@@ -215,7 +215,7 @@ def test_normalize_rows():
 
 
 def test_relative_error_of_an_exact_aggregate_is_a_real_zero():
-    from aflora.methods.aggregation import relative_error
+    from aflora.methods.aggregation import combine_error_terms
 
-    error = relative_error([(-1e-15, 4.0), (2e-16, 1.0)])  # rounding can make the trace identity slightly negative
+    error = combine_error_terms([(-1e-15, 4.0), (2e-16, 1.0)])  # rounding can make the trace identity slightly negative
     assert isinstance(error, float) and error == 0.0

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors
-from .aggregation import data_weights, pad_columns, product_error_terms, rank_aware_weights, relative_error, weighted_sum
+from .aggregation import ProductError, data_weights, pad_columns, rank_aware_weights, relative_error, weighted_sum
 from .base import FederatedMethod, Instruction, ServerTrainer, TrainSpec, Upload, factor_shapes, tensor_key
 
 
@@ -111,6 +111,7 @@ class AFLoRA(FederatedMethod):
             for cid, c in self.clients.items()
         }
         self.B_global: dict[str, torch.Tensor] = {}
+        self._error_terms: list[ProductError] = []
         self._round_update: Adapter | None = None
 
     def instruct(self, client_id: int, round: int) -> Instruction:
@@ -125,24 +126,69 @@ class AFLoRA(FederatedMethod):
     def aggregate(self, uploads: list[Upload], round: int) -> None:
         uploads = sorted(uploads, key=lambda u: u.client_id)  # a fixed order keeps sums bit-reproducible
         self.B_global = {}
-        self._error_terms: list[tuple[float, float]] = []
+        self._error_terms = []
         for name, (m, _) in self.module_shapes.items():
             padded = [pad_columns(u.tensors[tensor_key("B", name)], self.masks[u.client_id][name], self.r_max) for u in uploads]
-            sizes = [u.num_examples for u in uploads]
-            if self.uniform_weights:  # DP: data-dependent weights would break the sensitivity bound
-                weights = torch.full((len(uploads),), 1.0 / len(uploads), dtype=torch.float64)
-            elif self.options.rank_aware_weights:
-                weights = rank_aware_weights([u.ranks[name] for u in uploads], sizes)
-            else:
-                weights = data_weights(sizes)
+            weights = self.client_weights([u.ranks[name] for u in uploads], [u.num_examples for u in uploads])
             self.B_global[name] = weighted_sum(padded, weights)  # Eq. 13
             clients = [(float(w), u.tensors[tensor_key("B", name)], self.A_global[name][: mask.numel()][mask])
                        for w, u, mask in zip(weights, uploads, (self.masks[u.client_id][name] for u in uploads))]
-            self._error_terms.append(product_error_terms(self.B_global[name], self.A_global[name], clients))
-        for upload in uploads:  # the masks pruned by DDR apply from the next round on
+            self._error_terms.append(ProductError(self.B_global[name], self.A_global[name], clients))
+        self.advance_masks(uploads)
+        self._round_update = None
+
+    def client_weights(self, ranks: list[int], sizes: list[int]) -> torch.Tensor:
+        """p_k of one module for clients with these ranks and data sizes (Eq. 12, or |D_k| only)."""
+        if self.uniform_weights:  # DP: data-dependent weights would break the sensitivity bound
+            return torch.full((len(sizes),), 1.0 / len(sizes), dtype=torch.float64)
+        if self.options.rank_aware_weights:
+            return rank_aware_weights(ranks, sizes)
+        return data_weights(sizes)
+
+    def advance_masks(self, uploads: list[Upload]) -> None:
+        """The masks pruned by DDR apply from the next round on."""
+        for upload in uploads:
             self.masks[upload.client_id] = {
                 name: upload.tensors[tensor_key("next_mask", name)].clone() for name in self.A_global
             }
+
+    # ------------------------------------------------------- secure aggregation (aflora.secure_aggregation)
+    # SecAgg+ shows the server only Σ_k p_k·pad(B'_k): the weights are fixed before clients mask, and
+    # each client multiplies its own padded B' by them.
+    supports_secure_aggregation = True
+
+    def secure_weights(self, client_ids: list[int]) -> dict[int, dict[str, float]]:
+        """Every asked client's p_k per module, from the server's masks (r_k) and ClientSpecs (|D_k|): the
+        weights plain aggregation would compute if all of them reply."""
+        ids = sorted(client_ids)
+        weights: dict[int, dict[str, float]] = {cid: {} for cid in ids}
+        for name in self.A_global:
+            ranks = [int(self.masks[cid][name].sum()) for cid in ids]
+            for cid, w in zip(ids, self.client_weights(ranks, [self.clients[cid].num_examples for cid in ids])):
+                weights[cid][name] = float(w)
+        return weights
+
+    def secure_summands(self, instruction: Instruction, upload: Upload, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """Client side: p_k·pad(B'_k), m × r_max per module (float64, so quantization is the only rounding)."""
+        width = max(c.max_rank for c in self.clients.values())  # r_max: every process derives it from the config
+        return {name: float(weights[name]) * pad_columns(upload.tensors[tensor_key("B", name)].double(),
+                                                         instruction.tensors[tensor_key("mask", name)], width)
+                for name in self.module_shapes}
+
+    def aggregate_secure(self, sums: Mapping[str, torch.Tensor], uploads: list[Upload],
+                         weights: Mapping[int, Mapping[str, float]], round: int) -> None:
+        """Eq. 13 from SecAgg+'s sum over the clients in `uploads` (their clear parts: next_mask, ranks).
+
+        Dividing by the survivors' Σ p_k renormalises when clients dropped out after their weights were
+        sent (1 otherwise), which gives the weights plain aggregation computes over the same clients."""
+        self.B_global = {}
+        for name, (m, _) in self.module_shapes.items():
+            if tuple(sums[name].shape) != (m, self.r_max):
+                raise ValueError(f"the secure sum of {name} is {tuple(sums[name].shape)}, expected {(m, self.r_max)}")
+            total = sum(weights[u.client_id][name] for u in uploads)
+            self.B_global[name] = (sums[name].double() / total).float()
+        self._error_terms = []  # Σ_k p_k B_k A_k needs every client's B_k, which the server never sees
+        self.advance_masks(uploads)
         self._round_update = None
 
     def add_aggregate_noise(self, std: float, generator: torch.Generator) -> None:
@@ -189,7 +235,8 @@ class AFLoRA(FederatedMethod):
         return None
 
     def aggregation_error(self) -> float | None:
-        return relative_error(self._error_terms) if self.B_global else None  # ~1e-7: exact up to float32
+        # ~1e-7: exact up to float32; None after a secure round (the server never sees the B_k)
+        return relative_error(self._error_terms) if self._error_terms else None
 
     def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
         generator = self.client_generator(instruction)

@@ -66,19 +66,34 @@ def low_rank_frobenius_sq(U: torch.Tensor, V: torch.Tensor) -> float:
     return float(((U.T @ U) * (V @ V.T)).sum())
 
 
-def product_error_terms(
-    global_B: torch.Tensor, global_A: torch.Tensor, weighted_clients: Sequence[tuple[float, torch.Tensor, torch.Tensor]]
-) -> tuple[float, float]:
-    """(‖B_g A_g − Σ p_k B_k A_k‖_F², ‖Σ p_k B_k A_k‖_F²) for one module, by stacking the factors."""
-    ideal_U = torch.cat([p * B.double() for p, B, _ in weighted_clients], dim=1)
-    ideal_V = torch.cat([A.double() for _, _, A in weighted_clients], dim=0)
-    diff_U = torch.cat([ideal_U, -global_B.double()], dim=1)
-    diff_V = torch.cat([ideal_V, global_A.double()], dim=0)
-    return low_rank_frobenius_sq(diff_U, diff_V), low_rank_frobenius_sq(ideal_U, ideal_V)
+class ProductError:
+    """One module's aggregation error against the ideal Σ p_k B_k A_k, computed only when asked for.
+
+    It is a diagnostic, not part of any method: keeping it out of `aggregate` keeps the measured
+    aggregation time the method's own. The global factors are copied (a server step may change them in
+    place later); the clients' factors are uploads, which nothing modifies."""
+
+    def __init__(self, global_B: torch.Tensor, global_A: torch.Tensor,
+                 weighted_clients: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> None:
+        self.global_B, self.global_A = global_B.detach().clone(), global_A.detach().clone()
+        self.weighted_clients = list(weighted_clients)
+
+    def terms(self) -> tuple[float, float]:
+        """(‖B_g A_g − Σ p_k B_k A_k‖_F², ‖Σ p_k B_k A_k‖_F²), by stacking the factors."""
+        ideal_U = torch.cat([p * B.double() for p, B, _ in self.weighted_clients], dim=1)
+        ideal_V = torch.cat([A.double() for _, _, A in self.weighted_clients], dim=0)
+        diff_U = torch.cat([ideal_U, -self.global_B.double()], dim=1)
+        diff_V = torch.cat([ideal_V, self.global_A.double()], dim=0)
+        return low_rank_frobenius_sq(diff_U, diff_V), low_rank_frobenius_sq(ideal_U, ideal_V)
 
 
-def relative_error(terms: Sequence[tuple[float, float]]) -> float:
-    """Combine per-module (error², ideal²) into one relative Frobenius error over all modules."""
+def relative_error(modules: Sequence[ProductError]) -> float:
+    """One relative Frobenius error over all modules: sqrt(Σ error² / Σ ideal²)."""
+    return combine_error_terms([module.terms() for module in modules])
+
+
+def combine_error_terms(terms: Sequence[tuple[float, float]]) -> float:
+    """Per-module (error², ideal²) → one relative error."""
     # error² comes from a trace identity: for an exact aggregate it is ~0 and may round below zero.
     error = max(sum(e for e, _ in terms), 0.0)
     ideal = sum(i for _, i in terms)

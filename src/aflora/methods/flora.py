@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
-from .aggregation import data_weights, product_error_terms, relative_error
+from .aggregation import ProductError, data_weights, relative_error
 from .base import FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
 
 
@@ -35,7 +35,7 @@ class FLoRA(FederatedMethod):
 
     def init_server_state(self) -> None:
         self._update: Adapter | None = None
-        self._error_terms: list[tuple[float, float]] = []
+        self._error_terms: list[ProductError] = []
 
     def instruct(self, client_id: int, round: int) -> Instruction:
         # Nothing to send but the rank: adapters start fresh, the last update reaches clients as a base merge.
@@ -50,7 +50,7 @@ class FLoRA(FederatedMethod):
             B = [u.tensors[tensor_key("B", name)] for u in uploads]
             stacked = ModuleFactors(A=torch.cat([float(p) * a for p, a in zip(weights, A)], dim=0), B=torch.cat(B, dim=1))
             self._update[name] = stacked
-            self._error_terms.append(product_error_terms(stacked.B, stacked.A, [(float(p), b, a) for p, b, a in zip(weights, B, A)]))
+            self._error_terms.append(ProductError(stacked.B, stacked.A, [(float(p), b, a) for p, b, a in zip(weights, B, A)]))
 
     def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         rank = int(instruction.config["rank"])

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
-from .aggregation import data_weights, low_rank_frobenius_sq, pad_columns, pad_rows, product_error_terms, relative_error, weighted_sum
+from .aggregation import ProductError, data_weights, low_rank_frobenius_sq, pad_columns, pad_rows, relative_error, weighted_sum
 from .base import FederatedMethod, Instruction, Penalty, TrainSpec, Upload, factor_shapes, tensor_key
 
 
@@ -65,7 +65,7 @@ class HetLoRA(FederatedMethod):
         self.r_max = max(c.max_rank for c in self.clients.values())
         self.global_factors: Adapter = fresh_lora(self.module_shapes, self.r_max, torch.Generator().manual_seed(self.seed))
         self.ranks = {cid: c.max_rank for cid, c in self.clients.items()}
-        self._error_terms: list[tuple[float, float]] = []
+        self._error_terms: list[ProductError] = []
 
     def instruct(self, client_id: int, round: int) -> Instruction:
         rank = self.ranks[client_id]
@@ -88,7 +88,7 @@ class HetLoRA(FederatedMethod):
             global_A = weighted_sum([pad_rows(a, keep, self.r_max) for a, keep in zip(A, prefix)], weights)
             global_B = weighted_sum([pad_columns(b, keep, self.r_max) for b, keep in zip(B, prefix)], weights)
             self.global_factors[name] = ModuleFactors(A=global_A, B=global_B)
-            self._error_terms.append(product_error_terms(global_B, global_A, [(float(p), b, a) for p, b, a in zip(weights, B, A)]))
+            self._error_terms.append(ProductError(global_B, global_A, [(float(p), b, a) for p, b, a in zip(weights, B, A)]))
         for upload in uploads:
             self.ranks[upload.client_id] = int(upload.tensors["next_rank"])
 

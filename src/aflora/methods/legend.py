@@ -27,7 +27,7 @@ import torch
 from ..budgets import LocalWorkload, MB, ModelFootprint
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
 from ..lora.host import block_index
-from .aggregation import data_weights, product_error_terms, relative_error, weighted_sum
+from .aggregation import ProductError, data_weights, relative_error, weighted_sum
 from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ class LEGEND(FederatedMethod):
         self.global_factors: Adapter = {}
         self.configs: dict[int, DeviceConfig] = {}
         self._generator = torch.Generator().manual_seed(self.seed)
-        self._error_terms: list[tuple[float, float]] = []
+        self._error_terms: list[ProductError] = []
         # The inputs (budgets, speeds, the cost model) are static in a simulation: configure once.
         self.assign_configs(configure_devices(list(self.clients.values()), list(self.module_shapes), self.options, self.cost))
 
@@ -326,7 +326,7 @@ class LEGEND(FederatedMethod):
             self.global_factors[name] = ModuleFactors(A=new_A, B=new_B)
             # Ideal: Σ p_k B_k A_k over this module's holders, p_k = |D_k| normalized over them.
             weights = data_weights([u.num_examples for u in holders])
-            self._error_terms.append(product_error_terms(new_B, new_A, [(float(p), b, a) for p, b, a in zip(weights, B, A)]))
+            self._error_terms.append(ProductError(new_B, new_A, [(float(p), b, a) for p, b, a in zip(weights, B, A)]))
 
     def aggregation_error(self) -> float | None:
         return relative_error(self._error_terms) if self._error_terms else None

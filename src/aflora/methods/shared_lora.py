@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
-from .aggregation import data_weights, product_error_terms, relative_error, weighted_sum
+from .aggregation import ProductError, data_weights, relative_error, weighted_sum
 from .base import EVAL_PREFIX, FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
 
 
@@ -54,7 +54,7 @@ class SharedLoRA(FederatedMethod):
     def init_server_state(self) -> None:
         self.global_factors: Adapter = fresh_lora(self.module_shapes, self.rank, torch.Generator().manual_seed(self.seed))
         self.local_B_mean: dict[str, torch.Tensor] | None = None
-        self._error_terms: list[tuple[float, float]] | None = None
+        self._error_terms: list[ProductError] | None = None
 
     def instruct(self, client_id: int, round: int) -> Instruction:
         tensors = {}
@@ -72,7 +72,7 @@ class SharedLoRA(FederatedMethod):
             averaged = {f: weighted_sum([u.tensors[tensor_key(f, name)] for u in uploads], weights) for f in self.uploaded_factors}
             if self._error_terms is not None:  # FedIT: the product of averages is not the average of products (Eq. 5)
                 clients = [(float(w), u.tensors[tensor_key("B", name)], u.tensors[tensor_key("A", name)]) for w, u in zip(weights, uploads)]
-                self._error_terms.append(product_error_terms(averaged["B"], averaged["A"], clients))
+                self._error_terms.append(ProductError(averaged["B"], averaged["A"], clients))
             if "B" in self.kept_factors:  # FedSA-LoRA: the evaluated global model uses the mean personal B
                 averaged["B"] = weighted_sum([u.tensors[EVAL_PREFIX + tensor_key("B", name)] for u in uploads], weights)
             self.global_factors[name] = ModuleFactors(A=averaged.get("A", factors.A), B=averaged.get("B", factors.B))
