@@ -175,6 +175,6 @@ def test_the_deployed_run_equals_a_simulation_of_the_same_experiment(deployment,
     """Same seeds, same rows (each node read only its own file), same updates: identical rounds. A node
     training on an incomplete base model would make them differ."""
     simulate(deployment.config, tmp_path / "sim")
-    timing = {"round_seconds", "eval_seconds", "aggregation_seconds", "server_seconds"}
+    timing = {"round_seconds", "eval_seconds", "aggregation_seconds", "server_seconds", "train_seconds"}
     strip = lambda run: [{k: v for k, v in r.items() if k not in timing} for r in run["rounds"]]  # noqa: E731
     assert strip(load_run(tmp_path / "sim")) == strip(load_run(deployment.out))

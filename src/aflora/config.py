@@ -92,6 +92,15 @@ class PrivacySection:
 
 
 @dataclass
+class SecAggSection:
+    enabled: bool = _help("Secure aggregation with Flower's SecAgg+: the server sees only the sum of the clients' weighted, zero-padded B' (AFLoRA only; docs/privacy.md)", False)
+    num_shares: float = _help("Shares of each client's secret keys (its SecAgg+ neighbours): ≤ 1 = that fraction of the round's clients, > 1 = a count (an integer ≥ 3)", 1.0)
+    reconstruction_threshold: float = _help("Shares needed to unmask a client: ≤ 1 = that fraction of num_shares (at least 2), > 1 = a count below num_shares; more tolerates fewer dropouts", 0.5)
+    clipping_range: float = _help("c: every weighted entry p_k·B'_ij is clipped to [−c, c] before quantization (clients count and report clipped entries)", 1.0)
+    quantization_range: int = _help("T: integer levels over [−c, c]; each entry of the sum is off by less than (clients)·2c/T", 2**22)
+
+
+@dataclass
 class EngineConfig:
     client_cpus: int = _help("CPU cores each simulated client worker gets (workers = cores / client_cpus)", 2)
     threads: int = _help("torch threads per process (0 = torch's default)", 0)
@@ -113,6 +122,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    secagg: SecAggSection = field(default_factory=SecAggSection)
     engine: EngineConfig = field(default_factory=EngineConfig)
     # Method hyperparameters, one table per method name ([aflora], ...); validated by that method.
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -129,7 +139,8 @@ class ExperimentConfig:
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "federation": FederationConfig,
-    "train": TrainConfig, "server": ServerConfig, "privacy": PrivacySection, "engine": EngineConfig,
+    "train": TrainConfig, "server": ServerConfig, "privacy": PrivacySection, "secagg": SecAggSection,
+    "engine": EngineConfig,
 }
 TOP_LEVEL = ("method", "seed", "rounds")
 
@@ -219,6 +230,35 @@ def _build_section(cls: type, values: Any, section: str) -> Any:
     return cls(**{k: coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
 
 
+SECAGG_MODULUS = 2**32  # SecAgg+'s modulus_range (Flower's default and maximum): the integer sum wraps around above it
+
+
+def secagg_checks(config: ExperimentConfig) -> list[tuple[bool, str]]:
+    """SecAgg+ settings Flower would refuse (or silently get wrong), named by their config field."""
+    secagg, fed = config.secagg, config.federation
+    supported = sorted(n for n, c in METHODS.items() if getattr(c, "supports_secure_aggregation", False))
+    sampled = max(1, int(fed.sample_fraction * fed.num_clients + 0.5))
+    shares, threshold = secagg.num_shares, secagg.reconstruction_threshold
+    return [
+        (config.method in supported,
+         f"secagg.enabled = true needs a method whose uploads are equal-shaped and aggregated by a weighted sum, so "
+         f"that SecAgg+ can add them (supported: {supported}); {config.method} is not: set secagg.enabled = false"),
+        (sampled >= 2, f"secagg.enabled = true needs at least 2 clients per round (SecAgg+ sums over several clients), "
+                       f"but federation.num_clients × federation.sample_fraction gives {sampled}"),
+        (shares > 0 and (shares <= 1 or (shares.is_integer() and shares >= 3)),
+         f"secagg.num_shares must be a fraction in (0, 1] or a count ≥ 3, got {shares}"),
+        (threshold > 0 and (threshold <= 1 or threshold.is_integer()),
+         f"secagg.reconstruction_threshold must be a fraction in (0, 1] or an integer count, got {threshold}"),
+        (not (shares > 1 and threshold > 1) or threshold < shares,
+         f"secagg.reconstruction_threshold ({threshold:g}) must be below secagg.num_shares ({shares:g})"),
+        (secagg.clipping_range > 0, f"secagg.clipping_range must be > 0, got {secagg.clipping_range}"),
+        (secagg.quantization_range >= 2, f"secagg.quantization_range must be ≥ 2 levels, got {secagg.quantization_range}"),
+        (fed.num_clients * secagg.quantization_range < SECAGG_MODULUS,
+         f"secagg.quantization_range × federation.num_clients must stay below 2^32 (SecAgg+'s modulus), or the integer "
+         f"sum wraps around; got {secagg.quantization_range} × {fed.num_clients}: lower secagg.quantization_range"),
+    ]
+
+
 def validate(config: ExperimentConfig) -> None:
     """Check ranges and cross-field consistency; every message names the field and what is expected."""
     fed, data, train = config.federation, config.data, config.train
@@ -259,6 +299,8 @@ def validate(config: ExperimentConfig) -> None:
         (bool(config.model.target_modules), "model.target_modules must name at least one layer"),
         (config.engine.client_cpus >= 1, f"engine.client_cpus must be ≥ 1, got {config.engine.client_cpus}"),
     ]
+    if config.secagg.enabled:
+        checks += secagg_checks(config)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -35,6 +35,7 @@ class RoundRecord:
     personalized: dict[str, float] = field(default_factory=dict)  # clients' own models on their local test rows
     dp_noise_std: float | None = None  # client-level DP: the noise added to the aggregate this round
     dp_epsilon: float | None = None  # ... and the cumulative ε at privacy.delta after it
+    train_seconds: dict[str, float] = field(default_factory=dict)  # client -> its local training time (engine overhead = the rest)
 
 
 def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], *, round_seconds: float, eval_seconds: float,
@@ -49,9 +50,11 @@ def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], 
         clients=[u.client_id for u in uploads],
         ranks={key(u): round(sum(u.ranks.values()) / max(len(u.ranks), 1), 3) for u in uploads},
         trained_params={key(u): u.trained_params for u in uploads},
-        uplink_params={key(u): payload_params(u.tensors) for u in uploads},
-        uplink_bytes={key(u): payload_bytes(u.tensors) for u in uploads},
+        # under SecAgg+ the summed tensors travel masked, beside the clear ones (aflora.secure_aggregation)
+        uplink_params={key(u): payload_params(u.tensors) + int(u.metrics.get("secagg_uplink_params", 0)) for u in uploads},
+        uplink_bytes={key(u): payload_bytes(u.tensors) + int(u.metrics.get("secagg_uplink_bytes", 0)) for u in uploads},
         train_loss={key(u): u.metrics.get("train_loss", float("nan")) for u in uploads},
+        train_seconds={key(u): u.metrics.get("train_seconds", float("nan")) for u in uploads},
         round_seconds=round_seconds,
         eval_seconds=eval_seconds,
         failures=failures or [],
@@ -113,14 +116,15 @@ class RunRecord:
 def write_rounds_csv(rounds: list[RoundRecord], path: Path) -> None:
     """One row per (round, client) with the round's global metrics repeated: easy to load in any tool."""
     columns = ["round", "accuracy", "loss", "round_seconds", "eval_seconds", "client", "rank", "trained_params",
-               "uplink_params", "uplink_bytes", "train_loss"]
+               "uplink_params", "uplink_bytes", "train_loss", "train_seconds"]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for r in rounds:
             for cid in r.ranks:
                 writer.writerow([r.round, r.accuracy, r.loss, f"{r.round_seconds:.3f}", f"{r.eval_seconds:.3f}", cid, r.ranks[cid],
-                                 r.trained_params[cid], r.uplink_params[cid], r.uplink_bytes[cid], r.train_loss[cid]])
+                                 r.trained_params[cid], r.uplink_params[cid], r.uplink_bytes[cid], r.train_loss[cid],
+                                 r.train_seconds.get(cid, float("nan"))])
 
 
 def load_run(out_dir: Path) -> dict[str, Any]:

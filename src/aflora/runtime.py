@@ -30,6 +30,7 @@ from .methods import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload
 from .methods.base import hash_seed, validate_upload
 from .models import load_model, resolve_model
 from .privacy import PrivacyLedger, clip_upload, noise_std
+from .secure_aggregation import SecureSum, attach_weights, error_bound, validate_clear_upload
 from .shards import read_shard
 from .training import OptimConfig, train_adapter
 
@@ -395,6 +396,9 @@ class ServerRuntime:
             self.method.uniform_weights = True
             self.privacy = PrivacyLedger(noise_multiplier=privacy.noise_multiplier, delta=privacy.delta,
                                          population=config.federation.num_clients, sampled=config.federation.sample_fraction < 1)
+        # SecAgg+ (aflora.secure_aggregation): clients fold in the weights sent with their instructions
+        self.secure = config.secagg.enabled
+        self.secure_weights: dict[int, dict[str, float]] = {}
         self.merges = BaseMerges()
         self.merge_store: MergeStore | None = None  # set by the engine when clients share the server's disk
         self._pending_ack: dict[int, int] = {}
@@ -417,6 +421,10 @@ class ServerRuntime:
     def instructions(self, round: int) -> list[tuple[Instruction, dict[int, Adapter]]]:
         """Each sampled client's instruction and the base-model merges it has not received yet."""
         messages = [(self.method.instruct(cid, round), self.base_sync(cid)) for cid in self.sample_clients(round)]
+        if self.secure:  # the server will see only the weighted sum: each client learns its weights up front
+            self.secure_weights = self.method.secure_weights([instruction.client_id for instruction, _ in messages])
+            for instruction, _ in messages:
+                attach_weights(instruction, self.secure_weights[instruction.client_id])
         self.sent = {instruction.client_id: instruction for instruction, _ in messages}  # replies are checked against these
         return messages
 
@@ -453,7 +461,7 @@ class ServerRuntime:
             elif instruction is None:
                 reason = "this client was not asked to train this round"
             else:
-                reason = validate_upload(self.method, upload, instruction)
+                reason = (validate_clear_upload if self.secure else validate_upload)(self.method, upload, instruction)
             if reason:
                 failures.append({"client": upload.client_id, "reason": f"rejected: {reason}"})
                 log.warning("round %d: reply of client %d rejected: %s", round, upload.client_id, reason)
@@ -474,12 +482,16 @@ class ServerRuntime:
             )
         return [accepted[cid] for cid in sorted(accepted)]
 
-    def complete_round(self, round: int, uploads: list[Upload]) -> dict[str, float]:
+    def complete_round(self, round: int, uploads: list[Upload], secure_sum: SecureSum | None = None) -> dict[str, float]:
         """Aggregate the accepted uploads, run the server's own update, merge the round's update into the base.
+        With secure aggregation the uploads are clear parts only and `secure_sum` holds their weighted sum.
 
         Returns the server's diagnostics: aggregation and server-step seconds, aggregation error."""
         started = time.perf_counter()
-        self.method.aggregate(uploads, round)
+        if self.secure:
+            self.aggregate_secure(round, uploads, secure_sum)
+        else:
+            self.method.aggregate(uploads, round)
         dp = self.add_privacy_noise(round, len(uploads)) if self.privacy is not None else {}
         aggregated = time.perf_counter()
         self.method.server_update(self.server_trainer(round))
@@ -494,6 +506,25 @@ class ServerRuntime:
         if error is not None:
             diagnostics["aggregation_error"] = error
         return diagnostics
+
+    def aggregate_secure(self, round: int, uploads: list[Upload], secure_sum: SecureSum | None) -> None:
+        if secure_sum is None:
+            raise RuntimeError("secagg.enabled = true needs an engine that runs SecAgg+ (aflora run, flwr run)")
+        rejected = sorted(set(secure_sum.client_ids) - {u.client_id for u in uploads})
+        if rejected:  # their masked B' is inside the sum, and a masked contribution cannot be taken back out
+            raise RoundAborted(
+                f"round {round}: the SecAgg+ sum holds the contributions of clients {rejected}, whose clear-text "
+                "replies were rejected (see the warnings above); the sum cannot be separated, so the round is dropped"
+            )
+        secagg = self.config.secagg
+        clipped = {u.client_id: int(u.metrics["secagg_clipped"]) for u in uploads if u.metrics.get("secagg_clipped")}
+        if clipped:
+            log.warning("round %d: SecAgg+ clipped weighted B' entries to ±%g (client: entries %s), so the aggregate is off by "
+                        "more than the quantization error there: raise secagg.clipping_range", round, secagg.clipping_range, clipped)
+        self.method.aggregate_secure(secure_sum.vectors, uploads, self.secure_weights, round)
+        weight_total = min(sum(self.secure_weights[u.client_id][m] for u in uploads) for m in self.method.module_shapes)
+        log.info("round %d: secure sum of %d clients; every entry of B_global within %.2g of plain aggregation", round, len(uploads),
+                 error_bound(len(uploads), secagg.clipping_range, secagg.quantization_range, weight_total))
 
     def add_privacy_noise(self, round: int, num_clients: int) -> dict[str, float]:
         """The Gaussian mechanism on the aggregate (aflora.privacy); seeded by round, so resumes stay identical."""

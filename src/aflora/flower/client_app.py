@@ -16,7 +16,9 @@ from flwr.clientapp import ClientApp
 from ..config import config_from_tree
 from ..logs import configure_logging, quiet_flower
 from ..runtime import ClientRuntime
-from .records import arrays_to_tensors, read_instruction, tensors_to_arrays, upload_content
+from ..secure_aggregation import fold_upload
+from .records import arrays_to_tensors, read_instruction, secure_upload_content, tensors_to_arrays, upload_content
+from .secagg import is_secure_round, secure_aggregation_mod
 
 app = ClientApp()
 
@@ -58,7 +60,7 @@ def identify(message: Message, context: Context) -> Message:
 LOCAL_STATE = "aflora.local_state"
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 def train(message: Message, context: Context) -> Message:
     instruction, sync, experiment = read_instruction(message.content)
     if instruction.client_id != client_id_of(context):
@@ -66,9 +68,13 @@ def train(message: Message, context: Context) -> Message:
     # What the client keeps between rounds lives in Flower's per-node Context, not in a worker process:
     # in simulation the next round may run in another worker.
     kept = context.state.array_records.get(LOCAL_STATE)
-    upload = client_runtime(experiment, context).train(instruction, sync, arrays_to_tensors(kept) if kept else None)
+    runtime = client_runtime(experiment, context)
+    upload = runtime.train(instruction, sync, arrays_to_tensors(kept) if kept else None)
     if upload.local_state:
         context.state[LOCAL_STATE] = tensors_to_arrays(upload.local_state)
+    if is_secure_round(message.content):  # SecAgg+ masks the weighted, padded B'; the rest goes in the clear
+        summands, clear = fold_upload(runtime.side.method, instruction, upload, runtime.config.secagg.clipping_range)
+        return Message(content=secure_upload_content(clear, summands), reply_to=message)
     return Message(content=upload_content(upload), reply_to=message)
 
 

@@ -7,6 +7,10 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from ..lora.factors import Adapter, ModuleFactors
 from ..methods import Instruction, Upload
@@ -92,4 +96,37 @@ def read_upload(content: RecordDict) -> Upload:
         ranks={k: int(v) for k, v in json.loads(str(meta["ranks"])).items()},
         trained_params=int(meta["trained_params"]),
         metrics=dict(content.metric_records["metrics"]),
+    )
+
+
+# ---------------------------------------------------------------------------- SecAgg+ replies
+def secure_upload_content(clear: Upload, summands: list[torch.Tensor]) -> RecordDict:
+    """A train reply for SecAgg+'s client mod, which reads it as a legacy FitRes (aflora.flower.secagg):
+
+    - parameters: the summands p_k·pad(B'_k) in module order; the mod quantizes and masks them, then
+      empties every ArrayRecord of the reply, so nothing else may travel as arrays;
+    - num_examples 1: the mod multiplies by num_examples / max_weight (max_weight is 1), while the real
+      weights are already folded in, per module;
+    - metrics: the clear part of the upload (ids, sizes, ranks, metrics, next_mask as safetensors bytes)."""
+    fields = {
+        "client_id": clear.client_id,
+        "num_examples": clear.num_examples,
+        "trained_params": clear.trained_params,
+        "ranks": json.dumps(clear.ranks),
+        "metrics": json.dumps(clear.metrics),
+        "tensors": save_tensors({k: v.detach().cpu().contiguous() for k, v in clear.tensors.items()}),
+    }
+    parameters = ndarrays_to_parameters([t.detach().cpu().numpy() for t in summands])
+    return fitres_to_recorddict(FitRes(Status(Code.OK, ""), parameters, num_examples=1, metrics=fields), keep_input=False)
+
+
+def read_secure_upload(fields: dict[str, Any]) -> Upload:
+    """The clear part of a SecAgg+ reply, as the SecAgg+ workflow hands it over (FitRes.metrics)."""
+    return Upload(
+        client_id=int(fields["client_id"]),
+        num_examples=int(fields["num_examples"]),
+        tensors=dict(load_tensors(bytes(fields["tensors"]))),
+        ranks={k: int(v) for k, v in json.loads(str(fields["ranks"])).items()},
+        trained_params=int(fields["trained_params"]),
+        metrics={k: float(v) for k, v in json.loads(str(fields["metrics"])).items()},
     )

@@ -2,6 +2,8 @@
 
 It sends each client its own message (rank, mask, A slice: whatever the method's `instruct`
 returns), and hands the heterogeneous replies to the server runtime. No method math lives here.
+With `secagg.enabled` the same messages go out through Flower's SecAgg+ (aflora.flower.secagg), and the
+runtime receives the clear parts of the replies plus the unmasked sum of the rest.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from ..results import RunRecord, round_record
-from ..runtime import ServerRuntime
-from .records import instruction_content, read_upload
+from ..runtime import RoundAborted, ServerRuntime
+from ..secure_aggregation import SecureSum
+from .records import instruction_content, read_secure_upload, read_upload
+from .secagg import SecureRound, secure_train_round
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +79,11 @@ class MethodStrategy(Strategy):
         if first_round == 1:
             self.evaluate_fn(0, ArrayRecord())
         for server_round in range(first_round, last_round + 1):
-            replies = grid.send_and_receive(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid), timeout=timeout)
-            self.aggregate_train(server_round, replies)
+            messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+            if self.runtime.secure:
+                self.aggregate_secure_train(server_round, secure_train_round(grid, messages, server_round, self.runtime.config.secagg, timeout))
+            else:
+                self.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
             evaluations = list(self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
             self.aggregate_evaluate(server_round, grid.send_and_receive(evaluations, timeout=timeout) if evaluations else [])
             self.evaluate_fn(server_round, ArrayRecord())
@@ -114,7 +121,31 @@ class MethodStrategy(Strategy):
                 failures.append({"client": client, "reason": f"rejected: unreadable reply ({type(err).__name__}: {err})"})
                 log.warning("round %d: unreadable reply from client %s: %s", server_round, client, err)
         accepted = self.runtime.accept(server_round, uploads, failures)
-        self._server_diagnostics = self.runtime.complete_round(server_round, accepted)
+        return self._finish_train(server_round, accepted, failures, self.runtime.complete_round(server_round, accepted))
+
+    def aggregate_secure_train(self, server_round: int, result: SecureRound) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A SecAgg+ round: the clear parts of the replies go through the usual checks, the sum to the method."""
+        client_of_node = {node: cid for cid, node in self.node_of_client.items()}
+        failures = [{"client": client_of_node.get(node), "reason": f"dropped out of SecAgg+ (not in the sum): {reason}"}
+                    for node, reason in sorted(result.errors.items()) if node not in result.replies]
+        for failure in failures:
+            log.warning("round %d: client %s %s", server_round, failure["client"], failure["reason"])
+        if result.summed is None:
+            reasons = "; ".join(f"client {f['client']}: {f['reason']}" for f in failures) or "see Flower's log"
+            raise RoundAborted(f"round {server_round}: SecAgg+ stopped before unmasking, too few clients stayed for "
+                               f"secagg.reconstruction_threshold ({reasons})")
+        uploads = []
+        for node, fields in sorted(result.replies.items()):
+            try:
+                uploads.append(read_secure_upload(fields))
+            except (KeyError, ValueError, TypeError) as err:  # then `complete_round` drops the round: it is in the sum
+                failures.append({"client": client_of_node.get(node), "reason": f"rejected: unreadable reply ({type(err).__name__}: {err})"})
+        accepted = self.runtime.accept(server_round, uploads, failures)
+        summed = SecureSum.from_arrays(self.runtime.method, result.summed, [client_of_node[node] for node in result.replies])
+        return self._finish_train(server_round, accepted, failures, self.runtime.complete_round(server_round, accepted, summed))
+
+    def _finish_train(self, server_round: int, accepted: list, failures: list[dict], diagnostics: dict[str, float]):
+        self._server_diagnostics = diagnostics
         self._round_seconds = time.perf_counter() - self._round_started
         self._uploads, self._failures = accepted, failures
         return None, MetricRecord({"clients": len(accepted)})
