@@ -7,7 +7,8 @@ number generators, and the record of the rounds. Randomness inside rounds is see
 client), so a resumed run continues bit-identically. What clients keep themselves (FedSA-LoRA's
 personal B) lives on the clients and is not part of a server checkpoint.
 
-Checkpoints are written to a temporary file and renamed: a kill never leaves half a checkpoint.
+A checkpoint is one file, written to a temporary name and renamed: a kill never leaves half a checkpoint
+(record.json beside it is a readable copy of the record, not read back).
 They are pickles (torch.save): load only checkpoints you wrote.
 """
 
@@ -43,6 +44,7 @@ def save_checkpoint(out_dir: Path, round_: int, runtime: Any, record: RunRecord)
         "merges": runtime.merges.by_round,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
         "privacy_releases": list(runtime.privacy.releases) if runtime.privacy is not None else [],
+        "record": record.to_json(),  # in the same file: state and record of different rounds cannot mix
     }
     _atomic(folder / STATE_FILE, lambda path: torch.save(state, path))
     _atomic(folder / RECORD_FILE, lambda path: path.write_text(json.dumps(record.to_json(), indent=2)))
@@ -52,10 +54,10 @@ def save_checkpoint(out_dir: Path, round_: int, runtime: Any, record: RunRecord)
 def load_checkpoint(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(server state, record as saved) of the last completed round in `out_dir`."""
     folder = Path(out_dir) / CHECKPOINT_DIR
-    if not (folder / STATE_FILE).is_file() or not (folder / RECORD_FILE).is_file():
+    if not (folder / STATE_FILE).is_file():
         raise FileNotFoundError(f"{folder} holds no checkpoint; --resume takes the --out folder of a run that finished at least one round")
     state = torch.load(folder / STATE_FILE, weights_only=False)  # our own pickle (see the module doc)
-    record = json.loads((folder / RECORD_FILE).read_text())
+    record = state["record"]
     if record["rounds"] and record["rounds"][-1]["round"] != state["round"]:
         raise ValueError(f"checkpoint in {folder} is inconsistent: state of round {state['round']}, record up to round {record['rounds'][-1]['round']}")
     return state, record
