@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from aflora.config import ConfigError, load_config
 from aflora.privacy import PrivacyLedger, clip_upload, noise_std, upload_norm
+from aflora.results import round_record
 from aflora.runtime import ClientRuntime, ServerRuntime
 
 from helpers import tiny_config
@@ -93,3 +95,14 @@ def test_dp_is_refused_for_methods_whose_aggregate_it_cannot_bound():
         load_config(None, ["method=fedit", "privacy.clip_norm=1.0"])
     with pytest.raises(ConfigError, match="privacy.delta"):
         load_config(None, ["privacy.delta=2"])
+
+
+def test_results_record_each_clients_norm_before_clipping(dp_round):
+    """The number a user picks privacy.clip_norm from: in results.json per client, consistent with the clipping."""
+    _, _, uploads = dp_round
+    record = round_record(1, uploads, {"accuracy": 0.5, "loss": 1.0}, round_seconds=1.0, eval_seconds=1.0)
+    assert record.update_norm == {str(u.client_id): u.metrics["update_norm"] for u in uploads}
+    for upload in uploads:
+        assert upload_norm(upload.tensors) == pytest.approx(min(upload.metrics["update_norm"], 0.5), rel=1e-5)
+    plain = round_record(1, [replace(u, metrics={}) for u in uploads], {"loss": 1.0}, round_seconds=1.0, eval_seconds=1.0)
+    assert plain.update_norm == {}

@@ -36,6 +36,7 @@ class RoundRecord:
     dp_noise_std: float | None = None  # client-level DP: the noise added to the aggregate this round
     dp_epsilon: float | None = None  # ... and the cumulative ε at privacy.delta after it
     train_seconds: dict[str, float] = field(default_factory=dict)  # client -> its local training time (engine overhead = the rest)
+    update_norm: dict[str, float] = field(default_factory=dict)  # client-level DP: client -> its upload's L2 norm before clipping
 
 
 def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], *, round_seconds: float, eval_seconds: float,
@@ -55,6 +56,7 @@ def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], 
         uplink_bytes={key(u): payload_bytes(u.tensors) + int(u.metrics.get("secagg_uplink_bytes", 0)) for u in uploads},
         train_loss={key(u): u.metrics.get("train_loss", float("nan")) for u in uploads},
         train_seconds={key(u): u.metrics.get("train_seconds", float("nan")) for u in uploads},
+        update_norm={key(u): u.metrics["update_norm"] for u in uploads if "update_norm" in u.metrics},
         round_seconds=round_seconds,
         eval_seconds=eval_seconds,
         failures=failures or [],
