@@ -236,6 +236,13 @@ def test_earlier_results_are_reused_only_for_the_same_config(tiny_toml, tmp_path
     assert not any(r.reuse for r in plan_comparison(tiny_toml, [], parse_entries("fedit"), [0], out, overwrite=True).runs)
     with pytest.raises(ConfigError, match=r"was run with another config \(rounds: 2 there, 3 now\).*--overwrite"):
         plan_comparison(tiny_toml, ["rounds=3"], parse_entries("fedit"), [0], out)
+    # A run made before a setting existed: reused while that setting is at its default, refused otherwise.
+    older = config.to_dict()
+    del older["secagg"]
+    (out / "fedit" / "seed0" / "results.json").write_text(json.dumps({"config": older}))
+    assert plan_comparison(tiny_toml, [], parse_entries("fedit"), [0], out).runs[0].reuse
+    with pytest.raises(ConfigError, match=r"secagg.clipping_range: None there, 2.0 now"):
+        plan_comparison(tiny_toml, ["secagg.clipping_range=2.0"], parse_entries("fedit"), [0], out)
     (out / "fedit" / "seed0" / "results.json").write_text("{")  # e.g. a disk that filled up
     with pytest.raises(ConfigError, match="is not a results file"):
         plan_comparison(tiny_toml, [], parse_entries("fedit"), [0], out)

@@ -187,8 +187,11 @@ def _check_reusable(run_dir: Path, config: ExperimentConfig) -> None:
         raise ConfigError(f"{run_dir}/results.json is not a results file of `aflora run`; pass --overwrite to run it "
                           "again, or choose another --out") from None
     wanted = flatten(json.loads(json.dumps(config.to_dict())))  # the JSON round trip results.json went through
+    # A setting added to aflora after that run, left at its default now, changes nothing that run did.
+    defaults = flatten(json.loads(json.dumps(ExperimentConfig().to_dict())))
     differing = sorted(k for k in set(stored) | set(wanted)
-                       if stored.get(k) != wanted.get(k) and not k.startswith(IGNORED_FOR_REUSE))
+                       if stored.get(k) != wanted.get(k) and not k.startswith(IGNORED_FOR_REUSE)
+                       and not (k not in stored and k in defaults and wanted.get(k) == defaults[k]))
     if differing:
         shown = ", ".join(f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} now" for k in differing[:5])
         more = f" (and {len(differing) - 5} more)" if len(differing) > 5 else ""
