@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 from peft import PeftModel
 
 from aflora.flower.simulation import simulate
+from aflora.flower.strategy import send_in_waves
 from aflora.models import build_tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -109,3 +111,45 @@ def test_fedsa_lora_personal_models_are_scored_on_local_test_rows(tmp_path):
     assert run["final"]["personalized_accuracy"] == run["rounds"][-1]["personalized"]["accuracy"]
     # personal and global models differ: the global one uses the mean of the personal B's
     assert set(run["rounds"][-1]["personalized"]) >= {"accuracy", "loss"}
+
+
+class CountingGrid:
+    """Replies to every message at once; notes each wave's size and how many messages existed when it was sent."""
+
+    def __init__(self, built: list[int], delay: float = 0.0) -> None:
+        self.built, self.delay = built, delay
+        self.waves: list[tuple[int, int, float]] = []
+
+    def send_and_receive(self, messages, *, timeout):
+        messages = list(messages)
+        self.waves.append((len(messages), len(self.built), timeout))
+        time.sleep(self.delay)
+        return [f"reply to {m}" for m in messages]
+
+
+def test_messages_go_out_in_waves_built_as_they_are_sent():
+    built: list[int] = []
+
+    def messages():
+        for i in range(5):
+            built.append(i)
+            yield i
+
+    grid = CountingGrid(built, delay=0.05)
+    replies = send_in_waves(grid, messages(), 2, timeout=10.0)
+    assert replies == [f"reply to {i}" for i in range(5)]
+    assert [(n, existing) for n, existing, _ in grid.waves] == [(2, 2), (2, 4), (1, 5)]  # never more than a wave ahead
+    timeouts = [t for _, _, t in grid.waves]
+    assert timeouts[0] <= 10.0 and all(later <= earlier - 0.04 for earlier, later in zip(timeouts, timeouts[1:]))  # one deadline
+    every = CountingGrid([])
+    send_in_waves(every, iter(range(5)), 0, timeout=10.0)
+    assert [n for n, _, _ in every.waves] == [5]
+
+
+def test_waves_do_not_change_the_result(finished_run, tmp_path):
+    """The module's run sent 2 messages at a time (2 × its one worker); all 3 at once gives the same rounds."""
+    config, _, out = finished_run
+    simulate(tiny_config(tmp_path / "data", "rounds=2", "aflora.beta=1.0", "engine.max_in_flight=3"), tmp_path / "out")
+    timing = {"round_seconds", "eval_seconds", "aggregation_seconds", "server_seconds", "train_seconds"}
+    strip = lambda run: [{k: v for k, v in r.items() if k not in timing} for r in run["rounds"]]  # noqa: E731
+    assert strip(load_run(tmp_path / "out")) == strip(load_run(out))

@@ -107,6 +107,9 @@ class EngineConfig:
     verbose: bool = _help("Flower's own INFO logs", False)
     connect_timeout: float = _help("Seconds the server waits for every client's SuperNode to connect", 300.0)
     round_timeout: float = _help("Seconds the server waits for a round's replies; late clients count as failed", 3600.0)
+    max_in_flight: int = _help("Train messages out at once, the next ones sent as replies come back; bounds the server's memory "
+                               "to that many clients' instructions and replies. 0 = every sampled client at once on a deployed "
+                               "federation, 2 × the workers in `aflora run`'s simulation", 0)
     fail_clients: list[int] = _help("Fault injection for rehearsals and tests: these clients raise instead of training", factory=list)
     fail_from_round: int = _help("...from this round on", 1)
 
@@ -298,6 +301,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {config.model.precision!r}"),
         (bool(config.model.target_modules), "model.target_modules must name at least one layer"),
         (config.engine.client_cpus >= 1, f"engine.client_cpus must be ≥ 1, got {config.engine.client_cpus}"),
+        (config.engine.max_in_flight >= 0, f"engine.max_in_flight must be ≥ 0 (0 = automatic), got {config.engine.max_in_flight}"),
     ]
     if config.secagg.enabled:
         checks += secagg_checks(config)

@@ -22,11 +22,12 @@ from .strategy import MethodStrategy
 log = logging.getLogger(__name__)
 
 def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload: Workload | None = None,
-                   *, resume: bool = False, shared_disk: bool = False) -> RunRecord:
+                   *, resume: bool = False, shared_disk: bool = False, max_in_flight: int | None = None) -> RunRecord:
     """All rounds of one experiment (or the rounds left after the checkpoint in out_dir, with resume).
 
     With `shared_disk` (simulation: clients on this machine), every round's global update is also kept
-    in out_dir/merges, where any worker process can catch up from."""
+    in out_dir/merges, where any worker process can catch up from. `max_in_flight` overrides
+    engine.max_in_flight (the simulation knows its number of workers)."""
     started = time.perf_counter()
     runtime = ServerRuntime(config, workload or preflight(config))
     if shared_disk:
@@ -61,7 +62,8 @@ def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload
         record.final["wall_seconds_so_far"] = time.perf_counter() - started
         save_checkpoint(out_dir, round_, runtime, record)
 
-    strategy = MethodStrategy(runtime, record, experiment=config.to_dict(), on_round_end=checkpoint)
+    strategy = MethodStrategy(runtime, record, experiment=config.to_dict(), on_round_end=checkpoint,
+                              max_in_flight=config.engine.max_in_flight if max_in_flight is None else max_in_flight)
     strategy.summary()
     strategy.run_rounds(grid, done + 1, config.rounds)
     record.finish(wall_seconds=time.perf_counter() - started, final_ranks=runtime.method.client_ranks())

@@ -35,7 +35,10 @@ def simulate(config: ExperimentConfig, out_dir: Path, workload: Workload | None 
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        finished.append(run_federation(grid, config, out_dir, workload, resume=resume, shared_disk=True))
+        # With all of a round's train messages out at once, the server would hold every client's instruction
+        # and reply (several copies each) while the workers take them one by one: memory grew with clients.
+        in_flight = config.engine.max_in_flight or 2 * simulated_workers(config)
+        finished.append(run_federation(grid, config, out_dir, workload, resume=resume, shared_disk=True, max_in_flight=in_flight))
 
     run_simulation(
         server_app=server_app,
@@ -47,6 +50,12 @@ def simulate(config: ExperimentConfig, out_dir: Path, workload: Workload | None 
     if not finished:
         raise RuntimeError("the simulation ended before the server finished; see the log above for the client error")
     return finished[0]
+
+
+def simulated_workers(config: ExperimentConfig) -> int:
+    """Clients trained in parallel: cores / client_cpus."""
+    cores = os.cpu_count() or 1
+    return max(1, cores // min(config.engine.client_cpus, cores))
 
 
 def backend_config(config: ExperimentConfig) -> dict:

@@ -8,6 +8,7 @@ runtime receives the clear parts of the replies plus the unmasked sum of the res
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterable
@@ -60,9 +61,20 @@ def identify_clients(grid: Grid, num_clients: int, *, timeout_seconds: float) ->
     return node_of_client
 
 
+def send_in_waves(grid: Grid, messages: Iterable[Message], max_in_flight: int, timeout: float) -> list[Message]:
+    """Every message's reply (or error), at most `max_in_flight` messages out at once (0 = all at once); each
+    wave is built only when it is sent. The round's timeout is one deadline for all the waves."""
+    deadline = time.monotonic() + timeout
+    pending, replies = iter(messages), []
+    while wave := list(itertools.islice(pending, max_in_flight or None)):
+        replies.extend(grid.send_and_receive(wave, timeout=max(deadline - time.monotonic(), 0.0)))
+    return replies
+
+
 class MethodStrategy(Strategy):
-    def __init__(self, runtime: ServerRuntime, record: RunRecord, experiment: dict, on_round_end=None) -> None:
+    def __init__(self, runtime: ServerRuntime, record: RunRecord, experiment: dict, on_round_end=None, max_in_flight: int = 0) -> None:
         self.runtime = runtime
+        self.max_in_flight = max_in_flight  # train messages out at once (0 = all)
         self.record = record
         self.experiment = experiment
         self.on_round_end = on_round_end  # e.g. write a checkpoint
@@ -79,11 +91,11 @@ class MethodStrategy(Strategy):
         if first_round == 1:
             self.evaluate_fn(0, ArrayRecord())
         for server_round in range(first_round, last_round + 1):
-            messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
-            if self.runtime.secure:
-                self.aggregate_secure_train(server_round, secure_train_round(grid, messages, server_round, self.runtime.config.secagg, timeout))
+            messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+            if self.runtime.secure:  # SecAgg+'s stages need every participant at once
+                self.aggregate_secure_train(server_round, secure_train_round(grid, list(messages), server_round, self.runtime.config.secagg, timeout))
             else:
-                self.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
+                self.aggregate_train(server_round, send_in_waves(grid, messages, self.max_in_flight, timeout))
             evaluations = list(self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
             self.aggregate_evaluate(server_round, grid.send_and_receive(evaluations, timeout=timeout) if evaluations else [])
             self.evaluate_fn(server_round, ArrayRecord())
@@ -99,12 +111,12 @@ class MethodStrategy(Strategy):
             config = self.runtime.config
             self.node_of_client = identify_clients(grid, config.federation.num_clients, timeout_seconds=config.engine.connect_timeout)
         self._round_started = time.perf_counter()
-        messages = []
-        for instruction, sync in self.runtime.instructions(server_round):
-            content = instruction_content(instruction, sync, self.experiment)
-            messages.append(Message(content=content, dst_node_id=self.node_of_client[instruction.client_id], message_type="train"))
-        log.info("round %d: training clients %s", server_round, [m.content.config_records["meta"]["client_id"] for m in messages])
-        return messages
+        pairs = self.runtime.instructions(server_round)
+        log.info("round %d: training clients %s", server_round, [instruction.client_id for instruction, _ in pairs])
+        # Built as they are sent (send_in_waves): a message holds copies of its instruction's tensors.
+        return (Message(content=instruction_content(instruction, sync, self.experiment),
+                        dst_node_id=self.node_of_client[instruction.client_id], message_type="train")
+                for instruction, sync in pairs)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         client_of_node = {node: cid for cid, node in self.node_of_client.items()}
