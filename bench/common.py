@@ -1,0 +1,75 @@
+"""Shared bits of the benchmarks: machine description, tables, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, str | int]:
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "git": _git_revision(),
+    }
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def timed(fn: Callable[[], object], *, repeats: int, warmup: int = 1, setup: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median and spread of `repeats` timed calls after `warmup` untimed ones (seconds); `setup` runs untimed before each."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if setup:
+            setup()
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples), "repeats": repeats}
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    line = " | ".join(h.ljust(w) for h, w in zip(header, widths))
+    print(f"\n{title}\n{line}\n{'-' * len(line)}")
+    for row in rows:
+        print(" | ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    print(f"\nwritten: {path}")
+    return path
