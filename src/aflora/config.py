@@ -239,7 +239,7 @@ SECAGG_MODULUS = 2**32  # SecAgg+'s modulus_range (Flower's default and maximum)
 def secagg_checks(config: ExperimentConfig) -> list[tuple[bool, str]]:
     """SecAgg+ settings Flower would refuse (or silently get wrong), named by their config field."""
     secagg, fed = config.secagg, config.federation
-    supported = sorted(n for n, c in METHODS.items() if getattr(c, "supports_secure_aggregation", False))
+    supported = sorted(n for n, c in METHODS.items() if c.supports_secure_aggregation)
     sampled = max(1, int(fed.sample_fraction * fed.num_clients + 0.5))
     shares, threshold = secagg.num_shares, secagg.reconstruction_threshold
     return [

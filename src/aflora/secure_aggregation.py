@@ -37,11 +37,6 @@ WEIGHT = "secagg_weight"  # instruction tensors "secagg_weight/<module>": the cl
 MASKED_ENTRY_BYTES = 8
 
 
-def supports_secure_aggregation(method: type[FederatedMethod] | FederatedMethod) -> bool:
-    """Whether a method has the hooks below (`secure_weights`, `secure_summands`, `aggregate_secure`)."""
-    return bool(getattr(method, "supports_secure_aggregation", False))
-
-
 # ---------------------------------------------------------------------------- server → client
 def attach_weights(instruction: Instruction, weights: Mapping[str, float]) -> None:
     """Put the client's p_k per module into its instruction (in the clear: the server computed them)."""

@@ -96,10 +96,14 @@ class AFLoRA(FederatedMethod):
     def needs_public_data(cls, options: AFLoRAOptions) -> bool:
         return options.server_tuning
 
+    @property
+    def r_max(self) -> int:
+        """The largest initial rank: the width of the global A and of every padded B' (server and clients)."""
+        return max(c.max_rank for c in self.clients.values())
+
     # ------------------------------------------------------------------ server
     def init_server_state(self) -> None:
         generator = torch.Generator().manual_seed(self.seed)
-        self.r_max = max(c.max_rank for c in self.clients.values())
         # Global A (Sec. V-C): r_max random rows, each of norm C; shared by all clients.
         self.A_global: dict[str, torch.Tensor] = {
             name: normalize_rows(torch.randn(self.r_max, n, generator=generator), self.row_norm(name))
@@ -170,9 +174,8 @@ class AFLoRA(FederatedMethod):
 
     def secure_summands(self, instruction: Instruction, upload: Upload, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
         """Client side: p_k·pad(B'_k), m × r_max per module (float64, so quantization is the only rounding)."""
-        width = max(c.max_rank for c in self.clients.values())  # r_max: every process derives it from the config
         return {name: float(weights[name]) * pad_columns(upload.tensors[tensor_key("B", name)].double(),
-                                                         instruction.tensors[tensor_key("mask", name)], width)
+                                                         instruction.tensors[tensor_key("mask", name)], self.r_max)
                 for name in self.module_shapes}
 
     def aggregate_secure(self, sums: Mapping[str, torch.Tensor], uploads: list[Upload],

@@ -111,6 +111,8 @@ class FederatedMethod(ABC):
     # True: client-level DP applies (aflora.privacy): uploads are the client's whole update, the aggregate is
     # a weighted sum that can take uniform weights (`uniform_weights`) and Gaussian noise (`add_aggregate_noise`).
     supports_dp: ClassVar[bool] = False
+    # SecAgg+ (aflora.secure_aggregation): needs secure_weights, secure_summands and aggregate_secure.
+    supports_secure_aggregation: ClassVar[bool] = False
     uniform_weights: bool = False
 
     def __init__(
