@@ -88,12 +88,12 @@ def test_toml_literal_parses_back_exactly(value):
 def fake_run(method: str, seed: int, *, accuracy: float | None, loss: float = 1.0, best: float | None = None,
              cost_pct: float = 0.1, uplink: list[int] = (MIB, MIB), round_seconds: list[float] = (1.0, 3.0),
              aggregation_seconds: list[float] = (0.01, 0.03), server_seconds: list[float | None] = (None, None),
-             errors: list[float | None] = (None, None), eval_uplink: int = 0) -> dict:
+             errors: list[float | None] = (None, None), eval_uplink: int = 0, extra: dict | None = None) -> dict:
     """A results.json dict with just the fields the table reads."""
     rounds = [
         {"round": i + 1, "accuracy": accuracy, "loss": loss, "uplink_bytes": {"0": up // 2, "1": up - up // 2},
          "round_seconds": rs, "aggregation_seconds": ag, "server_seconds": ss, "aggregation_error": er,
-         "eval_uplink_bytes": eval_uplink}
+         "eval_uplink_bytes": eval_uplink, "extra": {k: v[i] for k, v in (extra or {}).items()}}
         for i, (up, rs, ag, ss, er) in enumerate(zip(uplink, round_seconds, aggregation_seconds, server_seconds, errors))
     ]
     return {
@@ -156,6 +156,25 @@ def test_instruction_tasks_compare_final_loss():
     assert rows[0].stats["best_accuracy"].mean is None
 
 
+def test_extra_benchmarks_get_a_column_of_their_last_round(tmp_path):
+    runs = {
+        "aflora": [fake_run("aflora", s, accuracy=None, extra={"mmlu/accuracy": [0.2, a]}) for s, a in ((0, 0.30), (1, 0.40))],
+        "fedit": [fake_run("fedit", 0, accuracy=None)],  # scored no extra benchmark: blank, not 0
+    }
+    rows = summarize(runs)
+    aflora, fedit = rows
+    assert (aflora.stats["final_mmlu/accuracy"].mean, aflora.stats["final_mmlu/accuracy"].std) == pytest.approx(mean_std([0.30, 0.40]))
+    assert fedit.stats["final_mmlu/accuracy"].mean is None
+    md = write_markdown(rows, tmp_path / "comparison.md", header=[]).read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| entry | seeds"))
+    assert header.strip("|").split("|")[-1].strip() == "final mmlu/accuracy"
+    assert "| 0.3500 ± 0.0707 |" in md
+    with write_csv(rows, tmp_path / "comparison.csv").open() as handle:
+        records = list(csv.DictReader(handle))
+    assert float(records[0]["final_mmlu/accuracy_mean"]) == pytest.approx(0.35)
+    assert records[1]["final_mmlu/accuracy_mean"] == ""
+
+
 def test_markdown_and_csv_have_one_row_per_label(runs, tmp_path):
     rows = summarize(runs)
     md = write_markdown(rows, tmp_path / "comparison.md", header=["Command: `aflora compare ...`", "Machine: test"]).read_text()
@@ -177,7 +196,7 @@ def test_markdown_and_csv_have_one_row_per_label(runs, tmp_path):
     with (write_csv(rows, tmp_path / "comparison.csv")).open() as handle:
         reader = csv.DictReader(handle)
         records = list(reader)
-    assert reader.fieldnames == csv_columns()
+    assert reader.fieldnames == csv_columns(rows)
     assert reader.fieldnames[:4] == ["label", "method", "seeds", "metric"]
     assert {f"{c.key}_mean" for c in COLUMNS} <= set(reader.fieldnames)
     assert [r["label"] for r in records] == ["aflora", "fedit", "fedsa_lora"]

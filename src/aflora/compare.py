@@ -286,6 +286,22 @@ COLUMNS = [
 ]
 
 
+def extra_column(name: str) -> Column:
+    """A benchmark from data.extra_eval (e.g. "mmlu/accuracy"): its score in the run's last round."""
+    def value(run: dict[str, Any]) -> float | None:
+        return run["rounds"][-1].get("extra", {}).get(name) if run["rounds"] else None
+    return Column(f"final_{name}", f"final {name}", ".4f", value)
+
+
+def extra_names(runs: list[dict[str, Any]]) -> list[str]:
+    return sorted({name for run in runs if run["rounds"] for name in run["rounds"][-1].get("extra", {})})
+
+
+def columns_of(rows: list[Row]) -> list[Column]:
+    """The fixed columns, then one per extra benchmark any row has (all rows have them all, blank where missing)."""
+    return COLUMNS + [extra_column(name) for name in rows[0].extra] if rows else list(COLUMNS)
+
+
 @dataclass
 class Stat:
     mean: float | None
@@ -312,18 +328,21 @@ class Row:
     metric: str  # "accuracy", or "loss" where the task has no accuracy (instruction tuning)
     stats: dict[str, Stat]  # column key -> mean ± std over seeds
     finals: list[float | None]  # the final metric per seed, in `seeds` order
+    extra: list[str] = field(default_factory=list)  # extra benchmarks of the whole table, e.g. ["mmlu/accuracy"]
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[Row]:
     """label -> its runs' results.json dicts (one per seed) -> one row per label, in the given order."""
     rows = []
+    extra = extra_names([run for seeds in runs.values() for run in seeds])
+    columns = COLUMNS + [extra_column(name) for name in extra]
     for label, seeds in runs.items():
         if not seeds:
             raise ValueError(f"no finished runs for {label!r}")
         metric = "accuracy" if all(run["final"].get("accuracy") is not None for run in seeds) else "loss"
         finals = [run["final"].get(metric) for run in seeds]  # one metric for every seed of a label
-        stats = {c.key: Stat.of([c.value(run) for run in seeds]) for c in COLUMNS} | {"final": Stat.of(finals)}
-        rows.append(Row(label, seeds[0]["method"], [run["seed"] for run in seeds], metric, stats, finals))
+        stats = {c.key: Stat.of([c.value(run) for run in seeds]) for c in columns} | {"final": Stat.of(finals)}
+        rows.append(Row(label, seeds[0]["method"], [run["seed"] for run in seeds], metric, stats, finals, extra))
     return rows
 
 
@@ -332,7 +351,7 @@ def markdown_columns(rows: list[Row]) -> list[Column]:
     def shown(c: Column) -> bool:
         means = [row.stats[c.key].mean for row in rows]
         return any(m is not None for m in means) and not (c.hide_zero and not any(means))
-    return [c for c in COLUMNS if shown(c)]
+    return [c for c in columns_of(rows) if shown(c)]
 
 
 def markdown_table(rows: list[Row]) -> list[str]:
@@ -376,8 +395,8 @@ def write_markdown(rows: list[Row], path: Path, *, header: list[str]) -> Path:
     return path
 
 
-def csv_columns() -> list[str]:
-    return ["label", "method", "seeds", "metric", *(f"{c.key}_{part}" for c in COLUMNS for part in ("mean", "std"))]
+def csv_columns(rows: list[Row] = ()) -> list[str]:
+    return ["label", "method", "seeds", "metric", *(f"{c.key}_{part}" for c in columns_of(list(rows)) for part in ("mean", "std"))]
 
 
 def write_csv(rows: list[Row], path: Path) -> Path:
@@ -385,9 +404,9 @@ def write_csv(rows: list[Row], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(csv_columns())
+        writer.writerow(csv_columns(rows))
         for row in rows:
-            numbers = [row.stats[c.key] for c in COLUMNS]
+            numbers = [row.stats[c.key] for c in columns_of(rows)]
             writer.writerow([row.label, row.method, " ".join(map(str, row.seeds)), row.metric,
                              *("" if v is None else repr(v) for s in numbers for v in (s.mean, s.std))])
     return path
