@@ -297,9 +297,13 @@ def extra_names(runs: list[dict[str, Any]]) -> list[str]:
     return sorted({name for run in runs if run["rounds"] for name in run["rounds"][-1].get("extra", {})})
 
 
+def table_columns(extra: list[str]) -> list[Column]:
+    """The fixed columns, then one per extra benchmark of the table (blank in rows whose runs lack it)."""
+    return COLUMNS + [extra_column(name) for name in extra]
+
+
 def columns_of(rows: list[Row]) -> list[Column]:
-    """The fixed columns, then one per extra benchmark any row has (all rows have them all, blank where missing)."""
-    return COLUMNS + [extra_column(name) for name in rows[0].extra] if rows else list(COLUMNS)
+    return table_columns(rows[0].extra if rows else [])
 
 
 @dataclass
@@ -335,7 +339,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[Row]:
     """label -> its runs' results.json dicts (one per seed) -> one row per label, in the given order."""
     rows = []
     extra = extra_names([run for seeds in runs.values() for run in seeds])
-    columns = COLUMNS + [extra_column(name) for name in extra]
+    columns = table_columns(extra)
     for label, seeds in runs.items():
         if not seeds:
             raise ValueError(f"no finished runs for {label!r}")
