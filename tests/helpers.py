@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import random
 from pathlib import Path
 
@@ -84,3 +85,25 @@ def write_tiny_config_toml(folder: Path, *overrides: str, model: str = "tiny-lla
     path = folder / "tiny.toml"
     path.write_text("".join(f"{key} = {toml_literal(value)}\n" for key, value in flatten(config.to_dict()).items()))
     return path
+
+
+TIMING_FIELDS = {"train_seconds", "round_seconds", "eval_seconds", "aggregation_seconds", "server_seconds"}
+
+
+def record_differences(a, b, *, path: str = "", rel: float = 1e-4) -> list[str]:
+    """Where two results.json records differ, timings aside: every non-float exactly, floats within `rel`.
+
+    Why a tolerance: the same experiment run in two processes (a resumed run, a deployed federation) was seen,
+    rarely, to differ in the last float bits of the server-tuned A (~1e-5) and so in later losses. Anything
+    that changes what is computed (a lost state, a wrong client, a skipped merge) moves values far more."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path or 'record'}: keys {sorted(a.keys() ^ b.keys())} in only one"]
+        return [d for k in a if k not in TIMING_FIELDS for d in record_differences(a[k], b[k], path=f"{path}.{k}", rel=rel)]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} != {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in record_differences(x, y, path=f"{path}[{i}]", rel=rel)]
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if math.isclose(a, b, rel_tol=rel, abs_tol=1e-9) else [f"{path}: {a!r} != {b!r}"]
+    return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} != {b!r}"]
