@@ -90,20 +90,22 @@ def write_tiny_config_toml(folder: Path, *overrides: str, model: str = "tiny-lla
 TIMING_FIELDS = {"train_seconds", "round_seconds", "eval_seconds", "aggregation_seconds", "server_seconds"}
 
 
-def record_differences(a, b, *, path: str = "", rel: float = 1e-4) -> list[str]:
+def record_differences(a, b, *, path: str = "", rel: float = 1e-4, noise_floor: float = 1e-6) -> list[str]:
     """Where two results.json records differ, timings aside: every non-float exactly, floats within `rel`.
 
     Why a tolerance: the same experiment run in two processes (a resumed run, a deployed federation) was seen,
     rarely, to differ in the last float bits of the server-tuned A (~1e-5) and so in later losses. Anything
-    that changes what is computed (a lost state, a wrong client, a skipped merge) moves values far more."""
+    that changes what is computed (a lost state, a wrong client, a skipped merge) moves values far more.
+    Values that are themselves rounding residuals (aggregation_error, ~1e-8) have no stable bits: below
+    `noise_floor` they count as equal."""
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
             return [f"{path or 'record'}: keys {sorted(a.keys() ^ b.keys())} in only one"]
-        return [d for k in a if k not in TIMING_FIELDS for d in record_differences(a[k], b[k], path=f"{path}.{k}", rel=rel)]
+        return [d for k in a if k not in TIMING_FIELDS for d in record_differences(a[k], b[k], path=f"{path}.{k}", rel=rel, noise_floor=noise_floor)]
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: {len(a)} != {len(b)} items"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in record_differences(x, y, path=f"{path}[{i}]", rel=rel)]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in record_differences(x, y, path=f"{path}[{i}]", rel=rel, noise_floor=noise_floor)]
     if isinstance(a, float) and isinstance(b, float):
-        return [] if math.isclose(a, b, rel_tol=rel, abs_tol=1e-9) else [f"{path}: {a!r} != {b!r}"]
+        return [] if math.isclose(a, b, rel_tol=rel, abs_tol=noise_floor) else [f"{path}: {a!r} != {b!r}"]
     return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} != {b!r}"]
