@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 
@@ -12,6 +13,19 @@ class _DropDeprecatedSimulationNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "run_simulation" not in record.getMessage() and "This is a deprecated feature" not in record.getMessage()
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record, not the one at setup: a test runner or a
+    notebook swaps and closes it, and a handler bound to a closed stream only prints 'Logging error'."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _ignored) -> None:
+        pass
 
 
 def quiet_flower(verbose: bool) -> None:
@@ -28,7 +42,7 @@ def configure_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     logger = logging.getLogger("aflora")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
