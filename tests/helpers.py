@@ -98,14 +98,18 @@ def record_differences(a, b, *, path: str = "", rel: float = 1e-4, noise_floor: 
     that changes what is computed (a lost state, a wrong client, a skipped merge) moves values far more.
     Values that are themselves rounding residuals (aggregation_error, ~1e-8) have no stable bits: below
     `noise_floor` they count as equal."""
+
+    def inner(x, y, where: str) -> list[str]:
+        return record_differences(x, y, path=where, rel=rel, noise_floor=noise_floor)
+
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
             return [f"{path or 'record'}: keys {sorted(a.keys() ^ b.keys())} in only one"]
-        return [d for k in a if k not in TIMING_FIELDS for d in record_differences(a[k], b[k], path=f"{path}.{k}", rel=rel, noise_floor=noise_floor)]
+        return [d for k in a if k not in TIMING_FIELDS for d in inner(a[k], b[k], f"{path}.{k}")]
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: {len(a)} != {len(b)} items"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in record_differences(x, y, path=f"{path}[{i}]", rel=rel, noise_floor=noise_floor)]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in inner(x, y, f"{path}[{i}]")]
     if isinstance(a, float) and isinstance(b, float):
         return [] if math.isclose(a, b, rel_tol=rel, abs_tol=noise_floor) else [f"{path}: {a!r} != {b!r}"]
     return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} != {b!r}"]
