@@ -186,7 +186,7 @@ def test_the_run_comparison_sees_any_change_beyond_float_rounding():
     record = {"rounds": [{"round": 1, "loss": 1.25, "ranks": {"0": 4}, "clients": [0, 1], "round_seconds": 3.0,
                           "aggregation_error": 1.99e-08}]}
     same = copy.deepcopy(record)
-    # rounding (a residual that is itself rounding noise included) and timing only: the CI run of 9931107 saw this residual
+    # rounding and timing only; the aggregation residual is itself rounding noise (CI once saw exactly this pair)
     same["rounds"][0].update(loss=1.25 * (1 + 1e-6), round_seconds=9.0, aggregation_error=2.32e-08)
     assert record_differences(record, same) == []
     changes = ({"loss": 1.26}, {"ranks": {"0": 3}}, {"clients": [0]}, {"round": 2}, {"loss": None}, {"extra": {}},
