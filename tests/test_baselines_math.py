@@ -11,7 +11,8 @@ from aflora.lora.factors import ModuleFactors
 from aflora.methods import METHODS, method_options
 from aflora.methods.base import ClientSpec, tensor_key
 from aflora.methods.flexlora import FlexLoRA
-from aflora.methods.hetlora import HetLoRA, tail_penalty
+from aflora.methods.aggregation import LoRAScaling
+from aflora.methods.hetlora import HetLoRA, tail_penalty, tail_start
 
 SHAPES = {"blk.0.q": (12, 10), "blk.0.v": (6, 10)}
 
@@ -200,11 +201,26 @@ def test_hetlora_zero_padded_sparsity_weighted_aggregation():
 def test_hetlora_regularizer_has_gradients_on_the_tail_only():
     A = torch.nn.Parameter(torch.randn(8, 10))
     B = torch.nn.Parameter(torch.randn(12, 8))
-    tail_penalty(0.5, start=6)({"m": {"A": A, "B": B}}).backward()
+    tail_penalty(0.5, start=6, scaling=1.0)({"m": {"A": A, "B": B}}).backward()
     assert A.grad[6:].abs().sum() > 0 and B.grad[:, 6:].abs().sum() > 0
     assert A.grad[:6].abs().sum() == 0 and B.grad[:, :6].abs().sum() == 0
     expected = 0.5 * (A[6:].norm() * B[:, 6:].norm()).item()
-    assert tail_penalty(0.5, start=6)({"m": {"A": A, "B": B}}).item() == pytest.approx(expected)
+    assert tail_penalty(0.5, start=6, scaling=1.0)({"m": {"A": A, "B": B}}).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("rank", [4, 64])
+@pytest.mark.parametrize("scaling_options", [{}, {"alpha_rule": "fixed", "lora_alpha": 16.0}], ids=["default", "fixed16"])
+def test_hetlora_regularizer_acts_on_the_factors_of_delta_w(rank, scaling_options):
+    """λ means the same at every rank and alpha rule: the host stores B divided by the scaling, the penalty
+    multiplies it back, so it equals λ·Σ‖A[t:]‖‖B[:, t:]‖ of the factors of ΔW = BA."""
+    method = make("hetlora", [rank], [1], reg_weight=0.5, **scaling_options)
+    spec = method.local_job(method.instruct(0, 1))
+    g = torch.Generator().manual_seed(8)
+    effective = {n: ModuleFactors(A=torch.randn(rank, k, generator=g), B=torch.randn(m, rank, generator=g)) for n, (m, k) in SHAPES.items()}
+    as_stored = {n: {"A": f.A, "B": f.B / spec.scaling} for n, f in effective.items()}  # AdapterHost.install's convention
+    start = tail_start(rank, method.options.keep_ratio, method.options.min_rank)
+    expected = 0.5 * sum(float(f.A[start:].norm() * f.B[:, start:].norm()) for f in effective.values())
+    assert float(spec.penalty(as_stored)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_hetlora_prunes_when_the_tail_shrank():
@@ -220,6 +236,38 @@ def test_hetlora_prunes_when_the_tail_shrank():
     method.aggregate([method.upload(instruction, shrunk, 1), method.upload(method.instruct(1, 2), grown, 1)], round=2)
     assert method.ranks == {0: 6, 1: 10}
     assert isinstance(method, HetLoRA)
+
+
+# ---------------------------------------------------------------------------- LoRA scaling per method
+# The scaling alpha/r a client of rank r trains with, as each method's reference code sets it (docs/methods.md).
+REFERENCE_SCALING = {
+    "flora": lambda r: 2.0,  # ATP-1010/FederatedLLM main.py: lora_alpha = 2·r_k
+    "hetlora": lambda r: 2.0,  # no public code; FLoRA's zero-padding (HETLoRA) baseline: lora_alpha = 2·r_k
+    "flexlora": lambda r: 16 / r,  # FederatedScope FlexLoRA branch main.py: 'alpha': 16 for every client
+    "fedit": lambda r: 16 / r,  # FederatedGPT-Shepherd main.py: lora_alpha 16
+    "ffa_lora": lambda r: 16 / r,  # FedSA-LoRA's freeze_A reimplementation: r 8, lora_alpha 16
+    "fedsa_lora": lambda r: 16 / r,  # FedSA-LoRA yamls/fedsa-lora.yaml: r 8, lora_alpha 16
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_SCALING))
+def test_each_client_rank_trains_with_its_reference_scaling(name):
+    method = make(name, [4, 64], [1, 1])
+    for client_id in (0, 1):
+        spec = method.local_job(method.instruct(client_id, 1))
+        rank = {f.rank for f in spec.adapter.values()}.pop()
+        assert spec.scaling == pytest.approx(REFERENCE_SCALING[name](rank)), f"{name} at rank {rank}"
+
+
+def test_alpha_rules_and_their_override():
+    assert LoRAScaling(2.0, "times_rank").scaling(4) == LoRAScaling(2.0, "times_rank").scaling(64) == 2.0
+    assert LoRAScaling(16.0, "fixed").scaling(64) == 0.25
+    peft_style = make("flora", [64], [1], lora_alpha=16.0, alpha_rule="fixed")  # one config line away
+    assert peft_style.local_job(peft_style.instruct(0, 1)).scaling == 0.25
+    with pytest.raises(ValueError, match="alpha_rule must be one of"):
+        make("hetlora", [4], [1], alpha_rule="per_rank")
+    with pytest.raises(ValueError, match="lora_alpha must be > 0"):
+        make("fedit", [4], [1], lora_alpha=0.0)
 
 
 # ---------------------------------------------------------------------------- trainability per method

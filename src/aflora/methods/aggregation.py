@@ -1,11 +1,46 @@
-"""Aggregation steps that several methods share: weights, zero-padding, weighted sums."""
+"""Steps that several methods share: LoRA's scaling, weights, zero-padding, weighted sums."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+
+# How a method's reference code sets PEFT's lora_alpha for a client of rank r (docs/methods.md cites each file).
+ALPHA_RULES = {
+    "fixed": "one lora_alpha at every rank, so scaling = lora_alpha / r (PEFT's default)",
+    "times_rank": "lora_alpha · r at rank r, so scaling = lora_alpha at every rank (FLoRA's alpha = 2·r_k)",
+}
+LORA_ALPHA_HELP = {"help": "LoRA's alpha; how it follows each client's rank is set by alpha_rule."}
+ALPHA_RULE_HELP = {"help": "; ".join(f"{name!r}: {meaning}" for name, meaning in ALPHA_RULES.items())}
+
+
+@dataclass
+class LoRAScaling:
+    """The scaling a client of rank r trains with, for methods that train plain LoRA.
+
+    Factors travel scale-free (the host folds scaling·B·A into B), so the rule changes no aggregate; it changes
+    how fast each rank learns: under Adam a step moves scaling·B·A by about lr·scaling, so 'fixed' makes a
+    rank-64 client 16× slower than a rank-4 one and 'times_rank' makes them equal. Methods subclass this to
+    set their reference's defaults.
+    """
+
+    lora_alpha: float = field(default=16.0, metadata=LORA_ALPHA_HELP)
+    alpha_rule: str = field(default="fixed", metadata=ALPHA_RULE_HELP)
+
+    def __post_init__(self) -> None:
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}; set <method>.lora_alpha to a positive number")
+        if self.alpha_rule not in ALPHA_RULES:
+            raise ValueError(f"alpha_rule must be one of {sorted(ALPHA_RULES)}, got {self.alpha_rule!r} (<method>.alpha_rule)")
+
+    def scaling(self, rank: int) -> float:
+        """PEFT's lora_alpha / r for a client training at `rank`."""
+        if rank < 1:
+            raise ValueError(f"a LoRA rank must be ≥ 1 to be scaled, got {rank}")
+        return self.lora_alpha if self.alpha_rule == "times_rank" else self.lora_alpha / rank
 
 
 def data_weights(num_examples: Sequence[int]) -> torch.Tensor:

@@ -5,6 +5,10 @@ on the dense m × n matrix) and hands client k the best rank-r_k approximation B
 A_k = √S_r V_rᵀ to start from. Clients train and upload their full adapters; the new ΔW replaces the
 old one. The evaluated global model is W + ΔW (kept exactly, as stacked factors of rank Σ r_k).
 
+Scaling follows the FlexLoRA code (alibaba/FederatedScope, FlexLoRA branch, main.py): one lora_alpha = 16 for
+every client, so a client of rank r_k has scaling 16/r_k (fed_utils/model_aggregation.py multiplies each
+B_k A_k by that 16/r_k before averaging: the scale-free product, as here).
+
 aggregation_error reports what redistribution loses: the data-weighted mean over clients of
 ‖ΔW − trunc_{r_k}(ΔW)‖_F / ‖ΔW‖_F, which equals √(Σ_{i>r_k} σ_i² / Σ_i σ_i²) (Eckart–Young).
 """
@@ -14,9 +18,8 @@ from __future__ import annotations
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
-from .aggregation import data_weights
+from .aggregation import LoRAScaling, data_weights
 from .base import FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
-from .flora import LoRAScaleOptions
 
 
 def svd_truncation(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> ModuleFactors:
@@ -27,7 +30,7 @@ def svd_truncation(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int
 
 class FlexLoRA(FederatedMethod):
     name = "flexlora"
-    options_class = LoRAScaleOptions
+    options_class = LoRAScaling  # its defaults are FlexLoRA's: lora_alpha 16, 'fixed'
     trained_factors = frozenset({"A", "B"})
     uploaded_factors = frozenset({"A", "B"})
 
@@ -84,7 +87,7 @@ class FlexLoRA(FederatedMethod):
                        for name in sorted(self.module_shapes)}
         else:  # round 1: no global update yet
             adapter = fresh_lora(self.module_shapes, rank, self.client_generator(instruction))
-        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.lora_alpha / rank)
+        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.scaling(rank))
 
     def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
         tensors = {tensor_key(f, name): getattr(factors, f).detach().clone() for name, factors in trained.items() for f in ("A", "B")}

@@ -5,6 +5,9 @@ Each round every client trains a fresh LoRA of its own rank r_k. The server stac
 and the next round starts from fresh adapters. The stacked update (rank Σ r_k) is what clients must
 download to merge. (The public FLoRA code's homogeneous branch keeps only the first client's
 adapter; stacking here always covers every client, homogeneous or not.)
+
+Scaling follows the FLoRA code (ATP-1010/FederatedLLM, main.py): a client of rank r_k trains with
+lora_alpha = 2·r_k, so every rank has scaling 2 (its homogeneous setting, r = 16 with alpha = 32, too).
 """
 
 from __future__ import annotations
@@ -14,22 +17,21 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
-from .aggregation import ProductError, data_weights, relative_error
+from .aggregation import ALPHA_RULE_HELP, LORA_ALPHA_HELP, LoRAScaling, ProductError, data_weights, relative_error
 from .base import FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
 
 
 @dataclass
-class LoRAScaleOptions:
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling is lora_alpha / r_k (PEFT's convention)."})
+class FLoRAOptions(LoRAScaling):
+    """FederatedLLM main.py: LoraConfig(r=local_ranks[k], lora_alpha=2*local_ranks[k])."""
 
-    def __post_init__(self) -> None:
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+    lora_alpha: float = field(default=2.0, metadata=LORA_ALPHA_HELP)
+    alpha_rule: str = field(default="times_rank", metadata=ALPHA_RULE_HELP)
 
 
 class FLoRA(FederatedMethod):
     name = "flora"
-    options_class = LoRAScaleOptions
+    options_class = FLoRAOptions
     trained_factors = frozenset({"A", "B"})
     uploaded_factors = frozenset({"A", "B"})
 
@@ -68,7 +70,7 @@ class FLoRA(FederatedMethod):
     def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
         rank = int(instruction.config["rank"])
         adapter = fresh_lora(self.module_shapes, rank, self.client_generator(instruction))
-        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.lora_alpha / rank)
+        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.scaling(rank))
 
     def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
         tensors = {tensor_key(f, name): getattr(factors, f).detach().clone() for name, factors in trained.items() for f in ("A", "B")}

@@ -1,12 +1,17 @@
 """HETLoRA (Cho et al. 2024): zero-padded heterogeneous ranks, rank self-pruning, sparsity weights.
 
 - Distribution: client k gets the first r_k rank slices of the global A (r_max × n) and B (m × r_max).
-- Local training adds λ·Σ_modules ‖A[t:r]‖_F·‖B[:, t:r]‖_F on the trailing slices t = ⌊γ·r⌋..r. It is
-  computed on the live parameters, so it really pushes the tail towards zero (a public
-  reimplementation computes it on detached tensors, which makes it inert; a test checks its gradient).
+- Local training adds λ·Σ_modules ‖A[t:r]‖_F·‖B[:, t:r]‖_F on the trailing slices t = ⌊γ·r⌋..r of the factors
+  of ΔW = BA (the effective ones, whatever LoRA's scaling). It is computed on the live parameters, so it really
+  pushes the tail towards zero (a public reimplementation computes it on detached tensors, which makes it
+  inert; a test checks its gradient).
 - Self-pruning: if training shrank that tail norm below what the client received, its rank becomes
   max(min_rank, ⌊γ·r⌋) from the next round on (one rank per client, as in the paper's r_k).
 - Aggregation: zero-pad every A/B to r_max and average with sparsity weights p_k ∝ ‖B_k A_k‖_F.
+
+HETLoRA has no public code. Its paper writes ΔW = BA with no alpha, and finds that higher ranks learn faster:
+so one scaling for every rank, as in the closest public code, the zero-padding (HETLoRA) baseline of FLoRA's
+repository (ATP-1010/FederatedLLM, main.py: lora_alpha = 2·r_k, scaling 2).
 """
 
 from __future__ import annotations
@@ -16,21 +21,24 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
-from .aggregation import ProductError, data_weights, low_rank_frobenius_sq, pad_columns, pad_rows, relative_error, weighted_sum
+from .aggregation import (ALPHA_RULE_HELP, LORA_ALPHA_HELP, LoRAScaling, ProductError, data_weights, low_rank_frobenius_sq,
+                          pad_columns, pad_rows, relative_error, weighted_sum)
 from .base import FederatedMethod, Instruction, Penalty, TrainSpec, Upload, factor_shapes, tensor_key
 
 
 @dataclass
-class HetLoRAOptions:
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling is lora_alpha / r_k."})
+class HetLoRAOptions(LoRAScaling):
+    lora_alpha: float = field(default=2.0, metadata=LORA_ALPHA_HELP)
+    alpha_rule: str = field(default="times_rank", metadata=ALPHA_RULE_HELP)
     reg_weight: float = field(default=0.01, metadata={"help": "λ of the self-pruning regularizer on the trailing rank slices."})
     keep_ratio: float = field(default=0.9, metadata={"help": "γ: slices ⌊γ·r⌋..r are regularized and pruned together."})
     min_rank: int = field(default=1, metadata={"help": "Self-pruning never goes below this rank."})
     self_pruning: bool = field(default=True, metadata={"help": "Prune ranks whose tail norm shrank (false: fixed ranks)."})
 
     def __post_init__(self) -> None:
-        if self.lora_alpha <= 0 or self.reg_weight < 0:
-            raise ValueError("hetlora.lora_alpha must be > 0 and hetlora.reg_weight ≥ 0")
+        super().__post_init__()
+        if self.reg_weight < 0:
+            raise ValueError(f"hetlora.reg_weight must be ≥ 0, got {self.reg_weight}")
         if not 0.0 < self.keep_ratio < 1.0:
             raise ValueError(f"hetlora.keep_ratio must lie in (0, 1), got {self.keep_ratio}")
         if self.min_rank < 1:
@@ -46,11 +54,15 @@ def tail_norm(A: torch.Tensor, B: torch.Tensor, start: int) -> torch.Tensor:
     return A[start:].norm() * B[:, start:].norm()
 
 
-def tail_penalty(weight: float, start: int) -> Penalty:
-    """λ·Σ ‖A[t:]‖‖B[:, t:]‖ over live parameters (gradients flow into the tail slices)."""
+def tail_penalty(weight: float, start: int, scaling: float) -> Penalty:
+    """λ·Σ ‖A[t:]‖‖B[:, t:]‖ over live parameters (gradients flow into the tail slices).
+
+    The host stores B divided by LoRA's scaling; multiplying it back puts the penalty on the factors of
+    ΔW = BA, so λ means the same at every rank and under any alpha rule.
+    """
 
     def penalty(params) -> torch.Tensor:
-        return weight * sum(tail_norm(p["A"], p["B"], start) for p in params.values())
+        return weight * sum(tail_norm(p["A"], scaling * p["B"], start) for p in params.values())
 
     return penalty
 
@@ -117,9 +129,9 @@ class HetLoRA(FederatedMethod):
         rank = int(instruction.config["rank"])
         adapter = {name: ModuleFactors(A=instruction.tensors[tensor_key("A", name)], B=instruction.tensors[tensor_key("B", name)])
                    for name in sorted(self.module_shapes)}
-        start = tail_start(rank, self.options.keep_ratio, self.options.min_rank)
-        penalty = tail_penalty(self.options.reg_weight, start) if start < rank and self.options.reg_weight > 0 else None
-        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.lora_alpha / rank, penalty=penalty)
+        start, scaling = tail_start(rank, self.options.keep_ratio, self.options.min_rank), self.options.scaling(rank)
+        penalty = tail_penalty(self.options.reg_weight, start, scaling) if start < rank and self.options.reg_weight > 0 else None
+        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=scaling, penalty=penalty)
 
     def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
         rank = int(instruction.config["rank"])

@@ -14,6 +14,12 @@ sends them back, and that traffic is reported apart from the protocol's uplink (
 
 The rank is the smallest client budget, so every client can run it (the AFLoRA paper's choice for
 homogeneous baselines), unless `rank` is set.
+
+Scaling: every reference sets one lora_alpha = 16 whatever the rank, so scaling = 16 / rank. FedIT
+(JayZhang42/FederatedGPT-Shepherd, main.py: lora_r 16, lora_alpha 16); FedSA-LoRA (Pengxin-Guo/FedSA-LoRA,
+federatedscope/{glue,llm}/yamls/fedsa-lora.yaml: r 8, lora_alpha 16); FFA-LoRA has no public code: the FedSA-LoRA
+repository's freeze_A reimplementation runs it with that same configuration, and the FFA-LoRA paper shows that
+with A frozen alpha only rescales the learning rate.
 """
 
 from __future__ import annotations
@@ -23,20 +29,18 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
-from .aggregation import ProductError, data_weights, relative_error, weighted_sum
+from .aggregation import LoRAScaling, ProductError, data_weights, relative_error, weighted_sum
 from .base import EVAL_PREFIX, FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
 
 
 @dataclass
-class SharedLoRAOptions:
+class SharedLoRAOptions(LoRAScaling):  # the references' defaults: lora_alpha 16, 'fixed'
     rank: int = field(default=0, metadata={"help": "One rank for every client; 0 = the smallest client budget."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling is lora_alpha / rank (PEFT's convention)."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.rank < 0:
             raise ValueError(f"rank must be ≥ 0 (0 = the smallest client budget), got {self.rank}")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
 
 
 class SharedLoRA(FederatedMethod):
@@ -110,7 +114,7 @@ class SharedLoRA(FederatedMethod):
             # A personal B is what the client kept; it starts at zero like LoRA's B.
             B = instruction.tensors[key] if key in instruction.tensors else (local_state or {}).get(key, torch.zeros(m, A.shape[0]))
             adapter[name] = ModuleFactors(A=A, B=B)
-        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.lora_alpha / self.rank)
+        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.scaling(self.rank))
 
     def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
         tensors = {tensor_key(f, name): getattr(factors, f).detach().clone() for name, factors in trained.items() for f in self.uploaded_factors}
