@@ -281,6 +281,8 @@ COLUMNS = [
     Column("aggregation_seconds", "aggregation s", ".4f", _round_mean("aggregation_seconds")),
     Column("server_seconds", "server step s", ".3f", _round_mean("server_seconds")),
     Column("aggregation_error", "aggregation error", ".3g", _round_mean("aggregation_error")),
+    Column("truncation_loss", "truncation loss", ".3g", _round_mean("truncation_loss")),
+    Column("a_fused_change", "fused-A change", ".3g", _round_mean("a_fused_change")),
     Column("eval_uplink_mib", "eval-only uplink MiB", ".3f",
            lambda run: sum(r.get("eval_uplink_bytes", 0) for r in run["rounds"]) / MIB, hide_zero=True),
 ]

@@ -30,7 +30,11 @@ class RoundRecord:
     extra: dict[str, float] = field(default_factory=dict)  # other benchmarks, e.g. {"mmlu/accuracy": 0.31}
     aggregation_seconds: float | None = None
     server_seconds: float | None = None  # server-side work after aggregating (AFLoRA's A tuning), incl. the merge
-    aggregation_error: float | None = None  # ‖ΔW_global − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖, where defined
+    # Aggregation exactness: ‖ΔW_aggregate − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖ before truncation or A tuning, where defined
+    aggregation_error: float | None = None
+    truncation_loss: float | None = None  # FlexLoRA: what the SVD redistribution loses of the exact aggregate
+    a_tuning_change: float | None = None  # AFLoRA: ‖A_FT − A‖ / ‖A‖ in the server step
+    a_fused_change: float | None = None  # AFLoRA: ‖A' − A‖ / ‖A‖ after the fusion of Eq. 11
     eval_uplink_bytes: int = 0  # sent only so the server can evaluate a global model (FedSA-LoRA's B)
     personalized: dict[str, float] = field(default_factory=dict)  # clients' own models on their local test rows
     dp_noise_std: float | None = None  # client-level DP: the noise added to the aggregate this round

@@ -486,7 +486,8 @@ class ServerRuntime:
         """Aggregate the accepted uploads, run the server's own update, merge the round's update into the base.
         With secure aggregation the uploads are clear parts only and `secure_sum` holds their weighted sum.
 
-        Returns the server's diagnostics: aggregation and server-step seconds, aggregation error."""
+        Returns the server's diagnostics: aggregation and server-step seconds, aggregation error, and the
+        method's own (truncation loss, A's change in the server step)."""
         started = time.perf_counter()
         if self.secure:
             self.aggregate_secure(round, uploads, secure_sum)
@@ -505,7 +506,7 @@ class ServerRuntime:
         error = self.method.aggregation_error()
         if error is not None:
             diagnostics["aggregation_error"] = error
-        return diagnostics
+        return {**diagnostics, **self.method.round_diagnostics()}
 
     def aggregate_secure(self, round: int, uploads: list[Upload], secure_sum: SecureSum | None) -> None:
         if secure_sum is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +84,89 @@ def batch_loss(model: torch.nn.Module, batch: Batch, objective: str, label_token
     raise ValueError(f"unknown training objective {objective!r}; expected one of {OBJECTIVES}")
 
 
+class TensorwiseAdam(torch.optim.Optimizer):
+    """Adam with one second moment per parameter tensor (the block rule of Adam-mini, Zhang et al. 2024,
+    arXiv 2406.16793, with each tensor a block).
+
+    Per-entry Adam moves every entry by ≈ lr per step whatever its gradient's size, so after a few steps
+    |λ_j| only counts same-sign steps. Dividing by one RMS per tensor keeps the step's overall size (≈ lr)
+    and the gradients' relative sizes: after E steps λ_j ∝ the accumulated ∂L/∂λ_j, which is what DDR reads."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch's Optimizer protocol
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), p.new_zeros(())
+                state["step"] += 1
+                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).add_(p.grad.pow(2).mean(), alpha=1 - beta2)
+                m_hat = state["exp_avg"] / (1 - beta1 ** state["step"])
+                v_hat = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(m_hat / (v_hat.sqrt() + group["eps"]), alpha=-group["lr"])
+
+
+class Optimizers:
+    """AdamW for the job's factors, TensorwiseAdam for those in `spec.tensorwise`, each module at lr × its lr_scale."""
+
+    def __init__(self, spec: TrainSpec, factor_params: Mapping[str, Mapping[str, torch.nn.Parameter]], optim: OptimConfig):
+        groups: dict[bool, list[dict]] = {False: [], True: []}
+        for module, params in factor_params.items():
+            lr = optim.lr * spec.lr_scale.get(module, 1.0)
+            for factor, param in params.items():
+                if param.requires_grad:
+                    groups[factor in spec.tensorwise].append({"params": [param], "lr": lr})
+        self.params = [p for group in groups[False] + groups[True] for p in group["params"]]
+        if not self.params:
+            raise ValueError(f"nothing to train: the job marks {sorted(spec.trainable)} trainable but the adapter has none")
+        self.optimizers = [cls(groups[tensorwise], lr=optim.lr, weight_decay=optim.weight_decay)
+                           for tensorwise, cls in ((False, torch.optim.AdamW), (True, TensorwiseAdam)) if groups[tensorwise]]
+        self.max_grad_norm = optim.max_grad_norm
+
+    def step(self, loss: torch.Tensor) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
+def optimize(
+    spec: TrainSpec,
+    factor_params: Mapping[str, Mapping[str, torch.nn.Parameter]],
+    loss_of: Callable[[Batch], torch.Tensor],
+    batches: Iterator,
+    *,
+    steps: int,
+    optim: OptimConfig,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[list[float], int]:
+    """The local optimisation every job runs (any model): `steps` steps of loss + the job's penalty.
+    Returns the per-step task losses and the tokens seen."""
+    optimizers = Optimizers(spec, factor_params, optim)
+    losses, tokens = [], 0
+    for step in range(1, steps + 1):
+        batch = next(batches)
+        loss = loss_of(batch)
+        optimizers.step(loss if spec.penalty is None else loss + spec.penalty(factor_params))
+        losses.append(loss.item())
+        tokens += getattr(batch, "num_tokens", 0)
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses, tokens
+
+
 def train_adapter(
     host: AdapterHost,
     spec: TrainSpec,
@@ -98,28 +181,16 @@ def train_adapter(
 ) -> TrainResult:
     """Train `spec` for `steps` optimizer steps and return the trained factors (scale-free)."""
     host.install(spec.adapter, trainable=spec.trainable, scaling=spec.scaling)
-    params = host.trainable_parameters()
-    if not params:
-        raise ValueError(f"nothing to train: the job marks {sorted(spec.trainable)} trainable but the adapter has none")
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
     model = host.model
     model.train()
-    started, losses, tokens = time.perf_counter(), [], 0
+    started = time.perf_counter()
+
+    def loss_of(batch: Batch) -> torch.Tensor:
+        with autocast_context(model, autocast_dtype):
+            return batch_loss(model, batch, objective, label_token_ids)
+
     try:
-        for step in range(1, steps + 1):
-            batch = next(batches)
-            with autocast_context(model, autocast_dtype):
-                loss = batch_loss(model, batch, objective, label_token_ids)
-            total = loss if spec.penalty is None else loss + spec.penalty(host.factor_parameters())
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if optim.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
-            optimizer.step()
-            losses.append(loss.item())
-            tokens += batch.num_tokens
-            if on_step is not None:
-                on_step(step, losses[-1])
+        losses, tokens = optimize(spec, host.factor_parameters(), loss_of, batches, steps=steps, optim=optim, on_step=on_step)
         trained = host.read()
     finally:
         model.eval()

@@ -23,6 +23,10 @@ from .aggregation import ProductError, data_weights, pad_columns, rank_aware_wei
 from .base import FederatedMethod, Instruction, ServerTrainer, TrainSpec, Upload, factor_shapes, tensor_key
 
 
+DDR_RULES = ("eq8", "outlier")
+LAMBDA_OPTIMIZERS = ("tensorwise", "adamw")
+
+
 @dataclass
 class AFLoRAOptions:
     beta: float = field(default=1.0, metadata={"help": "DDR threshold β (Eq. 8): prune dimension j when |λ_j|² < β·σ."})
@@ -36,6 +40,16 @@ class AFLoRAOptions:
         },
     )
     min_rank: int = field(default=1, metadata={"help": "DDR never prunes a module below this many dimensions."})
+    ddr_rule: str = field(
+        default="eq8",
+        metadata={"help": "'eq8' = the paper's Eq. 8: keep j iff |λ_j|² ≥ β·σ; 'outlier' = the prose's β-σ outlier "
+                          "reading: prune j iff |λ_j|² < μ − β·σ (μ, σ: mean and std of the kept |λ|²)."},
+    )
+    lambda_optimizer: str = field(
+        default="tensorwise",
+        metadata={"help": "'tensorwise' = Adam with one second moment per module's Λ, so |λ_j|² keeps the gradients' "
+                          "relative sizes (docs/aflora.md); 'adamw' = per-entry AdamW (|λ_j| counts same-sign steps)."},
+    )
     ddr: bool = field(default=True, metadata={"help": "Dynamic rank pruning; false = fixed ranks (ablation 'w/o DDR')."})
     server_tuning: bool = field(
         default=True, metadata={"help": "Tune A on the public set after aggregation; false = ablation 'w/o DLF'."}
@@ -55,6 +69,10 @@ class AFLoRAOptions:
             raise ValueError(f"aflora.a_row_norm (C) must be > 0, or 0 for √in_features; got {self.a_row_norm}")
         if self.min_rank < 1:
             raise ValueError(f"aflora.min_rank must be ≥ 1, got {self.min_rank}")
+        if self.ddr_rule not in DDR_RULES:
+            raise ValueError(f"aflora.ddr_rule must be one of {list(DDR_RULES)}, got {self.ddr_rule!r}")
+        if self.lambda_optimizer not in LAMBDA_OPTIMIZERS:
+            raise ValueError(f"aflora.lambda_optimizer must be one of {list(LAMBDA_OPTIMIZERS)}, got {self.lambda_optimizer!r}")
 
 
 def normalize_rows(A: torch.Tensor, norm: float) -> torch.Tensor:
@@ -62,17 +80,25 @@ def normalize_rows(A: torch.Tensor, norm: float) -> torch.Tensor:
     return A * (norm / A.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
-def prune_ranks(lambda_sq: torch.Tensor, beta: float, min_rank: int = 1) -> torch.Tensor:
-    """DDR (Eq. 8): keep dimension j iff |λ_j|² ≥ β·σ, σ the population std of the kept |λ|².
+def prune_ranks(lambda_sq: torch.Tensor, beta: float, min_rank: int = 1, rule: str = "eq8") -> torch.Tensor:
+    """DDR (Eq. 8): keep dimension j iff |λ_j|² ≥ β·σ, σ the population std of the kept |λ|²
+    (rule "outlier": keep j iff |λ_j|² ≥ μ − β·σ, the β-σ rule's low outliers pruned).
 
     Returns a boolean mask over the given (kept) dimensions. The `min_rank` largest are always
     kept, so a module never loses its last dimension (the rule alone could prune all when β is large).
     """
     sigma = lambda_sq.std(unbiased=False) if lambda_sq.numel() > 1 else lambda_sq.new_zeros(())
-    keep = lambda_sq >= beta * sigma
+    threshold = beta * sigma if rule == "eq8" else lambda_sq.mean() - beta * sigma
+    keep = lambda_sq >= threshold
     if int(keep.sum()) < min_rank:
         keep[torch.topk(lambda_sq, min(min_rank, lambda_sq.numel())).indices] = True
     return keep
+
+
+def relative_change(after: Mapping[str, torch.Tensor], before: Mapping[str, torch.Tensor]) -> float:
+    """‖after − before‖_F / ‖before‖_F over all modules."""
+    change = sum(float((after[name] - A).pow(2).sum()) for name, A in before.items())
+    return (change / sum(float(A.pow(2).sum()) for A in before.values())) ** 0.5
 
 
 def unit_norm_penalty(gamma: float):
@@ -117,6 +143,7 @@ class AFLoRA(FederatedMethod):
         self.B_global: dict[str, torch.Tensor] = {}
         self._error_terms: list[ProductError] = []
         self._round_update: Adapter | None = None
+        self._a_changes: dict[str, float] = {}
 
     def instruct(self, client_id: int, round: int) -> Instruction:
         tensors = {}
@@ -200,20 +227,36 @@ class AFLoRA(FederatedMethod):
 
     def server_update(self, trainer: ServerTrainer | None) -> None:
         A_fused = self.A_global
+        self._a_changes = {}
         if self.options.server_tuning and trainer is not None:
             spec = TrainSpec(
                 adapter={name: ModuleFactors(A=self.A_global[name], B=self.B_global[name]) for name in self.A_global},
                 trainable=frozenset({"A"}),  # B_global stays frozen on the server (Sec. V-C)
+                lr_scale={name: self.server_lr_scale(name) for name in self.A_global},
             )
-            tuned = trainer(spec)
+            tuned = {name: factors.A for name, factors in trainer(spec).items()}
             alpha = self.options.alpha
-            A_fused = {name: alpha * A + (1.0 - alpha) * tuned[name].A for name, A in self.A_global.items()}  # Eq. 11
+            A_fused = {name: alpha * A + (1.0 - alpha) * tuned[name] for name, A in self.A_global.items()}  # Eq. 11
+            self._a_changes = {"a_tuning_change": relative_change(tuned, self.A_global),
+                               "a_fused_change": relative_change(A_fused, self.A_global)}
         self._round_update = {name: ModuleFactors(A=A_fused[name], B=self.B_global[name]) for name in self.A_global}
         self.A_global = {name: normalize_rows(A, self.row_norm(name)) for name, A in A_fused.items()}
 
     def row_norm(self, name: str) -> float:
         """C for one module (Sec. V-B)."""
         return self.options.a_row_norm or self.module_shapes[name][1] ** 0.5
+
+    def server_lr_scale(self, name: str) -> float:
+        """server.lr multiplier for one module's A: the same relative step as a client's on B.
+
+        An Adam step moves every entry by ≈ lr. A client's B column (unit norm, m entries) thus moves by
+        ≈ lr·√m of its norm; A's rows (norm C, n entries) move by lr·√n/C. Scaling A's lr by C·√m/√n makes
+        server.lr mean what train.lr means (with C = √n, A's O(1) entries would otherwise barely move)."""
+        m, n = self.module_shapes[name]
+        return self.row_norm(name) * (m / n) ** 0.5
+
+    def round_diagnostics(self) -> dict[str, float]:
+        return dict(self._a_changes)
 
     def round_merge(self) -> Adapter | None:
         return self._round_update
@@ -248,7 +291,9 @@ class AFLoRA(FederatedMethod):
             A = instruction.tensors[tensor_key("A", name)]
             B = torch.randn(m, A.shape[0], generator=generator)
             adapter[name] = ModuleFactors(A=A, B=B / B.norm(dim=0, keepdim=True), lam=torch.zeros(A.shape[0]))
-        return TrainSpec(adapter=adapter, trainable=frozenset({"B", "lam"}), penalty=unit_norm_penalty(self.options.gamma))
+        tensorwise = frozenset({"lam"}) if self.options.lambda_optimizer == "tensorwise" else frozenset()
+        return TrainSpec(adapter=adapter, trainable=frozenset({"B", "lam"}), penalty=unit_norm_penalty(self.options.gamma),
+                         tensorwise=tensorwise)
 
     def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
         tensors: dict[str, torch.Tensor] = {}
@@ -259,6 +304,7 @@ class AFLoRA(FederatedMethod):
             ranks[name] = factors.rank
             next_mask = mask.clone()
             if self.options.ddr:
-                next_mask[mask.nonzero().flatten()] = prune_ranks(factors.lam.detach() ** 2, self.options.beta, self.options.min_rank)
+                next_mask[mask.nonzero().flatten()] = prune_ranks(factors.lam.detach() ** 2, self.options.beta,
+                                                                  self.options.min_rank, self.options.ddr_rule)
             tensors[tensor_key("next_mask", name)] = next_mask
         return Upload(instruction.client_id, num_examples, tensors, ranks)

@@ -66,6 +66,11 @@ class TrainSpec:
     trainable: frozenset[str]
     scaling: float = 1.0  # LoRA's alpha/r for methods that use it; the host keeps factors scale-free
     penalty: Penalty | None = None
+    # Factors whose Adam step is normalised by one second moment per module's tensor instead of per entry
+    # (aflora.training.TensorwiseAdam): their entries keep the gradients' relative sizes (AFLoRA's Λ, which DDR reads).
+    tensorwise: frozenset[str] = frozenset()
+    # Learning-rate multiplier per module (default 1): AFLoRA's server step sizes A's steps to its row norm.
+    lr_scale: Mapping[str, float] = field(default_factory=dict)
 
     def trained_params(self) -> int:
         """How many parameters the client fine-tunes (the paper's client-side computation cost)."""
@@ -178,9 +183,16 @@ class FederatedMethod(ABC):
         return None
 
     def aggregation_error(self) -> float | None:
-        """After `aggregate`: ‖ΔW_global − Σ_k p_k B_k A_k‖_F / ‖Σ_k p_k B_k A_k‖_F over all modules, with the
+        """Aggregation exactness, after `aggregate` and before anything the server does next (truncation,
+        A tuning): ‖ΔW_aggregate − Σ_k p_k B_k A_k‖_F / ‖Σ_k p_k B_k A_k‖_F over all modules, with the
         method's own weights p_k; None where the method has no single global product (default)."""
         return None
+
+    def round_diagnostics(self) -> dict[str, float]:
+        """After `server_update`: what the server's own steps changed, each under its RoundRecord name:
+        `truncation_loss` (FlexLoRA: ‖SVD-truncated − exact aggregate‖ / ‖exact aggregate‖), `a_tuning_change`
+        and `a_fused_change` (AFLoRA: ‖A_FT − A‖/‖A‖ and ‖A' − A‖/‖A‖). Default: none."""
+        return {}
 
     def evaluation_instruction(self, client_id: int, round: int) -> Instruction:
         """What a client needs to assemble its own current model (default: the global adapter, if any)."""
