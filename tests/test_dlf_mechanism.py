@@ -69,3 +69,24 @@ def test_without_dlf_the_global_model_differs(tmp_path):
     assert update_off > 0
     # the two runs' global updates differ by a sizeable fraction of the update itself
     assert frobenius(a - b for a, b in zip(on, off)) / update_off > 0.05
+
+
+def test_out_of_domain_public_set_trains_A_with_the_lm_loss(tmp_path, data_dir):
+    config = dlf_config(tmp_path, 'data.public_dataset="dolly"', f'data.data_dir="{data_dir}"', "rounds=1")
+    server, seen = rounds_with_a(config)
+    public = server.workload
+    assert public.public_bundle is not None and public.public_bundle.task.kind == "instruction"
+    assert len(public.public_rows) == 8 and public.public_objective == "lm"
+    # every client row stays with the clients: nothing of the task's pool is held out for the server
+    assert sum(len(rows) for rows in public.client_rows) == len(public.bundle.train)
+    assert all(any(label != -100 for label in example.lm_labels) for example in server.public_examples)
+    assert seen[0][2]["a_tuning_change"] > 0.01
+
+
+def test_a_classification_public_dataset_is_refused_before_any_work(tmp_path, data_dir):
+    from aflora.data import DataError
+    from aflora.runtime import prepare_workload
+
+    config = dlf_config(tmp_path, 'data.public_dataset="financial_phrasebank"', f'data.data_dir="{data_dir}"')
+    with pytest.raises(DataError, match="public_dataset.*instruction data"):
+        prepare_workload(config)

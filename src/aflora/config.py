@@ -43,6 +43,10 @@ class DataConfig:
     epsilon: float = _help("Heterogeneity of the fedit_epsilon partition (smaller = more heterogeneous)", 0.5)
     public_fraction: float = _help("Share of the training pool held out as the server's public set (paper: 2%)", 0.02)
     public_size: int = _help("Public set size in rows (overrides public_fraction when > 0)", 0)
+    public_dataset: str = _help(
+        "Where the server's public set comes from: '' = held out of this task's own training pool (in-domain, every "
+        "label); an instruction dataset (e.g. 'dolly') = public_size / public_fraction of its training rows, trained "
+        "with the LM loss (out of domain, as the paper's 2% of Alpaca)", "")
     train_size: int = _help("Cap on the client training pool in rows after the public split (0 = all)", 0)
     eval_size: int = _help("Test rows evaluated each round, a seeded sample (0 = all)", 200)
     max_length: int = _help("Maximum tokens per example (long prompts lose their middle)", 128)

@@ -49,6 +49,16 @@ class Workload:
     test_rows: list[dict]
     extra_eval: dict[str, DatasetBundle] = field(default_factory=dict)  # name -> bundle with sampled test rows
     client_test_rows: list[list[int]] = field(default_factory=list)  # each client's own held-out rows (may be empty)
+    public_bundle: DatasetBundle | None = None  # data.public_dataset (public_rows index its train); None: `bundle`
+
+    @property
+    def public_source(self) -> DatasetBundle:
+        return self.public_bundle or self.bundle
+
+    @property
+    def public_objective(self) -> str:
+        """The server's training loss: the task's own, or the LM loss on an out-of-domain instruction set."""
+        return "lm" if self.public_bundle is not None else self.objective
 
     @property
     def objective(self) -> str:
@@ -81,7 +91,12 @@ class Workload:
 def prepare_workload(config: ExperimentConfig) -> Workload:
     data, seed = config.data, config.seed
     bundle = load_bundle(data.dataset, data_dir=data.data_dir or None, test_name=data.test_dataset or None, **data.options)
-    public_rows, pool = split_public(len(bundle.train), fraction=data.public_fraction, size=data.public_size, seed=seed)
+    public_bundle = load_public_bundle(data)
+    if public_bundle is None:
+        public_rows, pool = split_public(len(bundle.train), fraction=data.public_fraction, size=data.public_size, seed=seed)
+    else:  # out of domain: the task's whole pool stays with the clients
+        public_rows, _ = split_public(len(public_bundle.train), fraction=data.public_fraction, size=data.public_size, seed=seed)
+        pool = list(range(len(bundle.train)))
     if data.train_size and data.train_size < len(pool):
         pool = sorted(random.Random(hash_seed(seed, 1)).sample(pool, data.train_size))
     labels = bundle.train_labels() if data.partition in ("dirichlet", "k_labels") else None
@@ -107,7 +122,19 @@ def prepare_workload(config: ExperimentConfig) -> Workload:
         if not extra_bundle.task.label_words:
             raise DataError(f"data.extra_eval: {name} has no label words to score; extra evaluations must be classification or multiple choice")
         extra_bundle.test = sample_rows(extra_bundle.test, data.eval_size, seed)
-    return Workload(config, bundle, client_rows, public_rows, sample_rows(bundle.test, data.eval_size, seed), extra, client_test_rows)
+    return Workload(config, bundle, client_rows, public_rows, sample_rows(bundle.test, data.eval_size, seed), extra, client_test_rows,
+                    public_bundle)
+
+
+def load_public_bundle(data) -> DatasetBundle | None:
+    """The out-of-domain public dataset of data.public_dataset, or None for an in-domain public set."""
+    if not data.public_dataset:
+        return None
+    public = load_bundle(data.public_dataset, data_dir=data.data_dir or None)
+    if public.task.kind != "instruction":
+        raise DataError(f"data.public_dataset = {data.public_dataset!r} is a {public.task.kind} dataset; an out-of-domain "
+                        "public set must be instruction data (e.g. \"dolly\"), or leave it empty for an in-domain slice")
+    return public
 
 
 def node_workload(config: ExperimentConfig, client_id: int, data_file: Path) -> Workload:
@@ -216,14 +243,15 @@ class ModelSide:
             return evaluate_classification(self.host, examples, label_token_ids=encoder.label_token_ids, **common)
         return evaluate_lm_loss(self.host, examples, **common)
 
-    def train(self, spec: TrainSpec, examples: list[Encoded], *, steps: int, batch_size: int, optim: OptimConfig, seed: int, on_step=None):
+    def train(self, spec: TrainSpec, examples: list[Encoded], *, steps: int, batch_size: int, optim: OptimConfig, seed: int,
+              on_step=None, objective: str | None = None):
         return train_adapter(
             self.host,
             spec,
             training_batches(examples, batch_size, self.pad_id, seed=seed),
             steps=steps,
             optim=optim,
-            objective=self.workload.objective,
+            objective=objective or self.workload.objective,
             label_token_ids=self.encoder.label_token_ids,
             autocast_dtype=self.autocast,
             on_step=on_step,
@@ -411,7 +439,12 @@ class ServerRuntime:
 
     @cached_property
     def public_examples(self) -> list[Encoded]:
-        return self.side.encode([self.workload.bundle.train[i] for i in self.workload.public_rows])
+        source = self.workload.public_source
+        rows = [source.train[i] for i in self.workload.public_rows]
+        if self.workload.public_bundle is None:
+            return self.side.encode(rows)
+        encoder = PromptEncoder(self.side.tokenizer, source.task, self.config.data.max_length)
+        return [encoder.encode_lm(row) for row in rows]
 
     def sample_clients(self, round: int) -> list[int]:
         fed = self.config.federation
@@ -441,6 +474,7 @@ class ServerRuntime:
                 batch_size=server.batch_size,
                 optim=OptimConfig(lr=server.lr, max_grad_norm=self.config.train.max_grad_norm),
                 seed=hash_seed(self.config.seed, round, 5),
+                objective=self.workload.public_objective,
             )
             log.info("round %d server step on %d public rows: loss %.4f, %.1fs", round, len(self.public_examples), result.mean_loss, result.seconds)
             return result.adapter
