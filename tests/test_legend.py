@@ -18,6 +18,7 @@ from aflora.methods.legend import (
     DeviceConfig,
     LEGENDOptions,
     LocalWorkload,
+    budgeted_client,
     configure_devices,
 )
 
@@ -142,11 +143,107 @@ def test_stronger_devices_never_get_a_smaller_configuration():
             assert not (ca.depth < cb.depth and sum(ca.ranks) < sum(cb.ranks)), (a, ca, b, cb)
 
 
-def test_devices_without_budgets_train_every_block_at_their_rank_cap():
+# ---------------------------------------------------------------------------- devices given by their ranks
+# SmolLM2-135M's shapes, written down by hand (no model is loaded): 30 blocks, hidden 576, 9 heads; q_proj 576×576
+# and v_proj 192×576 (out, in); P counts the tied embeddings once. The default run: batch 8, 128 tokens, 4 steps.
+SMOL_P, SMOL_L, SMOL_HIDDEN, SMOL_HEADS = 134_515_008, 30, 576, 9
+SMOL_SHAPES = {f"model.layers.{i}.self_attn.{m}": shape for i in range(SMOL_L)
+               for m, shape in (("q_proj", (576, 576)), ("v_proj", (192, 576)))}
+SMOL = ModelFootprint(SMOL_P, SMOL_SHAPES, SMOL_L, SMOL_HIDDEN, SMOL_HEADS)
+SMOL_WORK = LocalWorkload(batch_size=8, seq_len=128, local_steps=4)
+SMOL_S_BLOCK = (576 + 576) + (576 + 192)  # one unit of rank in one block: A (r × in) and B (out × r) of q and v
+SMOL_ACT_BLOCK = 34 * 128 * 8 * SMOL_HIDDEN + 5 * SMOL_HEADS * 128**2 * 8  # activation bytes per block
+DEFAULT_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]  # federation.client_ranks
+
+
+def full_depth_lora_bytes(rank: int) -> tuple[int, int]:
+    """(memory, uplink) bytes of a rank-r LoRA on q and v of all 30 blocks, A and B trained, from aflora.budgets'
+    model written out: fp32 weights + 16 bytes per LoRA parameter + every block's activations; 4 bytes per upload."""
+    lora = SMOL_L * SMOL_S_BLOCK * rank
+    return 4 * SMOL_P + 16 * lora + SMOL_L * SMOL_ACT_BLOCK, 4 * lora
+
+
+def smol_method(clients, **options) -> LEGEND:
+    method = LEGEND(LEGENDOptions(**options), module_shapes=SMOL_SHAPES, clients=clients, seed=0, footprint=SMOL, workload=SMOL_WORK)
+    method.init_server_state()
+    return method
+
+
+@pytest.mark.parametrize("rank", sorted(set(DEFAULT_RANKS)))
+def test_a_device_given_by_its_rank_gets_the_budget_of_a_full_depth_lora_of_that_rank(rank):
+    client = ClientSpec(0, rank, 10, compute_speed=1.5)
+    budgeted = budgeted_client(client, CostModel(SMOL, SMOL_WORK))
+    memory, uplink = full_depth_lora_bytes(rank)
+    assert (budgeted.memory_mb * MB, budgeted.uplink_mb * MB) == (memory, uplink)
+    assert (budgeted.max_rank, budgeted.compute_speed) == (rank, 1.5)
+    own = device(1, memory_mb=5.0, uplink_mb=0.5)  # a device with budgets of its own keeps them
+    assert budgeted_client(own, CostModel(SMOL, SMOL_WORK)) == own
+
+
+def test_legend_runs_its_own_configuration_on_rank_derived_budgets():
+    """The default run gives ranks, not budgets: LEGEND still chooses depth and per-layer ranks (not a capped
+    uniform rank), within what a full-depth rank-r_k LoRA would cost device k."""
+    clients = [ClientSpec(cid, rank, 10) for cid, rank in enumerate(DEFAULT_RANKS)]
+    method = smol_method(clients)
+    cost = CostModel(SMOL, SMOL_WORK)
+    for client in clients:
+        config = method.configs[client.client_id]
+        assert config.blocks == tuple(range(SMOL_L - 1, SMOL_L - 1 - config.depth, -1)), "LoRA starts at the output"
+        assert list(config.ranks) == sorted(config.ranks, reverse=True), "ranks never grow towards the input"
+        memory, uplink = full_depth_lora_bytes(client.max_rank)
+        costs = cost.costs(config, client)
+        assert costs.memory_bytes <= memory and costs.uplink_bytes <= uplink
+        assert costs.uplink_bytes == 4 * SMOL_S_BLOCK * sum(config.ranks)
+        if client.max_rank < 16:  # a budget below r_max everywhere: the top layers get r_max, the lowest less
+            assert config.ranks[0] == 16 > config.ranks[-1], (client, config)
+    # Only the uplink binds here (memory holds 30 blocks' activations, equal speeds meet the median deadline):
+    # Σ r ≤ 30·r_k. Depth first at r_min = 2 (Σ 60), then ranks raised from the top. Rank 4 (Σ ≤ 120): four
+    # layers 2→16 (116), the fifth 2→4 (118), the sixth 2→4 (120). Rank 8 (Σ ≤ 240): twelve layers at 16 (228),
+    # the 13th 2→4→8 (234), the 14th 2→4→8 (240). Ranks 16 and above: every layer at r_max = 16.
+    ranks = {client.max_rank: method.configs[client.client_id].ranks for client in clients}
+    assert ranks[4] == (16,) * 4 + (4, 4) + (2,) * 24
+    assert ranks[8] == (16,) * 12 + (8, 8) + (2,) * 16
+    assert ranks[16] == ranks[32] == ranks[64] == (16,) * 30
+    assert len(set(ranks.values())) == 3, "configurations differ by device where the budgets do"
+
+
+def test_legend_on_heterogeneous_budgets_differs_by_device_and_fits():
+    """Budgets given directly (rich, memory-poor, uplink-poor and slow devices) on SmolLM2's shapes."""
+    memory, uplink = (size / MB for size in full_depth_lora_bytes(16))  # room for every block at r_max = 16
+    few_blocks = (4 * SMOL_P + 3 * SMOL_ACT_BLOCK + 16 * SMOL_S_BLOCK * 48) / MB  # 3 blocks' activations, Σr ≤ 48
+    clients = [
+        ClientSpec(0, 1, 10, memory_mb=memory, uplink_mb=uplink),
+        ClientSpec(1, 1, 10, memory_mb=few_blocks, uplink_mb=uplink),
+        ClientSpec(2, 1, 10, memory_mb=memory, uplink_mb=uplink / 8),
+        ClientSpec(3, 1, 10, memory_mb=memory, uplink_mb=uplink, compute_speed=0.05),
+    ]
+    method = smol_method(clients)
+    cost = CostModel(SMOL, SMOL_WORK)
+    configs = [method.configs[c.client_id] for c in clients]
+    for client, config in zip(clients, configs):
+        assert config.blocks == tuple(range(SMOL_L - 1, SMOL_L - 1 - config.depth, -1))
+        assert list(config.ranks) == sorted(config.ranks, reverse=True)
+        costs = cost.costs(config, client)
+        assert costs.memory_bytes <= client.memory_mb * MB and costs.uplink_bytes <= client.uplink_mb * MB
+    assert len({(c.blocks, c.ranks) for c in configs}) == len(configs), configs
+    assert configs[0].ranks == (16,) * SMOL_L
+    assert configs[1].ranks == (16, 16, 16), "activations for 3 blocks: depth 3, then ranks up to Σr = 48"
+    assert configs[2].depth == SMOL_L and sum(configs[2].ranks) <= SMOL_L * 16 / 8, "a thin link: lower ranks"
+    assert configs[3].depth < SMOL_L, "20× slower compute: the median deadline cuts backprop short"
+
+
+def test_without_a_cost_model_legend_refuses_unless_the_capped_ablation_is_asked_for():
     clients = [ClientSpec(0, 8, 10), ClientSpec(1, 12, 10), ClientSpec(2, 1, 10)]
-    configs = configure_devices(clients, list(SHAPES), LEGENDOptions())
+    with pytest.raises(ValueError, match=r'footprint=.*workload=.*legend.configuration = "capped"'):
+        configure_devices(clients, list(SHAPES), LEGENDOptions())
+    configs = configure_devices(clients, list(SHAPES), LEGENDOptions(configuration="capped"))
     assert [c.blocks for c in configs.values()] == [(3, 2, 1, 0)] * 3
     assert [c.ranks for c in configs.values()] == [(8,) * 4, (8,) * 4, (1,) * 4]  # largest candidate ≤ cap, or the cap
+
+
+def test_the_capped_ablation_refuses_budgets_it_would_ignore():
+    with pytest.raises(ValueError, match=r"would ignore the budgets of clients \[1\]"):
+        configure_devices([ClientSpec(0, 8, 10), device(1)], list(SHAPES), LEGENDOptions(configuration="capped"))
 
 
 def test_a_device_that_fits_nothing_is_named():
@@ -157,7 +254,8 @@ def test_a_device_that_fits_nothing_is_named():
 @pytest.mark.parametrize("options,message", [
     ({"ranks": [4, 4]}, "legend.ranks"), ({"ranks": []}, "legend.ranks"), ({"min_depth": 0}, "legend.min_depth"),
     ({"deadline": "soon"}, "legend.deadline"), ({"deadline_quantile": 1.5}, "legend.deadline_quantile"),
-    ({"lora_alpha": 0}, "legend.lora_alpha"), ({"device_tflops": 0}, "legend.device_tflops"),
+    ({"lora_alpha": 0}, "lora_alpha"), ({"alpha_rule": "sqrt"}, "alpha_rule"), ({"device_tflops": 0}, "legend.device_tflops"),
+    ({"configuration": "uniform"}, "legend.configuration"),
 ])
 def test_bad_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
@@ -172,8 +270,10 @@ def test_rank_list_from_a_flat_run_config_string():
 SMALL = {f"layers.{i}.{m}": shape for i in range(3) for m, shape in (("q", (6, 5)), ("v", (4, 5)))}
 
 
-def small_method(sizes=(30, 10, 20)) -> LEGEND:
-    method = LEGEND(LEGENDOptions(), module_shapes=SMALL, clients=[ClientSpec(i, 2, n) for i, n in enumerate(sizes)], seed=0)
+def small_method(sizes=(30, 10, 20), **options) -> LEGEND:
+    # no cost model here: the configurations are assigned by hand right below, so the capped start is only a placeholder
+    method = LEGEND(LEGENDOptions(configuration="capped", **options), module_shapes=SMALL,
+                    clients=[ClientSpec(i, 2, n) for i, n in enumerate(sizes)], seed=0)
     method.init_server_state()
     method.assign_configs({
         0: DeviceConfig(0, (2, 1), (4, 2)),
@@ -194,11 +294,19 @@ def test_global_rank_is_the_largest_any_device_has_and_clients_get_prefix_slices
     instruction = method.instruct(0, round=1)
     assert sorted(instruction.tensors) == sorted(tensor_key(k, n) for k in "AB" for n in method.client_ranks()[0])
     spec = method.local_job(instruction)
-    assert spec.scaling == 16.0 / 4  # lora_alpha / the top layer's rank
     for name, factors in spec.adapter.items():
         r = method.client_ranks()[0][name]
         assert torch.equal(factors.A, method.global_factors[name].A[:r])
         assert torch.equal(factors.B, method.global_factors[name].B[:, :r])
+
+
+@pytest.mark.parametrize("options,expected", [
+    ({}, {0: 2.0, 1: 2.0, 2: 2.0}),  # default alpha = 2·r (FLoRA's reference): α/r = 2 at every rank, every layer
+    ({"lora_alpha": 16.0, "alpha_rule": "fixed"}, {0: 16 / 4, 1: 16 / 2, 2: 16 / 8}),  # PEFT's fixed alpha: 16 / top rank
+])
+def test_each_device_trains_with_the_scaling_of_its_rank(options, expected):
+    method = small_method(**options)  # top-layer ranks: client 0 → 4, client 1 → 2, client 2 → 8
+    assert {cid: method.local_job(method.instruct(cid, round=1)).scaling for cid in (0, 1, 2)} == expected
 
 
 def test_slice_wise_weighted_means_over_holders_and_untrained_parts_keep_their_value():
@@ -245,7 +353,8 @@ def test_slice_wise_weighted_means_over_holders_and_untrained_parts_keep_their_v
 def test_job_trains_only_the_top_blocks_and_backprop_stops_above_the_rest(tiny_llama, tiny_host, token_batch):
     model, _ = tiny_llama
     shapes = tiny_host.module_shapes()
-    method = LEGEND(LEGENDOptions(), module_shapes=shapes, clients=[ClientSpec(0, 4, 10)], seed=0)
+    method = LEGEND(LEGENDOptions(), module_shapes=shapes, clients=[ClientSpec(0, 4, 10)], seed=0,
+                    footprint=tiny_host.footprint(), workload=LocalWorkload(2, 8, 1))
     method.init_server_state()
     method.assign_configs({0: DeviceConfig(0, (1,), (4,))})  # tiny-llama has blocks 0 and 1: adapt block 1 only
     g = torch.Generator().manual_seed(0)
@@ -294,12 +403,3 @@ def test_two_inline_rounds_with_heterogeneous_budgets(tmp_path):
     assert math.isfinite(server.last_diagnostics["aggregation_error"])
     metrics = server.evaluate()
     assert math.isfinite(metrics["loss"]) and 0.0 <= metrics["accuracy"] <= 1.0
-
-
-def test_without_a_cost_model_every_device_trains_every_block_at_its_max_rank():
-    """Constructed without footprint/workload (as in math tests): full depth at the max_rank cap."""
-    shapes = {f"model.layers.{b}.self_attn.{m}": (8, 8) for b in (0, 1) for m in ("q_proj", "v_proj")}
-    method = LEGEND(LEGENDOptions(), module_shapes=shapes, clients=[ClientSpec(0, 8, 5), ClientSpec(1, 3, 5)], seed=0)
-    method.init_server_state()
-    # the largest candidate rank (2, 4, 8, 16) not above the cap: 8 for max_rank 8, 2 for max_rank 3
-    assert method.client_ranks() == {0: {n: 8 for n in shapes}, 1: {n: 2 for n in shapes}}

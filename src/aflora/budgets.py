@@ -10,6 +10,9 @@ Memory model (per client, float32 weights, AdamW):
     LoRA training      16 · trained(r)                 (weights, gradients and two Adam moments)
     activations        L · (34·s·b·h + 5·a·s²·b)       (Korthikanti et al. 2022, 16-bit activations, per block)
 Uplink model: 4 · uploaded(r) bytes (float32).
+
+A run that gives ranks instead of budgets can still feed a method that configures itself from budgets
+(LEGEND): `budget_for_rank` is the budget a rank-r LoRA on every adaptable module costs under this model.
 """
 
 from __future__ import annotations
@@ -62,6 +65,20 @@ def training_memory_bytes(footprint: ModelFootprint, trained_per_rank: int, rank
     return 4 * footprint.base_params + 16 * trained_per_rank * rank + footprint.activation_bytes(batch_size, seq_len)
 
 
+def uplink_bytes(uploaded_per_rank: int, rank: int) -> int:
+    return 4 * uploaded_per_rank * rank  # float32
+
+
+def budget_for_rank(
+    footprint: ModelFootprint, rank: int, *, trained: frozenset[str], uploaded: frozenset[str], batch_size: int, seq_len: int,
+    compute_speed: float = 1.0,
+) -> DeviceBudget:
+    """The smallest budget that holds a rank-`rank` LoRA on every adaptable module: the inverse of
+    `max_rank_within` (a device given by its rank, described by its resources instead)."""
+    memory = training_memory_bytes(footprint, footprint.params_per_rank(trained), rank, batch_size=batch_size, seq_len=seq_len)
+    return DeviceBudget(memory / MB, uplink_bytes(footprint.params_per_rank(uploaded), rank) / MB, compute_speed)
+
+
 def max_rank_within(
     budget: DeviceBudget, footprint: ModelFootprint, *, trained: frozenset[str], uploaded: frozenset[str], batch_size: int, seq_len: int
 ) -> int:
@@ -71,7 +88,7 @@ def max_rank_within(
     best = 0
     for rank in range(1, MAX_RANK + 1):
         memory = training_memory_bytes(footprint, trained_per_rank, rank, batch_size=batch_size, seq_len=seq_len)
-        if memory > budget.memory_mb * MB or 4 * uploaded_per_rank * rank > budget.uplink_mb * MB:
+        if memory > budget.memory_mb * MB or uplink_bytes(uploaded_per_rank, rank) > budget.uplink_mb * MB:
             break
         best = rank
     return best

@@ -12,39 +12,58 @@ docs/legend.md, which also gives the cost model's formulas. In short:
 - Costs come from a deterministic model (FLOP-proportional compute ÷ compute_speed, upload bytes ÷ bandwidth,
   aflora.budgets' memory model with activations for d blocks only): a simulation has no device to time, so the
   paper's measured, EMA-smoothed status reports are omitted and configurations are computed once.
+- A device given by its rank r_k instead of budgets (federation.client_ranks) gets the memory and uplink a
+  full-depth rank-r_k LoRA costs it (`budgeted_client`); the greedy then spends those same resources its own way.
+- Scaling: lora_alpha = 2·r (FLoRA's reference convention), so every layer's α/r is 2 whatever its rank.
 - Aggregation is per module and per rank slice: slice j of a module is the |D_k|-weighted mean over the devices
   that trained it (r_{k,l} > j); slices and modules nobody trained keep their previous global value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..budgets import LocalWorkload, MB, ModelFootprint
+from ..budgets import LocalWorkload, MB, ModelFootprint, budget_for_rank
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
 from ..lora.host import block_index
-from .aggregation import ProductError, data_weights, relative_error, weighted_sum
+from .aggregation import ALPHA_RULE_HELP, LoRAScaling, ProductError, data_weights, relative_error, weighted_sum
 from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
 
 log = logging.getLogger(__name__)
 
 DEADLINES = ("quantile", "straggler")
+CONFIGURATIONS = {
+    "lcd": "LEGEND's greedy LoRA configuration (depth and per-layer ranks) under the cost model",
+    "capped": "NOT LEGEND's algorithm: every block at the largest candidate rank ≤ the client's federation.client_ranks "
+              "entry (an ablation; needs no cost model)",
+}
 FLOAT32_BYTES = 4
 TRAINING_BYTES_PER_PARAM = 16  # weights, gradients and two AdamW moments in fp32 (as aflora.budgets)
+LORA_FACTORS = frozenset({"A", "B"})  # what every LEGEND device trains and uploads on its adapted modules
 
 
 @dataclass
-class LEGENDOptions:
+class LEGENDOptions(LoRAScaling):
+    """LoRA scaling (lora_alpha, alpha_rule) defaults to FLoRA's reference: alpha = 2·r, i.e. α/r = 2 on every layer
+    of every device, so one scaling per job is exact for layers of different ranks (docs/legend.md, "Scaling")."""
+
     ranks: list[int] = field(
         default_factory=lambda: [2, 4, 8, 16],
         metadata={"help": "Candidate per-layer ranks R; the smallest is r_min (every new layer), the largest r_max."},
     )
     min_depth: int = field(default=1, metadata={"help": "d_min: every device adapts at least this many top blocks."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling is lora_alpha / r with r the device's top-layer rank."})
+    lora_alpha: float = field(
+        default=2.0, metadata={"help": "LoRA's alpha; with alpha_rule 'fixed' the scaling is lora_alpha / r of the device's top layer."}
+    )
+    alpha_rule: str = field(default="times_rank", metadata=ALPHA_RULE_HELP)
+    configuration: str = field(
+        default="lcd", metadata={"help": "; ".join(f"{name!r}: {meaning}" for name, meaning in CONFIGURATIONS.items())}
+    )
     deadline: str = field(
         default="quantile",
         metadata={
@@ -63,6 +82,7 @@ class LEGENDOptions:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.ranks, str):  # Flower's flat run-config carries lists as "2,4,8,16"
             self.ranks = [part.strip() for part in self.ranks.split(",") if part.strip()]
         try:
@@ -74,8 +94,8 @@ class LEGENDOptions:
         self.ranks = sorted(ranks)
         if self.min_depth < 1:
             raise ValueError(f"legend.min_depth must be ≥ 1 (every device trains at least one block), got {self.min_depth}")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"legend.lora_alpha must be > 0, got {self.lora_alpha}")
+        if self.configuration not in CONFIGURATIONS:
+            raise ValueError(f"legend.configuration must be one of {list(CONFIGURATIONS)}, got {self.configuration!r}")
         if self.deadline not in DEADLINES:
             raise ValueError(f"legend.deadline must be one of {list(DEADLINES)}, got {self.deadline!r}")
         if not 0.0 <= self.deadline_quantile <= 1.0:
@@ -136,7 +156,7 @@ class CostModel:
     def rank_params(self, block: int) -> int:
         """s_l: parameters of one unit of rank in block l (A and B of every adapted module of the block)."""
         modules = [name for name in self.footprint.module_shapes if block_index(name) == block]
-        return self.footprint.params_per_rank(frozenset({"A", "B"}), modules)
+        return self.footprint.params_per_rank(LORA_FACTORS, modules)
 
     def costs(self, config: DeviceConfig, client: ClientSpec) -> DeviceCosts:
         foot, work = self.footprint, self.workload
@@ -191,7 +211,8 @@ def greedy_configuration(
         raise ValueError(
             f"client {client.client_id} cannot train even {min_depth} block(s) at rank {ranks[0]} within its budgets "
             f"(that needs {start.memory_bytes / MB:.1f} MB of memory and {start.uplink_bytes / MB:.4f} MB of uplink; it has "
-            f"{client.memory_mb} MB and {client.uplink_mb} MB); raise federation.memory_mb / uplink_mb or lower legend.ranks"
+            f"{client.memory_mb} MB and {client.uplink_mb} MB); raise federation.memory_mb / uplink_mb (or, without budgets, its "
+            f"federation.client_ranks entry {client.max_rank}, from which they are derived) or lower legend.ranks"
         )
     next_rank = dict(zip(ranks, ranks[1:]))
     while True:
@@ -208,9 +229,24 @@ def greedy_configuration(
         current = chosen
 
 
+def has_budgets(client: ClientSpec) -> bool:
+    return client.memory_mb is not None or client.uplink_mb is not None
+
+
+def budgeted_client(client: ClientSpec, cost: CostModel) -> ClientSpec:
+    """A client given by its rank r_k (no memory_mb / uplink_mb) gets the memory and uplink that a rank-r_k LoRA on
+    every target module of every block (A and B trained, like the other heterogeneous methods) costs it under
+    aflora.budgets' model; its compute_speed stays. A client with a budget of its own keeps it."""
+    if has_budgets(client):
+        return client
+    budget = budget_for_rank(cost.footprint, client.max_rank, trained=LORA_FACTORS, uploaded=LORA_FACTORS,
+                             batch_size=cost.workload.batch_size, seq_len=cost.workload.seq_len)
+    return dataclasses.replace(client, memory_mb=budget.memory_mb, uplink_mb=budget.uplink_mb)
+
+
 def capped_configuration(client: ClientSpec, blocks: Sequence[int], ranks: Sequence[int]) -> DeviceConfig:
-    """A device without budgets (or without a cost model): every block, at the largest candidate rank ≤ max_rank
-    (max_rank itself when it is below every candidate)."""
+    """legend.configuration = "capped", an ablation that is not LEGEND's algorithm: every block, at the largest
+    candidate rank ≤ max_rank (max_rank itself when it is below every candidate)."""
     allowed = [r for r in ranks if r <= client.max_rank]
     rank = max(allowed) if allowed else client.max_rank
     return DeviceConfig(client.client_id, tuple(blocks), (rank,) * len(blocks))
@@ -228,32 +264,43 @@ def deadline_seconds(clients: Sequence[ClientSpec], blocks: Sequence[int], cost:
 def configure_devices(
     clients: Sequence[ClientSpec], module_names: Sequence[str], options: LEGENDOptions, cost: CostModel | None = None
 ) -> dict[int, DeviceConfig]:
-    """Each device's depth and rank distribution.
-
-    Devices with budgets (memory_mb / uplink_mb) get the greedy LCD under the cost model; devices without
-    budgets, or every device when no cost model is given, get `capped_configuration` (full depth, max_rank cap).
-    """
+    """Each device's depth and rank distribution: the greedy LCD within each device's budgets (given, or derived
+    from its rank by `budgeted_client`), or, only when legend.configuration = "capped", `capped_configuration`."""
     blocks = adapted_blocks(module_names)
     if options.min_depth > len(blocks):
         raise ValueError(f"legend.min_depth is {options.min_depth} but the model has only {len(blocks)} adapted blocks")
-    budgeted = [c for c in clients if c.memory_mb is not None or c.uplink_mb is not None]
-    if budgeted and cost is None:
-        log.warning("LEGEND got device budgets but no cost model (footprint and local workload): falling back to "
-                    "full depth at each client's budget-derived max_rank")
-    configs = {c.client_id: capped_configuration(c, blocks, options.ranks) for c in clients}
-    if budgeted and cost is not None:
-        deadline = deadline_seconds(budgeted, blocks, cost, options)
-        for client in budgeted:
-            configs[client.client_id] = greedy_configuration(client, blocks, cost, options.ranks, options.min_depth, deadline)
-    return configs
+    if options.configuration == "capped":
+        return capped_configurations(clients, blocks, options.ranks)
+    if cost is None:
+        raise ValueError(
+            "LEGEND's configuration algorithm needs the cost model: pass footprint=ModelFootprint(...) and "
+            "workload=LocalWorkload(...) to LEGEND (the runtime does), or set legend.configuration = \"capped\" for the "
+            "full-depth, rank-capped ablation, which is not LEGEND's algorithm"
+        )
+    budgeted = [budgeted_client(client, cost) for client in clients]
+    deadline = deadline_seconds(budgeted, blocks, cost, options)
+    return {client.client_id: greedy_configuration(client, blocks, cost, options.ranks, options.min_depth, deadline)
+            for client in budgeted}
+
+
+def capped_configurations(clients: Sequence[ClientSpec], blocks: Sequence[int], ranks: Sequence[int]) -> dict[int, DeviceConfig]:
+    """The "capped" ablation for every device; refused where devices have budgets, which it would ignore."""
+    budgeted = [c.client_id for c in clients if has_budgets(c)]
+    if budgeted:
+        raise ValueError(
+            f"legend.configuration = \"capped\" places LoRA by federation.client_ranks and would ignore the budgets of "
+            f"clients {budgeted}; drop federation.memory_mb / uplink_mb, or use legend.configuration = \"lcd\""
+        )
+    log.warning("legend.configuration = \"capped\": every block at the client's capped rank; this is not LEGEND's algorithm")
+    return {c.client_id: capped_configuration(c, blocks, ranks) for c in clients}
 
 
 # ---------------------------------------------------------------------------- the method
 class LEGEND(FederatedMethod):
     name = "legend"
     options_class = LEGENDOptions
-    trained_factors = frozenset({"A", "B"})
-    uploaded_factors = frozenset({"A", "B"})
+    trained_factors = LORA_FACTORS
+    uploaded_factors = LORA_FACTORS
     heterogeneous = True
     configures_from_budgets = True  # depth and per-layer ranks come from the budgets (configure_devices)
 
@@ -347,8 +394,10 @@ class LEGEND(FederatedMethod):
                 adapter[name] = ModuleFactors(A=instruction.tensors[key], B=instruction.tensors[tensor_key("B", name)])
         if not adapter:
             raise ValueError(f"LEGEND instruction for client {instruction.client_id} adapts no module")
-        top_rank = max(f.rank for f in adapter.values())  # ranks are non-increasing from the output: the top layer's
-        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.lora_alpha / top_rank)
+        # The host takes one scaling per job. Under 'times_rank' (default) it is lora_alpha at every rank, exact for every
+        # layer; under 'fixed' it is lora_alpha / the top layer's rank (the largest: ranks never grow downward).
+        top_rank = max(f.rank for f in adapter.values())
+        return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.scaling(top_rank))
 
     def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """A and B of exactly the modules (and ranks) the instruction configured: the top-d blocks."""
