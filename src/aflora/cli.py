@@ -10,11 +10,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .config import ConfigError, load_config
-from .data import DataError
+from .errors import ConfigError, DataError, FederationError, ModelError, RoundAborted
 from .logs import configure_logging
-from .models import ModelError
-from .runtime import RoundAborted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Federated LoRA fine-tuning of LLMs on heterogeneous clients.")
 err = Console(stderr=True, soft_wrap=True)  # never break an error message mid-sentence
@@ -31,6 +28,13 @@ def _overrides(sets: list[str] | None, data_dir: Path | None) -> list[str]:
     return overrides
 
 
+def _load_config(config: Path | None, sets: list[str] | None, data_dir: Path | None):
+    """The experiment with its overrides; imported here so that `aflora --help` does not load torch."""
+    from .config import load_config
+
+    return load_config(config, _overrides(sets, data_dir))
+
+
 @app.command()
 def run(
     config: ConfigOption = None,
@@ -44,7 +48,7 @@ def run(
     if resume is not None:
         experiment, out = _resumed_experiment(resume, set_, data_dir)
     else:
-        experiment = load_config(config, _overrides(set_, data_dir))
+        experiment = _load_config(config, set_, data_dir)
         if (out / "results.json").exists() and not overwrite:
             raise ConfigError(f"{out} already holds a finished run (results.json); choose another --out or pass --overwrite")
     configure_logging(experiment.engine.verbose)
@@ -119,7 +123,7 @@ def partition(
     """Write each client's rows to its own file, for SuperNodes that must see only their own data."""
     from .shards import write_shards
 
-    paths = write_shards(load_config(config, _overrides(set_, data_dir)), out)
+    paths = write_shards(_load_config(config, set_, data_dir), out)
     err.print(f"[green]{len(paths)} client files written to {out}[/green] (SuperNode k: --node-config \"partition-id=k data-file={out}/client_k.jsonl\")")
 
 
@@ -128,7 +132,7 @@ def show_config(config: ConfigOption = None, set_: SetOption = None, data_dir: D
     """Print the resolved experiment configuration (after overrides) as TOML-like key = value lines."""
     from .config import flatten
 
-    for key, value in flatten(load_config(config, _overrides(set_, data_dir)).to_dict()).items():
+    for key, value in flatten(_load_config(config, set_, data_dir).to_dict()).items():
         typer.echo(f"{key} = {value!r}")
 
 
@@ -143,8 +147,6 @@ FEDERATION_STATE = Path("runs/federation")
 def _federation_call(action, *args, **kwargs):
     """Run one deployment step; its errors end the command with their message, and SIGTERM stops what it started."""
     import signal
-
-    from .deploy import FederationError
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the `finally` that stops the processes
     configure_logging()
@@ -165,7 +167,7 @@ def federation_up(
     """Start a SuperLink and one SuperNode per client (federation.num_clients) and leave them running."""
     from . import deploy
 
-    federation = _federation_call(deploy.up, load_config(config, _overrides(set_, data_dir)), state)
+    federation = _federation_call(deploy.up, _load_config(config, set_, data_dir), state)
     err.print(f"[green]federation up[/green]: SuperLink {federation.address}, {federation.partitions} SuperNodes. "
               f"Submit runs with `aflora federation run --state {state} --config ... --out ...`; "
               f"Flower's CLI: `FLWR_HOME={federation.layout.flwr_home} flwr supernode ls`; stop with `aflora federation down --state {state}`")
@@ -184,7 +186,7 @@ def federation_run(
     """`flwr run` one experiment on the federation that is up in --state (else on a new one, stopped afterwards)."""
     from . import deploy
 
-    _federation_call(deploy.run_once, load_config(config, _overrides(set_, data_dir)), out, state, timeout=timeout,
+    _federation_call(deploy.run_once, _load_config(config, set_, data_dir), out, state, timeout=timeout,
                      overwrite=overwrite)
     err.print(f"[green]results, plots and adapter written to {out}[/green]")
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ExperimentConfig, flatten
+from .errors import FederationError
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,6 @@ subjectAltName = {san}
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid, issuer
 """
-
-
-class FederationError(RuntimeError):
-    """Something in bringing the federation up, running on it or stopping it went wrong; the message says what."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import ModelError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"
@@ -27,10 +29,6 @@ SIMPLE_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-class ModelError(ValueError):
-    """A model spec that cannot be resolved or loaded."""
 
 
 @dataclass(frozen=True)

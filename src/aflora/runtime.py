@@ -23,6 +23,7 @@ from .budgets import DeviceBudget, LocalWorkload, ModelFootprint, ranks_from_bud
 from .config import ConfigError, ExperimentConfig
 from .data import DataError, DatasetBundle, load_bundle, partition, split_public
 from .encoding import Encoded, PromptEncoder, training_batches
+from .errors import RoundAborted
 from .evaluation import evaluate_classification, evaluate_lm_loss
 from .lora.factors import Adapter, adapter_from_tensors, adapter_tensors, stack_adapters
 from .lora.host import AdapterHost
@@ -304,10 +305,6 @@ class BaseMerges:
 
 
 # ---------------------------------------------------------------------------- client side
-class RoundAborted(RuntimeError):
-    """Too few usable replies to aggregate a round; the run stops with its last checkpoint intact."""
-
-
 class ClientRuntime:
     """One per process; serves every client whose message arrives here, on one shared base model."""
 

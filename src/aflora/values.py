@@ -10,16 +10,14 @@ import sys
 import typing
 from typing import Any
 
+from .errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = ["ConfigError", "coerce", "tomllib"]
-
-
-class ConfigError(ValueError):
-    """A configuration value that is missing, malformed or out of range."""
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:

@@ -15,16 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from aflora.errors import DataError
+
 DATA_DIR_ENV = "AFLORA_DATA_DIR"
 
 # extension -> reader name; ".gz" may follow any of the text formats
 TEXT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}
 BINARY_FORMATS = {".parquet": "parquet"}
 SUPPORTED_EXTENSIONS = (*TEXT_FORMATS, *(ext + ".gz" for ext in TEXT_FORMATS), *BINARY_FORMATS)
-
-
-class DataError(ValueError):
-    """A data problem the user can fix (missing file, wrong format, unknown name...)."""
 
 
 def resolve_data_dir(explicit: str | os.PathLike | None) -> Path | None:
