@@ -1,9 +1,10 @@
 """Data layer: read datasets into uniform records, turn records into prompts, split rows over clients.
 
-The way data flows: :func:`load_bundle` (registry) -> :func:`split_public` and a partitioner
+The way data flows: :func:`load_bundle` (registry, which picks a reader) -> :func:`split_public` and a partitioner
 (partition) -> per-client rows -> :class:`Task` prompts and responses (tasks).
 """
 
+from aflora.data.bundle import DatasetBundle
 from aflora.data.partition import (
     PARTITION_SCHEMES,
     partition,
@@ -14,7 +15,8 @@ from aflora.data.partition import (
     partition_presplit,
     split_public,
 )
-from aflora.data.registry import DatasetBundle, hold_out_per_category, load_bundle, registered_names
+from aflora.data.readers.dolly import hold_out_per_category
+from aflora.data.registry import load_bundle, registered_names
 from aflora.data.sources import DATA_DIR_ENV, DataError, read_table, resolve_data_dir
 from aflora.data.tasks import (
     AG_NEWS_LABEL_WORDS,

@@ -1,7 +1,7 @@
 """Reading local tables and finding the data directory.
 
 Everything here returns plain ``list[dict]`` rows; what the columns *mean* is the registry's business
-(``registry.py``). Every problem a person can fix raises :class:`DataError` saying what was wrong,
+(``registry.py`` and ``readers/``). Every problem a person can fix raises :class:`DataError` saying what was wrong,
 what was expected and how to fix it.
 """
 
