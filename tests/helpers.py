@@ -78,13 +78,10 @@ def run_inline(config: ExperimentConfig) -> ServerRuntime:
 
 def write_tiny_config_toml(folder: Path, *overrides: str, model: str = "tiny-llama") -> Path:
     """`tiny_config` as an experiment file, for tests that go through the CLI (`--config`)."""
-    from aflora.compare import toml_literal
     from aflora.config import flatten
+    from aflora.tomlwrite import write_flat_toml
 
-    config = tiny_config(folder, *overrides, model=model)
-    path = folder / "tiny.toml"
-    path.write_text("".join(f"{key} = {toml_literal(value)}\n" for key, value in flatten(config.to_dict()).items()))
-    return path
+    return write_flat_toml(flatten(tiny_config(folder, *overrides, model=model).to_dict()), folder / "tiny.toml")
 
 
 TIMING_FIELDS = {"train_seconds", "round_seconds", "eval_seconds", "aggregation_seconds", "server_seconds"}

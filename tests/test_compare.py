@@ -22,13 +22,13 @@ from aflora.compare import (
     parse_seeds,
     plan_comparison,
     summarize,
-    toml_literal,
     write_csv,
     write_markdown,
     write_plots,
 )
 from aflora.config import ConfigError, load_config, parse_override
 from aflora.data import DataError
+from aflora.tomlwrite import toml_literal
 
 from helpers import write_tiny_config_toml
 

@@ -20,8 +20,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from aflora import deploy
 from aflora.config import config_from_flat
+from aflora.deployment import federation as lifecycle
+from aflora.deployment import flower_cli, pki, processes
+from aflora.deployment.layout import Layout
 from aflora.flower.simulation import simulate
 from aflora.results import load_run
 
@@ -43,12 +45,12 @@ def deployed(test):
 
 def test_certificates_satisfy_a_strict_tls_client_for_every_local_name(tmp_path):
     """What Python >= 3.13 checks by default (X509_STRICT), and the SANs the SuperLink is reached by."""
-    certs = deploy.make_certificates(tmp_path)
+    certs = pki.make_certificates(tmp_path)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(certs["server.pem"], certs["server.key"])
     client = ssl.create_default_context(cafile=str(certs["ca.crt"]))
     client.verify_flags |= ssl.VERIFY_X509_STRICT
-    for name in deploy.LOCAL_HOSTS:
+    for name in pki.LOCAL_HOSTS:
         listener = socket.create_server(("127.0.0.1", 0))
         accepted: list[BaseException | None] = []
 
@@ -68,7 +70,7 @@ def test_certificates_satisfy_a_strict_tls_client_for_every_local_name(tmp_path)
         thread.join(timeout=10)
         listener.close()
         assert accepted == [None]
-    assert deploy.make_certificates(tmp_path) == certs  # kept, not made again
+    assert pki.make_certificates(tmp_path) == certs  # kept, not made again
 
 
 def test_node_keys_are_what_flower_reads(tmp_path):
@@ -76,7 +78,7 @@ def test_node_keys_are_what_flower_reads(tmp_path):
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
     from flwr.cli.supernode.register import try_load_public_key
 
-    public = deploy.make_node_key(tmp_path / "node_0")
+    public = pki.make_node_key(tmp_path / "node_0")
     assert try_load_public_key(public)  # what `flwr supernode register` accepts
     assert isinstance(load_ssh_private_key((tmp_path / "node_0").read_bytes(), None), ec.EllipticCurvePrivateKey)
 
@@ -86,7 +88,7 @@ def test_the_experiment_file_gives_the_server_the_same_experiment_with_absolute_
     config = tiny_config(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     relative = tiny_config(Path("data"), 'data.data_dir="data"')
-    path = deploy.write_experiment(relative, tmp_path / "experiment.toml")
+    path = flower_cli.write_experiment(relative, tmp_path / "experiment.toml")
     read_back = config_from_flat({"config-file": str(path)})
     assert read_back.data.dataset == config.data.dataset == str(tmp_path / "data" / "train.csv")
     assert read_back.data.options["test_path"] == str(tmp_path / "data" / "test.csv")
@@ -107,25 +109,25 @@ def deployment(tmp_path_factory):
     # ClientApp process must take the older one from its state-dir (a gap would fail the round).
     config = tiny_config(folder / "data", "rounds=3", "engine.connect_timeout=120")
     state, out = folder / "state", folder / "out"
-    layout = deploy.Layout(state.resolve())
+    layout = Layout(state.resolve())
     intruder = None
     try:
-        federation = deploy.up(config, state, timeout=STARTUP_SECONDS)
+        federation = lifecycle.up(config, state, timeout=STARTUP_SECONDS)
         # A 4th SuperNode with a key pair the SuperLink was never told about; it starts while the run is submitted.
         intruder_key = layout.root / "unregistered" / "node"
-        deploy.make_node_key(intruder_key)
-        intruder = deploy.start_supernode(layout, federation.address, intruder_key, partition=3, partitions=4, name="unregistered")
-        results = deploy.submit(config, out, state, timeout=RUN_SECONDS, echo=False)
-        deploy.wait_until(lambda: deploy.exit_code(intruder) is not None, timeout=REFUSAL_SECONDS,
+        pki.make_node_key(intruder_key)
+        intruder = flower_cli.start_supernode(layout, federation.address, intruder_key, partition=3, partitions=4, name="unregistered")
+        results = lifecycle.submit(config, out, state, timeout=RUN_SECONDS, echo=False)
+        processes.wait_until(lambda: processes.exit_code(intruder) is not None, timeout=REFUSAL_SECONDS,
                           what="the unregistered SuperNode to give up")
-        nodes = deploy.list_nodes(layout)
-        family = [pid for p in [*federation.processes(), intruder] for pid in deploy.family(p)]
+        nodes = flower_cli.list_nodes(layout)
+        family = [pid for p in [*federation.processes(), intruder] for pid in processes.family(p)]
     finally:
-        stopped = deploy.down(state)
+        stopped = lifecycle.down(state)
         if intruder is not None:
-            deploy.stop(intruder)  # it has exited, but the SuperExec it started may still be retrying
+            processes.stop(intruder)  # it has exited, but the SuperExec it started may still be retrying
     return SimpleNamespace(config=config, layout=layout, federation=federation, results=results, out=out, nodes=nodes,
-                           intruder=intruder, intruder_exit=deploy.exit_code(intruder), family=family, stopped=stopped)
+                           intruder=intruder, intruder_exit=processes.exit_code(intruder), family=family, stopped=stopped)
 
 
 @deployed
@@ -146,7 +148,7 @@ def test_two_aflora_rounds_on_three_authenticated_supernodes(deployment):
 def test_the_federation_used_its_own_flower_home(deployment):
     """FLWR_HOME in the state folder: the connection, and the app the SuperLink/SuperNodes installed, are there."""
     home = deployment.layout.flwr_home
-    assert deploy.CONNECTION in (home / "config.toml").read_text()
+    assert flower_cli.CONNECTION in (home / "config.toml").read_text()
     assert any((home / "apps").iterdir())
 
 
@@ -155,7 +157,7 @@ def test_an_unregistered_supernode_is_refused(deployment):
     """Flower 1.41: the SuperLink answers the unknown key's ActivateNode with HTTP 412 (code 2004); the SuperNode
     exits (Flower's exit code 305, process status 1) and never becomes a node of the federation."""
     assert deployment.intruder_exit not in (None, 0)
-    refused = deploy.log_tail(deployment.intruder.log, 40)
+    refused = processes.log_tail(deployment.intruder.log, 40)
     assert "Failed to activate SuperNode" in refused and "305" in refused
     assert "No SuperNode found with the given public key" in Path(deployment.federation.superlink.log).read_text()
     assert len(deployment.nodes) == 3  # only the registered keys
@@ -166,7 +168,7 @@ def test_an_unregistered_supernode_is_refused(deployment):
 def test_down_stops_every_process(deployment):
     assert set(deployment.stopped) == {"superlink", "supernode-0", "supernode-1", "supernode-2"}
     assert len(deployment.family) >= 8  # SuperLink, SuperNodes and the SuperExecs they started
-    assert not any(deploy._command_line(pid) for pid in deployment.family)
+    assert not any(processes.command_line(pid) for pid in deployment.family)
     assert not deployment.layout.state_file.exists()
 
 

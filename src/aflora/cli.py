@@ -165,9 +165,9 @@ def federation_up(
     state: StateOption = FEDERATION_STATE,
 ) -> None:
     """Start a SuperLink and one SuperNode per client (federation.num_clients) and leave them running."""
-    from . import deploy
+    from . import deployment
 
-    federation = _federation_call(deploy.up, _load_config(config, set_, data_dir), state)
+    federation = _federation_call(deployment.up, _load_config(config, set_, data_dir), state)
     err.print(f"[green]federation up[/green]: SuperLink {federation.address}, {federation.partitions} SuperNodes. "
               f"Submit runs with `aflora federation run --state {state} --config ... --out ...`; "
               f"Flower's CLI: `FLWR_HOME={federation.layout.flwr_home} flwr supernode ls`; stop with `aflora federation down --state {state}`")
@@ -184,9 +184,9 @@ def federation_run(
     overwrite: Annotated[bool, typer.Option(help="Replace the results already in --out")] = False,
 ) -> None:
     """`flwr run` one experiment on the federation that is up in --state (else on a new one, stopped afterwards)."""
-    from . import deploy
+    from . import deployment
 
-    _federation_call(deploy.run_once, _load_config(config, set_, data_dir), out, state, timeout=timeout,
+    _federation_call(deployment.run_once, _load_config(config, set_, data_dir), out, state, timeout=timeout,
                      overwrite=overwrite)
     err.print(f"[green]results, plots and adapter written to {out}[/green]")
 
@@ -194,18 +194,18 @@ def federation_run(
 @federation_app.command("down")
 def federation_down(state: StateOption = FEDERATION_STATE) -> None:
     """Stop the federation's SuperNodes and SuperLink (certificates, keys and logs stay in --state)."""
-    from . import deploy
+    from . import deployment
 
-    stopped = _federation_call(deploy.down, state)
+    stopped = _federation_call(deployment.down, state)
     err.print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing was running in {state}")
 
 
 @federation_app.command("status")
 def federation_status(state: StateOption = FEDERATION_STATE) -> None:
     """The federation's processes and its SuperNodes as the SuperLink sees them."""
-    from . import deploy
+    from . import deployment
 
-    typer.echo(_federation_call(deploy.describe, state))
+    typer.echo(_federation_call(deployment.describe, state))
 
 
 def main() -> None:

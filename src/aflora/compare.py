@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, ExperimentConfig, flatten, load_config, parse_override
+from .tomlwrite import toml_literal
 from .values import coerce
 from .data import DataError
 from .methods import METHODS, method_class, method_options
@@ -109,19 +110,6 @@ def parse_seeds(spec: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds repeats a seed: {spec!r}; give each seed once")
     return seeds
-
-
-def toml_literal(value: Any) -> str:
-    """A value written so that `key=<literal>` overrides parse back to exactly it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)  # 1e-05, inf and nan are TOML too
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} ({type(value).__name__}) as a TOML value")
 
 
 @dataclass

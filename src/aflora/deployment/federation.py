@@ -1,0 +1,261 @@
+"""A federation's lifecycle: `up` brings SuperLink and SuperNodes up, `submit` runs one experiment on them, `down`
+stops them, `describe` says what is running; federation.json remembers what `up` started."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import ExperimentConfig
+from ..errors import FederationError
+from .flower_cli import (
+    CONNECTION,
+    STARTUP_TIMEOUT_SECONDS,
+    executable,
+    flower_env,
+    flwr,
+    flwr_json,
+    list_nodes,
+    register_node,
+    start_superlink,
+    start_supernode,
+    write_app,
+    write_experiment,
+    write_flower_home,
+)
+from .layout import Layout
+from .pki import make_certificates, make_node_key
+from .processes import Process, exit_code, free_port, is_running, log_tail, spawn, stop, wait_until
+
+log = logging.getLogger(__name__)
+
+RUN_TIMEOUT_SECONDS = 4 * 3600.0
+
+
+@dataclass
+class Federation:
+    """What `up` started, saved as federation.json so `run`, `status` and `down` find it."""
+
+    root: str
+    address: str  # the SuperLink's address, host:port (Fleet, Control and Runtime API share it)
+    partitions: int
+    superlink: Process
+    supernodes: list[Process] = field(default_factory=list)
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(Path(self.root))
+
+    def processes(self) -> list[Process]:
+        return [*self.supernodes, self.superlink]
+
+    def save(self) -> None:
+        self.layout.state_file.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, root: Path) -> Federation | None:
+        path = Layout(root).state_file
+        if not path.is_file():
+            return None
+        raw = json.loads(path.read_text())
+        return cls(
+            root=raw["root"], address=raw["address"], partitions=raw["partitions"],
+            superlink=Process(**raw["superlink"]), supernodes=[Process(**p) for p in raw["supernodes"]],
+        )
+
+    def alive(self) -> bool:
+        return all(is_running(p) for p in self.processes())
+
+def wait_nodes_online(layout: Layout, federation: Federation, *, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
+    expected = federation.partitions
+
+    def online() -> bool:
+        for node in federation.supernodes:
+            if not is_running(node):
+                raise FederationError(f"{node.name} exited while connecting; its log ({node.log}):\n{log_tail(node.log)}")
+        return sum(n.get("status") == "online" for n in list_nodes(layout)) >= expected
+
+    wait_until(online, timeout=timeout, poll_seconds=2.0, what=f"{expected} SuperNodes to come online",
+               hint=f"see the logs in {layout.logs}")
+
+def up(config: ExperimentConfig, state: Path, *, timeout: float = STARTUP_TIMEOUT_SECONDS) -> Federation:
+    """Bring a federation for `config` up on 127.0.0.1 and leave it running: one SuperNode per client."""
+    layout = Layout(state.resolve())
+    existing = Federation.load(layout.root)
+    if existing is not None:
+        if existing.alive():
+            raise FederationError(f"a federation is already up in {layout.root} (SuperLink {existing.address}); "
+                                  f"stop it first with `aflora federation down --state {state}`")
+        down(layout.root)  # a stale one (a process died): clear what is left
+    partitions = config.federation.num_clients
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    make_certificates(layout.certs)
+    public_keys = [make_node_key(layout.node_key(k)) for k in range(partitions)]
+    write_shards(config, layout)
+    write_app(layout)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    write_flower_home(layout, address)
+    log.info("starting the SuperLink on %s (TLS, SuperNode authentication)", address)
+    federation = Federation(root=str(layout.root), address=address, partitions=partitions,
+                            superlink=start_superlink(layout, port, timeout=timeout))
+    federation.save()
+    try:
+        for key in public_keys:
+            register_node(layout, key)
+        log.info("registered %d SuperNode keys; starting the SuperNodes", partitions)
+        for k in range(partitions):
+            federation.supernodes.append(start_supernode(layout, address, layout.node_key(k), k, partitions))
+            federation.save()
+        wait_nodes_online(layout, federation, timeout=timeout)
+    except BaseException:
+        down(layout.root)
+        raise
+    log.info("federation up: SuperLink %s, %d SuperNodes online (state in %s)", address, partitions, layout.root)
+    return federation
+
+
+def write_shards(config: ExperimentConfig, layout: Layout) -> None:
+    """Every client's data file (`aflora partition`), rewritten for each run's config: the SuperNodes read their
+    file anew for every message, so a run always trains on its own config's partition."""
+    from ..shards import write_shards as write_client_files
+
+    write_client_files(config, layout.shards)
+
+
+def submit(config: ExperimentConfig, out: Path, state: Path, *, timeout: float = RUN_TIMEOUT_SECONDS,
+           echo: bool = True, overwrite: bool = False) -> dict:
+    """`flwr run` one experiment on the federation that is up in `state`; wait for it; its results.json."""
+    layout = Layout(state.resolve())
+    federation = Federation.load(layout.root)
+    if federation is None or not federation.alive():
+        raise FederationError(f"no federation is up in {layout.root}; start one with `aflora federation up --state {state}`"
+                              + (" (a process of the last one has exited: `aflora federation down` clears it)" if federation else ""))
+    if config.federation.num_clients != federation.partitions:
+        raise FederationError(f"the experiment has federation.num_clients={config.federation.num_clients}, but the federation "
+                              f"in {layout.root} has {federation.partitions} SuperNodes; bring up one with that many clients")
+    out = out.resolve()
+    refuse_finished_run(out, overwrite)
+    write_shards(config, layout)
+    write_experiment(config, layout.experiment)
+    run_config = f"config-file={json.dumps(str(layout.experiment))} out-dir={json.dumps(str(out))}"
+    started = flwr_json(layout, "run", str(layout.app), CONNECTION, "--run-config", run_config,
+                        what="submitting the run (flwr run)")
+    if not started.get("success"):
+        raise FederationError(f"the SuperLink did not start the run: {started}")
+    run_id = int(started["run-id"])
+    log.info("run %d submitted to %s; results will be in %s", run_id, federation.address, out)
+    run_log = layout.logs / f"run_{run_id}.log"
+    streamer = spawn(f"log-{run_id}", [executable("flwr"), "log", str(run_id), CONNECTION, "--stream"], run_log, flower_env(layout))
+    echoed = LogEcho(run_log, enabled=echo)
+    status = "unknown"
+    try:
+        status = _wait_for_run(layout, federation, run_id, echoed, timeout=timeout)
+    finally:
+        _finish_streamer(streamer, run_finished=status.startswith("finished"))
+        echoed.show_new_lines()
+    if status != "finished:completed" or not (out / "results.json").is_file():
+        raise FederationError(f"run {run_id} ended as {status!r} without {out / 'results.json'}; the ServerApp's log "
+                              f"({run_log}):\n{log_tail(run_log, 40)}")
+    log.info("run %d finished: %s", run_id, out / "results.json")
+    return json.loads((out / "results.json").read_text())
+
+
+@dataclass
+class LogEcho:
+    """Shows a growing log file's new lines on stderr (the run's `ServerApp` log, as `flwr log --stream` writes it)."""
+
+    path: Path
+    enabled: bool = True
+    shown: int = 0
+
+    def show_new_lines(self) -> None:
+        if self.enabled and self.path.is_file():
+            lines = self.path.read_text(errors="replace").splitlines()
+            for line in lines[self.shown:]:
+                print(line, file=sys.stderr)
+            self.shown = len(lines)
+
+
+def _wait_for_run(layout: Layout, federation: Federation, run_id: int, echoed: LogEcho, *, timeout: float) -> str:
+    run_log = echoed.path
+    deadline = time.monotonic() + timeout
+    while True:
+        echoed.show_new_lines()
+        runs = flwr_json(layout, "ls", CONNECTION, "--run-id", str(run_id), what=f"asking for run {run_id}'s status").get("runs", [])
+        status = runs[0]["status"] if runs else "unknown"
+        if status.startswith("finished"):
+            return status
+        for process in federation.processes():
+            if not is_running(process):
+                raise FederationError(f"{process.name} exited during run {run_id}; its log ({process.log}):\n{log_tail(process.log)}")
+        if time.monotonic() > deadline:
+            try:
+                flwr(layout, "stop", str(run_id), CONNECTION, what=f"stopping run {run_id}")
+            except FederationError as error:
+                log.warning("%s", error)
+            raise FederationError(f"run {run_id} did not finish within {timeout:.0f}s (status {status}); it was stopped. "
+                                  f"Its log so far ({run_log}):\n{log_tail(run_log)}")
+        time.sleep(3.0)
+
+
+def _finish_streamer(streamer: Process, *, run_finished: bool) -> None:
+    """`flwr log --stream` ends by itself once a finished run's logs are complete; give it a moment, then stop it."""
+    deadline = time.monotonic() + (15.0 if run_finished else 0.0)
+    while time.monotonic() < deadline and exit_code(streamer) is None:
+        time.sleep(0.3)
+    stop(streamer, grace_seconds=3.0)
+
+
+def down(state: Path) -> list[str]:
+    """Stop every process of the federation in `state` (SuperNodes first, so they sign off); names of those stopped."""
+    layout = Layout(state.resolve())
+    federation = Federation.load(layout.root)
+    if federation is None:
+        return []
+    stopped = stop(*federation.supernodes) + stop(federation.superlink)
+    layout.state_file.unlink(missing_ok=True)
+    if stopped:
+        log.info("stopped %s", ", ".join(stopped))
+    return stopped
+
+
+def run_once(config: ExperimentConfig, out: Path, state: Path, *, timeout: float = RUN_TIMEOUT_SECONDS,
+             echo: bool = True, overwrite: bool = False) -> dict:
+    """`submit` to the federation that is up in `state`, or to a new one that is stopped afterwards."""
+    refuse_finished_run(out, overwrite)
+    federation = Federation.load(state.resolve())
+    if federation is not None and federation.alive():
+        return submit(config, out, state, timeout=timeout, echo=echo, overwrite=overwrite)
+    up(config, state)
+    try:
+        return submit(config, out, state, timeout=timeout, echo=echo, overwrite=overwrite)
+    finally:
+        down(state)
+
+
+def refuse_finished_run(out: Path, overwrite: bool) -> None:
+    if (out / "results.json").exists() and not overwrite:
+        raise FederationError(f"{out} already holds a finished run (results.json); choose another --out or pass --overwrite")
+    if overwrite:
+        (out / "results.json").unlink(missing_ok=True)  # so a failed run cannot pass for a finished one
+
+
+def describe(state: Path) -> str:
+    """What `status` prints: the processes, and the SuperNodes as the SuperLink sees them."""
+    layout = Layout(state.resolve())
+    federation = Federation.load(layout.root)
+    if federation is None:
+        return f"no federation in {layout.root}"
+    lines = [f"SuperLink {federation.address}, {federation.partitions} SuperNodes; FLWR_HOME={layout.flwr_home}"]
+    for process in federation.processes():
+        lines.append(f"  {process.name:<14} pid {process.pid:<8} {'running' if is_running(process) else 'EXITED'}  log {process.log}")
+    if is_running(federation.superlink):
+        for node in list_nodes(layout):
+            lines.append(f"  node {node.get('node-id')}: {node.get('status')}")
+    return "\n".join(lines)
