@@ -13,19 +13,8 @@ from pathlib import Path
 import pytest
 
 from aflora.cli import main
-from aflora.compare import (
-    COLUMNS,
-    Entry,
-    csv_columns,
-    parse_entries,
-    parse_entry,
-    parse_seeds,
-    plan_comparison,
-    summarize,
-    write_csv,
-    write_markdown,
-    write_plots,
-)
+from aflora.compare import Entry, parse_entries, parse_entry, parse_seeds, plan_comparison
+from aflora.compare_table import COLUMNS, csv_columns, summarize, write_csv, write_markdown, write_plots
 from aflora.config import ConfigError, load_config, parse_override
 from aflora.data import DataError
 from aflora.tomlwrite import toml_literal

@@ -90,7 +90,8 @@ def compare(
     overwrite: Annotated[bool, typer.Option(help="Run again the runs whose results.json is already in --out (default: reuse them)")] = False,
 ) -> None:
     """Run several methods (and ablations) × seeds on one identical experiment; write a comparison table and plots."""
-    from .compare import markdown_table, parse_entries, parse_seeds, plan_comparison, run_comparison
+    from .compare import parse_entries, parse_seeds, plan_comparison, run_comparison
+    from .compare_table import markdown_table
 
     configure_logging()
     plan = plan_comparison(config, _overrides(set_, data_dir), parse_entries(methods), parse_seeds(seeds), out, overwrite=overwrite)
