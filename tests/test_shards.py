@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from aflora.data import DataError
+from aflora.deployment.shards import write_shards
 from aflora.runtime import ClientRuntime, ServerRuntime, prepare_workload
-from aflora.shards import read_shard, shard_path, write_shards
+from aflora.shards import read_shard, shard_path
 
 from helpers import tiny_config
 

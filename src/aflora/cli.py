@@ -122,7 +122,7 @@ def partition(
     data_dir: DataDirOption = None,
 ) -> None:
     """Write each client's rows to its own file, for SuperNodes that must see only their own data."""
-    from .shards import write_shards
+    from .deployment.shards import write_shards
 
     paths = write_shards(_load_config(config, set_, data_dir), out)
     err.print(f"[green]{len(paths)} client files written to {out}[/green] (SuperNode k: --node-config \"partition-id=k data-file={out}/client_k.jsonl\")")

@@ -1,19 +1,18 @@
-"""Per-client data files for real deployments: each SuperNode reads only its own rows.
+"""Per-client data files for real deployments: the file format, and how a SuperNode reads its own rows.
 
-`aflora partition` writes, for one experiment config, `client_<k>.jsonl` (client k's records, each tagged
-with `_split` = "train" or "test" for its local test rows), `task.json` (how records become prompts) and
-`manifest.json` (what produced the files). A SuperNode started with
-`--node-config "partition-id=<k> data-file=<dir>/client_<k>.jsonl"` then trains on that file alone; the
-server keeps the public set and the global test rows.
+`aflora partition` (deployment/shards.py) writes, for one experiment config, `client_<k>.jsonl` (client k's
+records, each tagged with `_split` = "train" or "test" for its local test rows), `task.json` (how records become
+prompts) and `manifest.json` (what produced the files). A SuperNode started with
+`--node-config "partition-id=<k> data-file=<dir>/client_<k>.jsonl"` then trains on that file alone
+(:func:`read_shard`); the server keeps the public set and the global test rows. Writing needs the runtime's
+partition and reading is part of the runtime, so the two live on different floors: no import cycle.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
-from .config import ExperimentConfig
 from .data import DataError, Task
 
 TASK_FILE = "task.json"
@@ -23,32 +22,6 @@ SPLIT = "_split"
 
 def shard_path(folder: Path, client_id: int) -> Path:
     return folder / f"client_{client_id}.jsonl"
-
-
-def write_shards(config: ExperimentConfig, folder: Path) -> list[Path]:
-    """One file per client, from the same deterministic partition a simulation of this config uses."""
-    from .runtime import prepare_workload  # the runtime imports this module for reading shards
-
-    workload = prepare_workload(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / TASK_FILE).write_text(json.dumps(dataclasses.asdict(workload.bundle.task), indent=2))
-    paths = []
-    for cid, (train, test) in enumerate(zip(workload.client_rows, workload.client_test_rows)):
-        path = shard_path(folder, cid)
-        with path.open("w") as handle:
-            for split, rows in (("train", train), ("test", test)):
-                for index in rows:
-                    handle.write(json.dumps({**workload.bundle.train[index], SPLIT: split}) + "\n")
-        paths.append(path)
-    manifest = {
-        "dataset": workload.bundle.name,
-        "source": workload.bundle.source,
-        "seed": config.seed,
-        "partition": config.data.partition,
-        "clients": {str(cid): {"train": len(tr), "test": len(te)} for cid, (tr, te) in enumerate(zip(workload.client_rows, workload.client_test_rows))},
-    }
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    return paths
 
 
 def read_shard(path: Path) -> tuple[Task, list[dict], list[dict]]:

@@ -123,7 +123,7 @@ def up(config: ExperimentConfig, state: Path, *, timeout: float = STARTUP_TIMEOU
 def write_shards(config: ExperimentConfig, layout: Layout) -> None:
     """Every client's data file (`aflora partition`), rewritten for each run's config: the SuperNodes read their
     file anew for every message, so a run always trains on its own config's partition."""
-    from ..shards import write_shards as write_client_files
+    from .shards import write_shards as write_client_files  # loads torch and the data layer
 
     write_client_files(config, layout.shards)
 
