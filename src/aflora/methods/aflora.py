@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors
-from .aggregation import ProductError, data_weights, pad_columns, rank_aware_weights, relative_error, weighted_sum
+from .aggregation import (COLUMN_WEIGHTS_HELP, ProductError, check_column_weights, data_weights, pad_columns, rank_aware_weights,
+                          relative_error, slice_weighted_clients, slice_weights, zero_padded_sum)
 from .base import FederatedMethod, Instruction, ServerTrainer, TrainSpec, Upload, factor_shapes, tensor_key
 
 
@@ -57,6 +58,8 @@ class AFLoRAOptions:
     rank_aware_weights: bool = field(
         default=True, metadata={"help": "Weight clients by log(1+r_k)·|D_k| (Eq. 12); false = |D_k| only."}
     )
+    # Ablation of Eq. 12: 'rank_partitioned' averages each of the r_max columns over the clients whose mask keeps it.
+    column_weights: str = field(default="client", metadata=COLUMN_WEIGHTS_HELP)
 
     def __post_init__(self) -> None:
         if self.beta < 0:
@@ -73,6 +76,7 @@ class AFLoRAOptions:
             raise ValueError(f"aflora.ddr_rule must be one of {list(DDR_RULES)}, got {self.ddr_rule!r}")
         if self.lambda_optimizer not in LAMBDA_OPTIMIZERS:
             raise ValueError(f"aflora.lambda_optimizer must be one of {list(LAMBDA_OPTIMIZERS)}, got {self.lambda_optimizer!r}")
+        check_column_weights(self.column_weights, "aflora")
 
 
 def normalize_rows(A: torch.Tensor, norm: float) -> torch.Tensor:
@@ -159,14 +163,28 @@ class AFLoRA(FederatedMethod):
         self.B_global = {}
         self._error_terms = []
         for name, (m, _) in self.module_shapes.items():
-            padded = [pad_columns(u.tensors[tensor_key("B", name)], self.masks[u.client_id][name], self.r_max) for u in uploads]
-            weights = self.client_weights([u.ranks[name] for u in uploads], [u.num_examples for u in uploads])
-            self.B_global[name] = weighted_sum(padded, weights)  # Eq. 13
-            clients = [(float(w), u.tensors[tensor_key("B", name)], self.A_global[name][: mask.numel()][mask])
-                       for w, u, mask in zip(weights, uploads, (self.masks[u.client_id][name] for u in uploads))]
-            self._error_terms.append(ProductError(self.B_global[name], self.A_global[name], clients))
+            B = [u.tensors[tensor_key("B", name)] for u in uploads]
+            held = [self.held_columns(self.masks[u.client_id][name]) for u in uploads]
+            weights = self.column_weights([u.ranks[name] for u in uploads], [u.num_examples for u in uploads], held)
+            self.B_global[name] = zero_padded_sum(B, held, weights, rank_dim=1)  # Eq. 13
+            kept_A = [self.A_global[name][h] for h in held]
+            self._error_terms.append(ProductError(self.B_global[name], self.A_global[name], slice_weighted_clients(weights, held, B, kept_A)))
         self.advance_masks(uploads)
         self._round_update = None
+
+    def held_columns(self, mask: torch.Tensor) -> torch.Tensor:
+        """A client's mask over its r_k^1 initial dimensions, extended with False to the r_max global columns."""
+        return torch.cat([mask, mask.new_zeros(self.r_max - mask.numel())])
+
+    def column_weights(self, ranks: list[int], sizes: list[int], held: list[torch.Tensor]) -> torch.Tensor:
+        """q_kj of one module (K × r_max): Eq. 12's p_k on every column client k keeps, or (column_weights =
+        'rank_partitioned') each column's holders weighted by |D_k| and normalized over that column alone."""
+        if self.options.column_weights == "client":
+            return slice_weights(self.client_weights(ranks, sizes), held, "client")
+        if self.uniform_weights:
+            raise ValueError("aflora.column_weights = 'rank_partitioned' gives a column's only holder weight 1, which breaks "
+                             "client-level DP's sensitivity bound; use aflora.column_weights = 'client' with privacy")
+        return slice_weights(data_weights(sizes), held, "rank_partitioned")
 
     def client_weights(self, ranks: list[int], sizes: list[int]) -> torch.Tensor:
         """p_k of one module for clients with these ranks and data sizes (Eq. 12, or |D_k| only)."""
@@ -191,6 +209,9 @@ class AFLoRA(FederatedMethod):
     def secure_weights(self, client_ids: list[int]) -> dict[int, dict[str, float]]:
         """Every asked client's p_k per module, from the server's masks (r_k) and ClientSpecs (|D_k|): the
         weights plain aggregation would compute if all of them reply."""
+        if self.options.column_weights != "client":
+            raise ValueError("SecAgg+ takes one weight per client and module; aflora.column_weights = "
+                             f"{self.options.column_weights!r} needs one per column: use aflora.column_weights = 'client' with secagg")
         ids = sorted(client_ids)
         weights: dict[int, dict[str, float]] = {cid: {} for cid in ids}
         for name in self.A_global:

@@ -85,6 +85,54 @@ def pad_rows(A: torch.Tensor, kept: torch.Tensor, width: int) -> torch.Tensor:
     return pad_columns(A.T, kept, width).T
 
 
+# How a zero-padding method weights the rank slices it averages (hetlora.column_weights, aflora.column_weights).
+COLUMN_WEIGHTS = {
+    "client": "one weight per client for every slice it holds (the method's own weights)",
+    "rank_partitioned": "slice j averaged over the clients that hold it, by their data |D_k| (RB-LoRA, raFLoRA)",
+}
+COLUMN_WEIGHTS_HELP = {"help": "; ".join(f"{name!r}: {meaning}" for name, meaning in COLUMN_WEIGHTS.items())}
+
+
+def check_column_weights(value: str, section: str) -> None:
+    if value not in COLUMN_WEIGHTS:
+        raise ValueError(f"{section}.column_weights must be one of {sorted(COLUMN_WEIGHTS)}, got {value!r}")
+
+
+def slice_weights(client_weights: torch.Tensor, holds: Sequence[torch.Tensor], rule: str) -> torch.Tensor:
+    """q_kj, the weight of client k's rank slice j (K × width), for one of COLUMN_WEIGHTS.
+
+    'client': q_kj = p_k wherever k holds j. 'rank_partitioned': q_kj = p_k / Σ_{k' holds j} p_k', so every
+    slice is a weighted mean over its own holders and slices only big clients hold are not shrunk by the
+    clients that lack them (raFLoRA's rank collapse). With p_k = |D_k|/N this is RB-LoRA's
+    compute_column_weights_from_ranks (aggregation.py): N / Σ_{k holds j} |D_k| times the data-weighted sum.
+    A slice nobody holds gets weight 0 (it stays zero)."""
+    check_column_weights(rule, "<method>")
+    held = torch.stack([h.to(torch.float64) for h in holds])
+    weights = client_weights.to(torch.float64)[:, None] * held
+    if rule == "client":
+        return weights
+    totals = weights.sum(dim=0, keepdim=True)
+    return torch.where(totals > 0, weights / totals.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(weights))
+
+
+def zero_padded_sum(factors: Sequence[torch.Tensor], holds: Sequence[torch.Tensor], weights: torch.Tensor, *,
+                    rank_dim: int) -> torch.Tensor:
+    """Σ_k q_k ⊙ pad(T_k): each client's rank slices scattered to the positions it holds (zeros elsewhere),
+    slice j weighted by q_kj. rank_dim = 1 for B (m × r columns), 0 for A (r × n rows)."""
+    width = weights.shape[1]
+    padded = [pad_columns(t, h, width) if rank_dim == 1 else pad_rows(t, h, width) for t, h in zip(factors, holds)]
+    total = torch.zeros_like(padded[0], dtype=torch.float64)
+    for tensor, q in zip(padded, weights):
+        total += (q[None, :] if rank_dim == 1 else q[:, None]) * tensor.to(torch.float64)
+    return total.to(factors[0].dtype)
+
+
+def slice_weighted_clients(weights: torch.Tensor, holds: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
+                           A: Sequence[torch.Tensor]) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+    """ProductError's (p, B, A) per client under slice weights: Σ_k B_k diag(q_k) A_k is the exact aggregate."""
+    return [(1.0, b * q[h.nonzero().flatten()], a) for q, h, b, a in zip(weights, holds, B, A)]
+
+
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Σ_k p_k · T_k, accumulated in float64 for exactness, returned in the tensors' dtype."""
     if len(tensors) != len(weights):

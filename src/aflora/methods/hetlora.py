@@ -7,7 +7,8 @@
   inert; a test checks its gradient).
 - Self-pruning: if training shrank that tail norm below what the client received, its rank becomes
   max(min_rank, ⌊γ·r⌋) from the next round on (one rank per client, as in the paper's r_k).
-- Aggregation: zero-pad every A/B to r_max and average with sparsity weights p_k ∝ ‖B_k A_k‖_F.
+- Aggregation: zero-pad every A/B to r_max and average with sparsity weights p_k ∝ ‖B_k A_k‖_F
+  (`column_weights = "rank_partitioned"`: each rank slice averaged over its holders by |D_k| instead, RB-LoRA).
 
 HETLoRA has no public code. Its paper writes ΔW = BA with no alpha, and finds that higher ranks learn faster:
 so one scaling for every rank, as in the closest public code, the zero-padding (HETLoRA) baseline of FLoRA's
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
-from .aggregation import (ALPHA_RULE_HELP, LORA_ALPHA_HELP, LoRAScaling, ProductError, data_weights, low_rank_frobenius_sq,
-                          pad_columns, pad_rows, relative_error, weighted_sum)
+from .aggregation import (ALPHA_RULE_HELP, COLUMN_WEIGHTS_HELP, LORA_ALPHA_HELP, LoRAScaling, ProductError, check_column_weights,
+                          data_weights, low_rank_frobenius_sq, relative_error, slice_weighted_clients, slice_weights,
+                          zero_padded_sum)
 from .base import FederatedMethod, Instruction, Penalty, TrainSpec, Upload, factor_shapes, tensor_key
 
 
@@ -34,6 +36,8 @@ class HetLoRAOptions(LoRAScaling):
     keep_ratio: float = field(default=0.9, metadata={"help": "γ: slices ⌊γ·r⌋..r are regularized and pruned together."})
     min_rank: int = field(default=1, metadata={"help": "Self-pruning never goes below this rank."})
     self_pruning: bool = field(default=True, metadata={"help": "Prune ranks whose tail norm shrank (false: fixed ranks)."})
+    # 'client' is the paper's sparsity weighting; 'rank_partitioned' replaces it with RB-LoRA's per-slice data weights.
+    column_weights: str = field(default="client", metadata=COLUMN_WEIGHTS_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,6 +47,7 @@ class HetLoRAOptions(LoRAScaling):
             raise ValueError(f"hetlora.keep_ratio must lie in (0, 1), got {self.keep_ratio}")
         if self.min_rank < 1:
             raise ValueError(f"hetlora.min_rank must be ≥ 1, got {self.min_rank}")
+        check_column_weights(self.column_weights, "hetlora")
 
 
 def tail_start(rank: int, keep_ratio: float, min_rank: int) -> int:
@@ -93,16 +98,22 @@ class HetLoRA(FederatedMethod):
         for name in sorted(self.module_shapes):
             A = [u.tensors[tensor_key("A", name)] for u in uploads]
             B = [u.tensors[tensor_key("B", name)] for u in uploads]
-            norms = [low_rank_frobenius_sq(b, a) ** 0.5 for a, b in zip(A, B)]
-            # Sparsity-weighted: clients whose update carries more energy count more.
-            weights = torch.tensor(norms, dtype=torch.float64) / sum(norms) if sum(norms) > 0 else data_weights([u.num_examples for u in uploads])
-            prefix = [torch.arange(self.r_max) < a.shape[0] for a in A]
-            global_A = weighted_sum([pad_rows(a, keep, self.r_max) for a, keep in zip(A, prefix)], weights)
-            global_B = weighted_sum([pad_columns(b, keep, self.r_max) for b, keep in zip(B, prefix)], weights)
+            prefix = [torch.arange(self.r_max) < a.shape[0] for a in A]  # a client of rank r holds slices 0..r-1
+            weights = slice_weights(self.client_weights(A, B, [u.num_examples for u in uploads]), prefix, self.options.column_weights)
+            global_A = zero_padded_sum(A, prefix, weights, rank_dim=0)
+            global_B = zero_padded_sum(B, prefix, weights, rank_dim=1)
             self.global_factors[name] = ModuleFactors(A=global_A, B=global_B)
-            self._error_terms.append(ProductError(global_B, global_A, [(float(p), b, a) for p, b, a in zip(weights, B, A)]))
+            self._error_terms.append(ProductError(global_B, global_A, slice_weighted_clients(weights, prefix, B, A)))
         for upload in uploads:
             self.ranks[upload.client_id] = int(upload.tensors["next_rank"])
+
+    def client_weights(self, A: list[torch.Tensor], B: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+        """p_k of one module: sparsity weights ∝ ‖B_k A_k‖_F (clients whose update carries more energy count
+        more), or |D_k| when slices are rank-partitioned (RB-LoRA weighs the holders of a slice by their data)."""
+        if self.options.column_weights == "rank_partitioned":
+            return data_weights(sizes)
+        norms = [low_rank_frobenius_sq(b, a) ** 0.5 for a, b in zip(A, B)]
+        return torch.tensor(norms, dtype=torch.float64) / sum(norms) if sum(norms) > 0 else data_weights(sizes)
 
     def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         rank = int(instruction.config["rank"])
