@@ -35,6 +35,8 @@ class RoundRecord:
     truncation_loss: float | None = None  # FlexLoRA: what the SVD redistribution loses of the exact aggregate
     a_tuning_change: float | None = None  # AFLoRA: ‖A_FT − A‖ / ‖A‖ in the server step
     a_fused_change: float | None = None  # AFLoRA: ‖A' − A‖ / ‖A‖ after the fusion of Eq. 11
+    global_rank: float | None = None  # FLoRIST: the rank its energy threshold kept, mean over modules
+    residual_norm: float | None = None  # FedEx-LoRA: ‖Σ p_k B_k A_k − B̄Ā‖ / ‖Σ p_k B_k A_k‖, the part merged into the base
     eval_uplink_bytes: int = 0  # sent only so the server can evaluate a global model (FedSA-LoRA's B)
     personalized: dict[str, float] = field(default_factory=dict)  # clients' own models on their local test rows
     dp_noise_std: float | None = None  # client-level DP: the noise added to the aggregate this round

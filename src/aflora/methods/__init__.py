@@ -6,14 +6,16 @@ from typing import Any
 
 from .aflora import AFLoRA
 from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, options_from_mapping
+from .fedex_lora import FedExLoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
+from .florist import FLoRIST
 from .hetlora import HetLoRA
 from .legend import LEGEND
 from .shared_lora import FedIT, FedSALoRA, FFALoRA
 
 METHODS: dict[str, type[FederatedMethod]] = {
-    cls.name: cls for cls in (AFLoRA, FedIT, FFALoRA, FedSALoRA, FLoRA, FlexLoRA, HetLoRA, LEGEND)
+    cls.name: cls for cls in (AFLoRA, FedExLoRA, FedIT, FFALoRA, FedSALoRA, FLoRA, FLoRIST, FlexLoRA, HetLoRA, LEGEND)
 }
 
 
