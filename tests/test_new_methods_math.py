@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from aflora.costs import payload_params
-from aflora.lora.factors import ModuleFactors
 from aflora.methods import METHODS, method_options
 from aflora.methods.aggregation import pad_columns, weighted_sum
 from aflora.methods.base import ClientSpec, Upload, tensor_key
@@ -101,7 +100,7 @@ def test_fedex_base_plus_residual_plus_mean_adapter_equals_the_exact_average():
     for round_ in (1, 2):
         instructions = {cid: method.instruct(cid, round_) for cid in method.clients}
         runs = run_round(method, round_, g)
-        for cid, (instruction, spec, _, upload) in enumerate(runs):  # clients start from the global (Ā, B̄)
+        for cid, (_, spec, _, upload) in enumerate(runs):  # clients start from the global (Ā, B̄)
             assert set(upload.tensors) == {tensor_key(f, n) for f in "AB" for n in SHAPES}  # uplink: A and B only
             assert all(torch.equal(spec.adapter[n].B, instructions[cid].tensors[tensor_key("B", n)]) for n in SHAPES)
         squared_residual, squared_ideal = 0.0, 0.0
@@ -151,8 +150,8 @@ def make_on_one_number(name, ranks, **options):
 
 def test_hetlora_rank_partitioned_slices_are_means_over_their_holders():
     method = make_on_one_number("hetlora", [1, 2, 3], column_weights="rank_partitioned")
-    uploads = [Upload(cid, SIZES[cid], {"A/m": torch.tensor(v)[:, None], "B/m": torch.tensor(v)[None, :], "next_rank": torch.tensor(len(v))},
-                      {"m": len(v)}) for cid, v in enumerate(VALUES)]
+    uploads = [Upload(cid, SIZES[cid], {"A/m": torch.tensor(v)[:, None], "B/m": torch.tensor(v)[None, :],
+                                        "next_rank": torch.tensor(len(v))}, {"m": len(v)}) for cid, v in enumerate(VALUES)]
     method.aggregate(uploads, round=1)
     torch.testing.assert_close(method.global_factors["m"].B, torch.tensor([RANK_PARTITIONED]))
     torch.testing.assert_close(method.global_factors["m"].A, torch.tensor(RANK_PARTITIONED)[:, None])

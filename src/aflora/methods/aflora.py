@@ -162,13 +162,14 @@ class AFLoRA(FederatedMethod):
         uploads = sorted(uploads, key=lambda u: u.client_id)  # a fixed order keeps sums bit-reproducible
         self.B_global = {}
         self._error_terms = []
-        for name, (m, _) in self.module_shapes.items():
+        for name in self.module_shapes:
             B = [u.tensors[tensor_key("B", name)] for u in uploads]
             held = [self.held_columns(self.masks[u.client_id][name]) for u in uploads]
             weights = self.column_weights([u.ranks[name] for u in uploads], [u.num_examples for u in uploads], held)
             self.B_global[name] = zero_padded_sum(B, held, weights, rank_dim=1)  # Eq. 13
             kept_A = [self.A_global[name][h] for h in held]
-            self._error_terms.append(ProductError(self.B_global[name], self.A_global[name], slice_weighted_clients(weights, held, B, kept_A)))
+            clients = slice_weighted_clients(weights, held, B, kept_A)
+            self._error_terms.append(ProductError(self.B_global[name], self.A_global[name], clients))
         self.advance_masks(uploads)
         self._round_update = None
 

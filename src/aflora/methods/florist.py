@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lora.factors import Adapter, ModuleFactors
+from ..lora.factors import ModuleFactors
 from .aggregation import combine_error_terms
 from .base import Upload
 from .flora import FLoRA, FLoRAOptions
