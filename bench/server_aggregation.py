@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 
 import torch
 
@@ -19,7 +20,8 @@ from aflora.methods.base import ClientSpec
 from common import print_table, timed, write_json
 
 HIDDEN, KV, BLOCKS = 576, 192, 30  # SmolLM2-135M
-SHAPES = {f"model.layers.{b}.self_attn.{m}": shape for b in range(BLOCKS) for m, shape in (("q_proj", (HIDDEN, HIDDEN)), ("v_proj", (KV, HIDDEN)))}
+SHAPES = {f"model.layers.{b}.self_attn.{m}": shape
+          for b in range(BLOCKS) for m, shape in (("q_proj", (HIDDEN, HIDDEN)), ("v_proj", (KV, HIDDEN)))}
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 SIZES = [646, 710, 646, 709, 644, 709, 644, 709, 644, 708]  # the default AG News partition
 
@@ -40,6 +42,11 @@ def uploads_for(name: str, generator: torch.Generator):
     return method, uploads
 
 
+def restore_state(method, state: dict) -> None:
+    """Put the method back as it was before the first aggregation (a fresh copy: aggregate may change it)."""
+    vars(method).update(copy.deepcopy(state))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -49,14 +56,15 @@ def main() -> None:
     results = {}
     for name in args.methods.split(","):
         method, uploads = uploads_for(name, generator)
-        state = copy.deepcopy(vars(method))
-        restore = lambda: vars(method).update(copy.deepcopy(state))  # noqa: E731 - the same start every repeat, untimed
-
-        results[name] = {**timed(lambda: method.aggregate(uploads, 1), repeats=args.repeats, setup=restore), "upload_MiB": sum(t.numel() * t.element_size() for u in uploads for t in u.tensors.values()) / 2**20}
+        restore = functools.partial(restore_state, method, copy.deepcopy(vars(method)))  # the same start every repeat, untimed
+        aggregate = functools.partial(method.aggregate, uploads, 1)
+        upload_mib = sum(t.numel() * t.element_size() for u in uploads for t in u.tensors.values()) / 2**20
+        results[name] = {**timed(aggregate, repeats=args.repeats, setup=restore), "upload_MiB": upload_mib}
     base = results.get("aflora", {}).get("median_s")
     rows = [[name, f"{r['median_s'] * 1000:.1f}", f"{r['min_s'] * 1000:.1f}–{r['max_s'] * 1000:.1f}", f"{r['upload_MiB']:.1f}",
              f"{r['median_s'] / base:.2f}" if base else "-"] for name, r in results.items()]
-    print_table("Server aggregation on SmolLM2 shapes, 10 clients (ms)", ["method", "median ms", "range ms", "uploads MiB", "× AFLoRA"], rows)
+    print_table("Server aggregation on SmolLM2 shapes, 10 clients (ms)",
+                ["method", "median ms", "range ms", "uploads MiB", "× AFLoRA"], rows)
     if "flexlora" in results and base:
         print(f"\nAFLoRA aggregation time ÷ FlexLoRA's (SVD): {base / results['flexlora']['median_s']:.3f}")
     write_json("server_aggregation", {"threads": torch.get_num_threads(), "ranks": RANKS, "results": results})

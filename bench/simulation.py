@@ -109,7 +109,8 @@ def main() -> None:
             points.append(point)
             print(f"{clients} clients: peak {point['peak_rss_total_mb']:.0f} MB, {point['wall_seconds']:.0f} s", flush=True)
     base = points[0]["peak_rss_total_mb"]
-    rows = [[p["clients"], f"{p['peak_rss_total_mb']:.0f}", f"{p['peak_rss_total_mb'] / base:.2f}", f"{p['peak_rss_largest_mb']:.0f} ({p['largest_process']})",
+    rows = [[p["clients"], f"{p['peak_rss_total_mb']:.0f}", f"{p['peak_rss_total_mb'] / base:.2f}", f"{p['peak_rss_largest_mb']:.0f} "
+             f"({p['largest_process']})",
              " ".join(f"{r['overhead_ratio']:.2f}" for r in p["rounds"]),
              " ".join(f"{r['round_seconds']:.1f}/{r['ideal_seconds']:.1f}" for r in p["rounds"])] for p in points]
     in_flight = args.max_in_flight or f"auto ({2 * args.workers})"

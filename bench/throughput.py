@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     args = parser.parse_args()
 
-    config = load_config(None, [f'data.data_dir="{args.data_dir}"', "data.partition=\"iid\"", "federation.num_clients=1", "federation.client_ranks=[16]"])
+    config = load_config(None, [f'data.data_dir="{args.data_dir}"', "data.partition=\"iid\"", "federation.num_clients=1",
+                                "federation.client_ranks=[16]"])
     workload = prepare_workload(config)
     side = ModelSide(workload)  # aflora's own host (PEFT layers with the Λ variant)
     examples = side.encode([workload.bundle.train[i] for i in workload.client_rows[0][:256]])
@@ -83,7 +84,8 @@ def main() -> None:
         batches = training_batches(examples, 8, side.pad_id, seed=block)
         result = train_adapter(side.host, spec, batches, steps=args.steps, optim=OptimConfig(lr=1e-3), objective="class_ce",
                                label_token_ids=label_ids, autocast_dtype=side.autocast)
-        seconds, tokens = plain_peft_steps(plain, training_batches(examples, 8, side.pad_id, seed=block), label_ids, args.steps, args.rank, side.autocast)
+        seconds, tokens = plain_peft_steps(plain, training_batches(examples, 8, side.pad_id, seed=block), label_ids, args.steps, args.rank,
+                                           side.autocast)
         if block:
             timings["aflora"][0] += result.seconds
             timings["aflora"][1] += result.tokens
@@ -97,13 +99,17 @@ def main() -> None:
     for name, (seconds, tokens) in timings.items():
         tokens_per_second = tokens / seconds
         results[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens_per_second,
-                         "achieved_flops": 4 * non_embedding * tokens_per_second, "ceiling_fraction": 4 * non_embedding * tokens_per_second / ceiling}
+                         "achieved_flops": 4 * non_embedding * tokens_per_second,
+                         "ceiling_fraction": 4 * non_embedding * tokens_per_second / ceiling}
     ratio = results["aflora"]["tokens_per_second"] / results["peft"]["tokens_per_second"]
-    rows = [[name, f"{r['tokens_per_second']:.0f}", f"{r['achieved_flops'] / 1e9:.0f}", f"{100 * r['ceiling_fraction']:.1f}%"] for name, r in results.items()]
+    rows = [[name, f"{r['tokens_per_second']:.0f}", f"{r['achieved_flops'] / 1e9:.0f}", f"{100 * r['ceiling_fraction']:.1f}%"]
+            for name, r in results.items()]
     print_table(f"Local training, SmolLM2, batch 8, rank {args.rank}, {side.autocast or 'float32'}",
                 ["loop", "tokens/s", "GFLOP/s", "of GEMM ceiling"], rows)
-    print(f"\naflora ÷ plain PEFT tokens/s: {ratio:.3f}   (GEMM ceiling: bf16 {ceilings['bf16'] / 1e9:.0f} GFLOP/s, fp32 {ceilings['fp32'] / 1e9:.0f} GFLOP/s)")
-    write_json("throughput", {"rank": args.rank, "steps_per_block": args.steps, "blocks": args.blocks, "non_embedding_params": non_embedding,
+    print(f"\naflora ÷ plain PEFT tokens/s: {ratio:.3f}   (GEMM ceiling: bf16 {ceilings['bf16'] / 1e9:.0f} GFLOP/s, fp32 "
+        f"{ceilings['fp32'] / 1e9:.0f} GFLOP/s)")
+    write_json("throughput", {"rank": args.rank, "steps_per_block": args.steps, "blocks": args.blocks,
+                              "non_embedding_params": non_embedding,
                               "precision": str(side.autocast), "ceilings_flops": ceilings, "results": results, "aflora_over_peft": ratio})
 
 

@@ -174,7 +174,7 @@ def test_masks_only_shrink_over_rounds_and_uploads_have_kept_columns():
     previous = {cid: {n: m.clone() for n, m in masks.items()} for cid, masks in method.masks.items()}
     for round_ in range(1, 6):
         runs = [random_training(method, cid, round_, generator) for cid in range(2)]
-        for instruction, trained, upload in runs:
+        for instruction, _trained, upload in runs:
             for name, (m, _) in SHAPES.items():
                 kept = int(instruction.tensors[tensor_key("mask", name)].sum())
                 assert upload.tensors[tensor_key("B", name)].shape == (m, kept)

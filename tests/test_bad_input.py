@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from aflora.config import ConfigError, config_from_flat, flatten, load_config
-from aflora.values import tomllib
 from aflora.data import DataError
 from aflora.models import ModelError, resolve_model
 from aflora.runtime import preflight
+from aflora.values import tomllib
 
 from helpers import tiny_config
 

@@ -102,7 +102,7 @@ def test_ag_news_local():
         first = [(clean_independently(f"{r[1]} {r[2]}"), int(r[0]) - 1) for r in csv.reader(stream)]
     with open(folder / "train_sample5000_text_label.csv", newline="") as stream:
         sample = [(clean_independently(r["text"]), int(float(r["label"]))) for r in csv.DictReader(stream)]
-    expected_pool = list(dict((text, label) for text, label in reversed(first + sample)).items())
+    expected_pool = list(dict(reversed(first + sample)).items())
 
     bundle = load_bundle("fancyzhx/ag_news", data_dir=REAL_DATA)
     assert bundle.name == "ag_news" and bundle.task.label_words == AG_NEWS_LABEL_WORDS
@@ -163,9 +163,7 @@ def test_dolly_flora_split():
     assert sizes == [1820, 2831, 1773, 1299, 2253, 565, 1518, 896, 1533, 443]
     assert (len(bundle.train), len(bundle.test)) == (14931, 80)
     assert [index for client in bundle.presplit_clients for index in client] == list(range(14931))
-    assert Counter(row["category"] for row in bundle.test) == {
-        category: 10 for category in set(bundle.train_categories())
-    }
+    assert Counter(row["category"] for row in bundle.test) == dict.fromkeys(set(bundle.train_categories()), 10)
     assert bundle.extra_eval == {"heldout": bundle.test}
     assert all(set(row) == {"instruction", "context", "response", "category"} for row in bundle.train)
     with open(REAL_DATA / "dolly_15k" / "flora_split_10clients" / "local_training_9.json") as stream:

@@ -2,9 +2,9 @@
 dimensions are those the client's data wants (a planted subspace), not those with lucky gradient signs.
 
 The client's task is a linear map whose optimal update lies mostly in known rows S of the shared A, along
-the client's own initial B columns: ΔW* = Σ_j w_j b_j a_jᵀ / C², w_j ∈ [0.9, 1.1] on S and 0.2 elsewhere. It runs through the real client path:
-AFLoRA's local_job, the training loop's optimisation (aflora.training.optimize, the optimizers every job
-gets), AFLoRA's upload with its Eq. 8 pruning.
+the client's own initial B columns: ΔW* = Σ_j w_j b_j a_jᵀ / C², w_j ∈ [0.9, 1.1] on S and 0.2 elsewhere.
+It runs through the real client path: AFLoRA's local_job, the training loop's optimisation
+(aflora.training.optimize, the optimizers every job gets), AFLoRA's upload with its Eq. 8 pruning.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aflora.config import ServerConfig, TrainConfig
+from aflora.config import TrainConfig
 from aflora.methods.aflora import AFLoRA, AFLoRAOptions
 from aflora.methods.base import ClientSpec, TrainSpec, tensor_key
 from aflora.training import OptimConfig, optimize

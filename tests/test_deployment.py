@@ -54,7 +54,7 @@ def test_certificates_satisfy_a_strict_tls_client_for_every_local_name(tmp_path)
         listener = socket.create_server(("127.0.0.1", 0))
         accepted: list[BaseException | None] = []
 
-        def serve() -> None:
+        def serve(listener: socket.socket, accepted: list[BaseException | None]) -> None:
             connection, _ = listener.accept()
             try:
                 with server.wrap_socket(connection, server_side=True):
@@ -62,11 +62,11 @@ def test_certificates_satisfy_a_strict_tls_client_for_every_local_name(tmp_path)
             except (ssl.SSLError, OSError) as error:
                 accepted.append(error)
 
-        thread = threading.Thread(target=serve)
+        thread = threading.Thread(target=serve, args=(listener, accepted))
         thread.start()
-        with socket.create_connection(listener.getsockname(), timeout=10) as raw:
-            with client.wrap_socket(raw, server_hostname=name) as tls:
-                assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        with socket.create_connection(listener.getsockname(), timeout=10) as raw, \
+                client.wrap_socket(raw, server_hostname=name) as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
         thread.join(timeout=10)
         listener.close()
         assert accepted == [None]

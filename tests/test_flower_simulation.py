@@ -8,13 +8,12 @@ import time
 import pytest
 import torch
 from peft import PeftModel
-
-from aflora.flower.simulation import simulate
-from aflora.flower.strategy import send_in_waves
-from aflora.models import build_tiny_model
 from transformers import AutoModelForCausalLM
 
 from aflora.encoding import PromptEncoder
+from aflora.flower.simulation import simulate
+from aflora.flower.strategy import send_in_waves
+from aflora.models import build_tiny_model
 from aflora.outputs import export_merged_model
 from aflora.results import load_run
 from aflora.runtime import prepare_workload

@@ -65,7 +65,8 @@ def test_uniform_weights_replace_rank_aware_ones_under_dp(dp_round):
     # the noise-free part of B_global is the plain mean of the padded uploads
     from aflora.methods.aggregation import pad_columns
     from aflora.methods.base import tensor_key
-    mean = sum(pad_columns(u.tensors[tensor_key("B", name)], server.sent[u.client_id].tensors[tensor_key("mask", name)], 8) for u in uploads) / 3
+    mean = sum(pad_columns(u.tensors[tensor_key("B", name)], server.sent[u.client_id].tensors[tensor_key("mask", name)], 8)
+               for u in uploads) / 3
     residual = server.method.B_global[name] - mean
     assert residual.std().item() == pytest.approx(noise_std(2.0, 0.5, 3), rel=0.2)
 

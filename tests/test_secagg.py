@@ -22,7 +22,6 @@ from aflora.flower import client_app as client_app_module
 from aflora.flower.records import read_secure_upload, secure_upload_content
 from aflora.flower.server_app import run_federation
 from aflora.flower.simulation import simulate
-from aflora.methods.aggregation import pad_columns
 from aflora.methods.base import tensor_key
 from aflora.runtime import ClientRuntime, RoundAborted, ServerRuntime
 from aflora.secure_aggregation import SecureSum, error_bound, fold_upload, quantization_step, read_weights
@@ -78,11 +77,13 @@ def test_the_sum_of_what_clients_send_is_the_plain_aggregate(secure_round):
     for name, (m, _) in server.method.module_shapes.items():
         assert summed.vectors[name].shape == (m, 8)  # zero-padded to r_max
         # Σ_k p_k·pad(B'_k) in float64 is Eq. 13 before its float32 rounding
-        torch.testing.assert_close(summed.vectors[name].float(), plain.method.B_global[name], rtol=0, atol=float32_slack(plain.method.B_global[name]))
+        torch.testing.assert_close(summed.vectors[name].float(), plain.method.B_global[name], rtol=0,
+                                   atol=float32_slack(plain.method.B_global[name]))
     clear = server.accept(1, [fold_upload(server.method, i, u, 1.0)[1] for i, u in zip(instructions, uploads)], [])
     diagnostics = server.complete_round(1, clear, summed)
     for name in server.method.module_shapes:
-        torch.testing.assert_close(server.method.B_global[name], plain.method.B_global[name], rtol=0, atol=float32_slack(plain.method.B_global[name]))
+        torch.testing.assert_close(server.method.B_global[name], plain.method.B_global[name], rtol=0,
+                                   atol=float32_slack(plain.method.B_global[name]))
     assert server.method.client_ranks() == plain.method.client_ranks()  # next_mask travelled in the clear
     assert "aggregation_error" not in diagnostics  # Σ p_k B_k A_k needs every B_k: not on a secure server
 
@@ -99,7 +100,8 @@ def test_a_dropout_after_the_weights_were_sent_renormalizes_over_the_survivors(s
     for name in server.method.module_shapes:
         total = sum(read_weights(i, [name])[name] for i in instructions if i.client_id in survivors)
         assert total < 1  # the sum alone would shrink B_global by this factor
-        torch.testing.assert_close(server.method.B_global[name], plain.method.B_global[name], rtol=0, atol=float32_slack(plain.method.B_global[name]))
+        torch.testing.assert_close(server.method.B_global[name], plain.method.B_global[name], rtol=0,
+                                   atol=float32_slack(plain.method.B_global[name]))
 
 
 def test_uniform_weights_under_dp(tmp_path):

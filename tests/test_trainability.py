@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aflora.encoding import PromptEncoder, collate, training_batches
 from aflora.data import topic_classification_task
+from aflora.encoding import PromptEncoder, collate, training_batches
 from aflora.lora.factors import ModuleFactors
 from aflora.methods.aflora import AFLoRA, AFLoRAOptions
 from aflora.methods.base import ClientSpec, TrainSpec, tensor_key
@@ -21,7 +21,8 @@ def encoded(tokenizer):
 
 
 def aflora_for(host, ranks=(6, 3)) -> AFLoRA:
-    method = AFLoRA(AFLoRAOptions(), module_shapes=host.module_shapes(), clients=[ClientSpec(i, r, 10) for i, r in enumerate(ranks)], seed=0)
+    method = AFLoRA(AFLoRAOptions(), module_shapes=host.module_shapes(), clients=[ClientSpec(i, r, 10) for i, r in enumerate(ranks)],
+                    seed=0)
     method.init_server_state()
     return method
 

@@ -59,7 +59,8 @@ def load_checkpoint(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     state = torch.load(folder / STATE_FILE, weights_only=False)  # our own pickle (see the module doc)
     record = state["record"]
     if record["rounds"] and record["rounds"][-1]["round"] != state["round"]:
-        raise ValueError(f"checkpoint in {folder} is inconsistent: state of round {state['round']}, record up to round {record['rounds'][-1]['round']}")
+        raise ValueError(f"checkpoint in {folder} is inconsistent: state of round {state['round']}, record up to round "
+                         f"{record['rounds'][-1]['round']}")
     return state, record
 
 

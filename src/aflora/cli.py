@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -13,12 +13,13 @@ from rich.console import Console
 from .errors import ConfigError, DataError, FederationError, ModelError, RoundAborted
 from .logs import configure_logging
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Federated LoRA fine-tuning of LLMs on heterogeneous clients.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Federated LoRA fine-tuning of LLMs on heterogeneous clients.")
 err = Console(stderr=True, soft_wrap=True)  # never break an error message mid-sentence
 
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="Experiment TOML file (see configs/)")]
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config value: key=value, repeatable")]
-DataDirOption = Annotated[Optional[Path], typer.Option("--data-dir", help="Local datasets folder (same as data.data_dir / $AFLORA_DATA_DIR)")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment TOML file (see configs/)")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config value: key=value, repeatable")]
+DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Local datasets folder (same as data.data_dir / $AFLORA_DATA_DIR)")]
 
 
 def _overrides(sets: list[str] | None, data_dir: Path | None) -> list[str]:
@@ -42,7 +43,7 @@ def run(
     set_: SetOption = None,
     data_dir: DataDirOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the results already in --out")] = False,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its last checkpoint")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder from its last checkpoint")] = None,
 ) -> None:
     """Run one federated experiment on Flower's simulation engine (or resume one)."""
     if resume is not None:
@@ -84,10 +85,12 @@ def compare(
              "e.g. aflora,fedit,aflora:ddr=false+rank_aware_weights=false")],
     config: ConfigOption = None,
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds; every entry runs with each")] = "0",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: <label>/seed<k>/ per run, comparison.md/.csv, plots")] = Path("runs/compare"),
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Output folder: <label>/seed<k>/ per run, comparison.md/.csv, plots")] = Path("runs/compare"),
     set_: SetOption = None,
     data_dir: DataDirOption = None,
-    overwrite: Annotated[bool, typer.Option(help="Run again the runs whose results.json is already in --out (default: reuse them)")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Run again the runs whose results.json is already in --out (default: reuse them)")] = False,
 ) -> None:
     """Run several methods (and ablations) × seeds on one identical experiment; write a comparison table and plots."""
     from .compare import parse_entries, parse_seeds, plan_comparison, run_comparison
@@ -125,7 +128,8 @@ def partition(
     from .deployment.shards import write_shards
 
     paths = write_shards(_load_config(config, set_, data_dir), out)
-    err.print(f"[green]{len(paths)} client files written to {out}[/green] (SuperNode k: --node-config \"partition-id=k data-file={out}/client_k.jsonl\")")
+    err.print(f"[green]{len(paths)} client files written to {out}[/green] "
+              f"(SuperNode k: --node-config \"partition-id=k data-file={out}/client_k.jsonl\")")
 
 
 @app.command("config")
@@ -141,7 +145,8 @@ federation_app = typer.Typer(no_args_is_help=True, help=(
     "A real Flower federation on this machine: TLS SuperLink, one authenticated SuperNode per client, `flwr run` "
     "(docs/deployment.md)."))
 app.add_typer(federation_app, name="federation")
-StateOption = Annotated[Path, typer.Option("--state", help="Folder for the federation's certificates, keys, data files, logs and FLWR_HOME")]
+StateOption = Annotated[Path, typer.Option(
+    "--state", help="Folder for the federation's certificates, keys, data files, logs and FLWR_HOME")]
 FEDERATION_STATE = Path("runs/federation")
 
 
@@ -171,13 +176,15 @@ def federation_up(
     federation = _federation_call(deployment.up, _load_config(config, set_, data_dir), state)
     err.print(f"[green]federation up[/green]: SuperLink {federation.address}, {federation.partitions} SuperNodes. "
               f"Submit runs with `aflora federation run --state {state} --config ... --out ...`; "
-              f"Flower's CLI: `FLWR_HOME={federation.layout.flwr_home} flwr supernode ls`; stop with `aflora federation down --state {state}`")
+              f"Flower's CLI: `FLWR_HOME={federation.layout.flwr_home} flwr supernode ls`; "
+              f"stop with `aflora federation down --state {state}`")
 
 
 @federation_app.command("run")
 def federation_run(
     config: ConfigOption = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for results, plots and the adapter")] = Path("runs/federation-run"),
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Output folder for results, plots and the adapter")] = Path("runs/federation-run"),
     set_: SetOption = None,
     data_dir: DataDirOption = None,
     state: StateOption = FEDERATION_STATE,

@@ -25,8 +25,10 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 
 @dataclass
 class ModelConfig:
-    name: str = _help("'smollm2' (embedded SmolLM2-135M-Instruct), 'tiny-llama', 'tiny-gpt2', a hub id, a folder or a .gguf file", "smollm2")
-    target_modules: list[str] = _help("Linear layers that get LoRA (paper: q_proj,v_proj for Llama; c_attn,c_proj,c_fc for GPT-2)", factory=lambda: ["q_proj", "v_proj"])
+    name: str = _help(
+        "'smollm2' (embedded SmolLM2-135M-Instruct), 'tiny-llama', 'tiny-gpt2', a hub id, a folder or a .gguf file", "smollm2")
+    target_modules: list[str] = _help(
+        "Linear layers that get LoRA (paper: q_proj,v_proj for Llama; c_attn,c_proj,c_fc for GPT-2)", factory=lambda: ["q_proj", "v_proj"])
     precision: str = _help("'auto' (bf16 autocast where the hardware has it), 'bf16' or 'fp32'", "auto")
     attention: str = _help("'auto' (eager on CPU, sdpa on GPU), 'eager' or 'sdpa'", "auto")
     cache_dir: str = _help("Where de-quantized GGUF models are cached (default $AFLORA_CACHE_DIR or ~/.cache/aflora)", "")
@@ -34,7 +36,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _help("Registered dataset (ag_news, fingpt_sentiment, twitter_financial_news_sentiment, financial_phrasebank, dolly, mmlu), hub id or local file", "ag_news")
+    dataset: str = _help(
+        "Registered dataset (ag_news, fingpt_sentiment, twitter_financial_news_sentiment, financial_phrasebank, dolly, mmlu), hub id or "
+        "local file", "ag_news")
     test_dataset: str = _help("Take the test rows from another dataset of the same task (e.g. financial_phrasebank)", "")
     data_dir: str = _help("Folder with local copies of the datasets (else $AFLORA_DATA_DIR, else the hub)", "")
     partition: str = _help("iid | dirichlet | k_labels | fedit_epsilon | presplit", "k_labels")
@@ -51,7 +55,8 @@ class DataConfig:
     eval_size: int = _help("Test rows evaluated each round, a seeded sample (0 = all)", 200)
     max_length: int = _help("Maximum tokens per example (long prompts lose their middle)", 128)
     objective: str = _help("'auto' (class_ce for classification, lm for instructions), 'class_ce' or 'lm'", "auto")
-    local_test_fraction: float = _help("Share of each client's rows held out as its own test set; > 0 adds per-client (personalized) evaluation every round", 0.0)
+    local_test_fraction: float = _help(
+        "Share of each client's rows held out as its own test set; > 0 adds per-client (personalized) evaluation every round", 0.0)
     extra_eval: list[str] = _help("Other registered benchmarks scored every round, e.g. [\"mmlu\"] for instruction tuning", factory=list)
     options: dict[str, Any] = _help(
         "Dataset-specific options: fpb_agree (50|66|75|All), mmlu_subjects, holdout_per_category; for a local file: "
@@ -63,10 +68,14 @@ class DataConfig:
 @dataclass
 class FederationConfig:
     num_clients: int = _help("Number of simulated clients", 10)
-    client_ranks: list[int] = _help("Largest LoRA rank each client's resources allow (AFLoRA's r_k^1), one per client", factory=lambda: [64, 32, 16, 16, 8, 8, 4, 4, 4, 4])
+    client_ranks: list[int] = _help(
+        "Largest LoRA rank each client's resources allow (AFLoRA's r_k^1), one per client",
+        factory=lambda: [64, 32, 16, 16, 8, 8, 4, 4, 4, 4])
     sample_fraction: float = _help("Fraction of clients sampled each round (paper: 1.0; 0.2 for the ε study)", 1.0)
     min_replies: int = _help("A round aborts (checkpoint kept) when fewer clients than this reply usably", 1)
-    memory_mb: list[float] = _help("Per-client memory budget (MB); with uplink_mb it replaces client_ranks: each method gets the largest rank that fits (docs/budgets.md)", factory=list)
+    memory_mb: list[float] = _help(
+        "Per-client memory budget (MB); with uplink_mb it replaces client_ranks: each method gets the largest rank that fits "
+        "(docs/budgets.md)", factory=list)
     uplink_mb: list[float] = _help("Per-client upload budget per round (MB)", factory=list)
     compute_speed: list[float] = _help("Per-client relative compute speed (1 = slowest class); LEGEND uses it", factory=list)
 
@@ -97,10 +106,17 @@ class PrivacySection:
 
 @dataclass
 class SecAggSection:
-    enabled: bool = _help("Secure aggregation with Flower's SecAgg+: the server sees only the sum of the clients' weighted, zero-padded B' (AFLoRA only; docs/privacy.md)", False)
-    num_shares: float = _help("Shares of each client's secret keys (its SecAgg+ neighbours): ≤ 1 = that fraction of the round's clients, > 1 = a count (an integer ≥ 3)", 1.0)
-    reconstruction_threshold: float = _help("Shares needed to unmask a client: ≤ 1 = that fraction of num_shares (at least 2), > 1 = a count below num_shares; more tolerates fewer dropouts", 0.5)
-    clipping_range: float = _help("c: every weighted entry p_k·B'_ij is clipped to [−c, c] before quantization (clients count and report clipped entries)", 1.0)
+    enabled: bool = _help(
+        "Secure aggregation with Flower's SecAgg+: the server sees only the sum of the clients' weighted, zero-padded B' (AFLoRA only; "
+        "docs/privacy.md)", False)
+    num_shares: float = _help(
+        "Shares of each client's secret keys (its SecAgg+ neighbours): ≤ 1 = that fraction of the round's clients, > 1 = a count (an "
+        "integer ≥ 3)", 1.0)
+    reconstruction_threshold: float = _help(
+        "Shares needed to unmask a client: ≤ 1 = that fraction of num_shares (at least 2), > 1 = a count below num_shares; more tolerates "
+        "fewer dropouts", 0.5)
+    clipping_range: float = _help(
+        "c: every weighted entry p_k·B'_ij is clipped to [−c, c] before quantization (clients count and report clipped entries)", 1.0)
     quantization_range: int = _help("T: integer levels over [−c, c]; each entry of the sum is off by less than (clients)·2c/T", 2**22)
 
 
@@ -283,7 +299,8 @@ def validate(config: ExperimentConfig) -> None:
         (0.0 < fed.sample_fraction <= 1.0, f"federation.sample_fraction must lie in (0, 1], got {fed.sample_fraction}"),
         (1 <= fed.min_replies <= fed.num_clients, f"federation.min_replies must lie in [1, num_clients], got {fed.min_replies}"),
         (config.engine.round_timeout > 0 and config.engine.connect_timeout > 0, "engine timeouts must be > 0 seconds"),
-        (config.privacy.clip_norm >= 0 and config.privacy.noise_multiplier >= 0, "privacy.clip_norm and privacy.noise_multiplier must be ≥ 0"),
+        (config.privacy.clip_norm >= 0 and config.privacy.noise_multiplier >= 0,
+         "privacy.clip_norm and privacy.noise_multiplier must be ≥ 0"),
         (0 < config.privacy.delta < 1, f"privacy.delta must lie in (0, 1), got {config.privacy.delta}"),
         (not config.privacy.clip_norm or METHODS[config.method].supports_dp,
          f"privacy.clip_norm > 0 needs a method whose uploads are its whole update and whose aggregate is a weighted sum "

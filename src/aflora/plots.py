@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import matplotlib
 
@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 Run = dict[str, Any]  # a results.json dict
-Runs = Mapping[str, Union[Run, list[Run]]]  # label -> one run, or the same experiment over several seeds
+Runs = Mapping[str, Run | list[Run]]  # label -> one run, or the same experiment over several seeds
 
 
 def plot_run(run: Run, out_dir: Path) -> list[Path]:

@@ -32,7 +32,7 @@ def read_shard(path: Path) -> tuple[Task, list[dict], list[dict]]:
         raise DataError(f"data-file {path} (and {TASK_FILE} beside it) must exist; create them with `aflora partition`")
     task = Task(**{k: tuple(v) if k == "label_words" else v for k, v in json.loads(task_file.read_text()).items()})
     train, test = [], []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+    for line in path.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
             (test if record.pop(SPLIT, "train") == "test" else train).append(record)

@@ -158,7 +158,7 @@ def partition_presplit(
             f"the data ships a split for {len(presplit_clients)} clients but num_clients={num_clients}. "
             f"Set num_clients={len(presplit_clients)} or use another partition scheme."
         )
-    available = set(int(index) for index in indices)
+    available = {int(index) for index in indices}
     clients = [sorted(int(index) for index in client if int(index) in available) for client in presplit_clients]
     empty = [client for client, rows in enumerate(clients) if not rows]
     if empty:

@@ -71,6 +71,7 @@ class Federation:
     def alive(self) -> bool:
         return all(is_running(p) for p in self.processes())
 
+
 def wait_nodes_online(layout: Layout, federation: Federation, *, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
     expected = federation.partitions
 
@@ -82,6 +83,7 @@ def wait_nodes_online(layout: Layout, federation: Federation, *, timeout: float 
 
     wait_until(online, timeout=timeout, poll_seconds=2.0, what=f"{expected} SuperNodes to come online",
                hint=f"see the logs in {layout.logs}")
+
 
 def up(config: ExperimentConfig, state: Path, *, timeout: float = STARTUP_TIMEOUT_SECONDS) -> Federation:
     """Bring a federation for `config` up on 127.0.0.1 and leave it running: one SuperNode per client."""

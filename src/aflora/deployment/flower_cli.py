@@ -71,6 +71,7 @@ def executable(name: str) -> str:
         raise FederationError(f"`{name}` was not found next to {sys.executable} or on PATH; install flwr (`pip install flwr`)")
     return found
 
+
 def flwr(layout: Layout, *args: str, what: str, timeout: float = TOOL_TIMEOUT_SECONDS) -> str:
     return call([executable("flwr"), *args], what=what, env=flower_env(layout), timeout=timeout)
 
@@ -83,6 +84,7 @@ def flwr_json(layout: Layout, *args: str, what: str, timeout: float = TOOL_TIMEO
         return json.loads(out[start:]) if start >= 0 else {}
     except json.JSONDecodeError:
         raise FederationError(f"{what}: `flwr` did not answer in JSON:\n{tail(out)}") from None
+
 
 def write_flower_home(layout: Layout, address: str) -> Path:
     """FLWR_HOME/config.toml: the SuperLink connection `aflora-local` (TLS with our CA), made the default."""
@@ -110,10 +112,11 @@ def write_experiment(config: ExperimentConfig, path: Path) -> Path:
     """The resolved experiment as a TOML file the ServerApp reads (run config `config-file`)."""
     flat = flatten(config.to_dict())
     for key, value in flat.items():
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            if key in FOLDER_KEYS or (key in FILE_OR_NAME_KEYS and Path(value).expanduser().exists()):
-                flat[key] = str(Path(value).expanduser().resolve())
+        relative = isinstance(value, str) and value and not Path(value).expanduser().is_absolute()
+        if relative and (key in FOLDER_KEYS or (key in FILE_OR_NAME_KEYS and Path(value).expanduser().exists())):
+            flat[key] = str(Path(value).expanduser().resolve())
     return write_flat_toml(flat, path)
+
 
 def start_superlink(layout: Layout, port: int, *, timeout: float = STARTUP_TIMEOUT_SECONDS) -> Process:
     """`flower-superlink` with TLS and SuperNode authentication on 127.0.0.1:<port>; returns once it accepts

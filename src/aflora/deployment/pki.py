@@ -46,6 +46,7 @@ def system_tool(name: str, package: str) -> str:
         raise FederationError(f"`{name}` is needed to create the federation's keys; install it (e.g. `apt-get install {package}`)")
     return found
 
+
 def make_certificates(folder: Path, hosts: tuple[str, ...] = LOCAL_HOSTS) -> dict[str, Path]:
     """A private CA and a server certificate for `hosts` (IPs and DNS names), EC P-256; kept if present."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ stopped as a family; tool calls that always end (a deadline) and fail with their
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ class Process:
     program: str  # what its command line must contain, so a recycled pid is never signalled
     log: str
 
+
 def call(cmd: list[str], *, what: str, env: dict[str, str] | None = None, timeout: float = TOOL_TIMEOUT_SECONDS,
          cwd: Path | None = None) -> str:
     """Run a command to completion (bounded); its stdout, or an error that quotes its output."""
@@ -39,6 +41,7 @@ def call(cmd: list[str], *, what: str, env: dict[str, str] | None = None, timeou
         output = (done.stderr.strip() + "\n" + done.stdout.strip()).strip()
         raise FederationError(f"{what} failed (exit {done.returncode}): {' '.join(cmd)}\n{tail(output)}")
     return done.stdout
+
 
 def spawn(name: str, cmd: list[str], log_file: Path, env: dict[str, str]) -> Process:
     """Start a long-lived process in its own session (so it and its children can be stopped as a group)."""
@@ -132,10 +135,8 @@ def stop(*processes: Process, grace_seconds: float = 10.0) -> list[str]:
     everyone = {pid for _, pids in targets for pid in pids}
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in everyone:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
         deadline = time.monotonic() + grace_seconds
         while time.monotonic() < deadline:
             for process, _ in targets:

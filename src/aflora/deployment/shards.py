@@ -33,7 +33,8 @@ def write_shards(config: ExperimentConfig, folder: Path) -> list[Path]:
         "source": workload.bundle.source,
         "seed": config.seed,
         "partition": config.data.partition,
-        "clients": {str(cid): {"train": len(tr), "test": len(te)} for cid, (tr, te) in enumerate(zip(workload.client_rows, workload.client_test_rows))},
+        "clients": {str(cid): {"train": len(tr), "test": len(te)}
+                    for cid, (tr, te) in enumerate(zip(workload.client_rows, workload.client_test_rows))},
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return paths

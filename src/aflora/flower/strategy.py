@@ -93,7 +93,8 @@ class MethodStrategy(Strategy):
         for server_round in range(first_round, last_round + 1):
             messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
             if self.runtime.secure:  # SecAgg+'s stages need every participant at once
-                self.aggregate_secure_train(server_round, secure_train_round(grid, list(messages), server_round, self.runtime.config.secagg, timeout))
+                summed = secure_train_round(grid, list(messages), server_round, self.runtime.config.secagg, timeout)
+                self.aggregate_secure_train(server_round, summed)
             else:
                 self.aggregate_train(server_round, send_in_waves(grid, messages, self.max_in_flight, timeout))
             evaluations = list(self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))

@@ -33,9 +33,9 @@ def find_target_modules(model: nn.Module, target_modules: Sequence[str], layers:
     wanted = set(target_modules)
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] in wanted:
-            if layers is None or block_index(name) in layers:
-                names.append(name)
+        targeted = isinstance(module, (nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] in wanted
+        if targeted and (layers is None or block_index(name) in layers):
+            names.append(name)
     if not names:
         linear_kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
         raise ValueError(
