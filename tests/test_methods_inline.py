@@ -7,7 +7,6 @@ import math
 
 import pytest
 from flwr.app import Context, Message, RecordDict
-
 from flwr.supercore.task_identity import TaskIdentity
 
 from aflora.flower import client_app

@@ -9,13 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_baselines_math import SHAPES, fedavg_weights, ideal, make, trained_randomly
 
 from aflora.costs import payload_params
 from aflora.methods import METHODS, method_options
 from aflora.methods.aggregation import pad_columns, weighted_sum
 from aflora.methods.base import ClientSpec, Upload, tensor_key
-
-from test_baselines_math import SHAPES, fedavg_weights, ideal, make, trained_randomly
 
 
 def run_round(method, round_, generator):

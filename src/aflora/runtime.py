@@ -121,7 +121,8 @@ def prepare_workload(config: ExperimentConfig) -> Workload:
     extra = {name: load_bundle(name, data_dir=data.data_dir or None) for name in data.extra_eval}
     for name, extra_bundle in extra.items():
         if not extra_bundle.task.label_words:
-            raise DataError(f"data.extra_eval: {name} has no label words to score; extra evaluations must be classification or multiple choice")
+            raise DataError(f"data.extra_eval: {name} has no label words to score; "
+                            "extra evaluations must be classification or multiple choice")
         extra_bundle.test = sample_rows(extra_bundle.test, data.eval_size, seed)
     return Workload(config, bundle, client_rows, public_rows, sample_rows(bundle.test, data.eval_size, seed), extra, client_test_rows,
                     public_bundle)
@@ -176,12 +177,12 @@ def preflight(config: ExperimentConfig) -> Workload:
     """Everything checkable before a model or an engine starts: model spec, data, partitions, method needs."""
     resolve_model(config.model.name)
     workload = prepare_workload(config)
-    if method_class(config.method).needs_public_data(config.method_options()):
-        if not workload.public_rows or config.server.steps == 0:
-            raise ConfigError(
-                f"{config.method} tunes on the server's public set, but it is empty or server.steps is 0: set "
-                f"data.public_fraction (e.g. 0.02) and server.steps > 0, or {config.method}.server_tuning = false"
-            )
+    needs_public = method_class(config.method).needs_public_data(config.method_options())
+    if needs_public and (not workload.public_rows or config.server.steps == 0):
+        raise ConfigError(
+            f"{config.method} tunes on the server's public set, but it is empty or server.steps is 0: set "
+            f"data.public_fraction (e.g. 0.02) and server.steps > 0, or {config.method}.server_tuning = false"
+        )
     return workload
 
 
@@ -220,7 +221,8 @@ class ModelSide:
         self.clients = workload.client_specs(method, self.host.footprint())
         self.method: FederatedMethod = method(
             config.method_options(), module_shapes=self.host.module_shapes(), clients=self.clients, seed=config.seed,
-            footprint=self.host.footprint(), workload=LocalWorkload(config.train.batch_size, config.data.max_length, config.train.local_steps),
+            footprint=self.host.footprint(),
+            workload=LocalWorkload(config.train.batch_size, config.data.max_length, config.train.local_steps),
         )
 
     @property
@@ -239,7 +241,8 @@ class ModelSide:
 
     def evaluate(self, examples: list[Encoded], adapter: Adapter | None, encoder: PromptEncoder | None = None) -> dict[str, float]:
         encoder = encoder or self.encoder
-        common = dict(batch_size=self.workload.config.train.eval_batch_size, pad_id=self.pad_id, adapter=adapter, autocast_dtype=self.autocast)
+        common = dict(batch_size=self.workload.config.train.eval_batch_size, pad_id=self.pad_id, adapter=adapter,
+                      autocast_dtype=self.autocast)
         if encoder.label_token_ids:
             return evaluate_classification(self.host, examples, label_token_ids=encoder.label_token_ids, **common)
         return evaluate_lm_loss(self.host, examples, **common)
@@ -333,7 +336,8 @@ class ClientRuntime:
         rows = [self.workload.bundle.train[i] for i in self.workload.client_test_rows[instruction.client_id]]
         if not rows:
             raise ValueError(f"client {instruction.client_id} has no local test rows; set data.local_test_fraction > 0")
-        return self.side.evaluate(self.side.encode(rows, self.side.scoring_objective), self.side.method.client_model(instruction, local_state))
+        examples = self.side.encode(rows, self.side.scoring_objective)
+        return self.side.evaluate(examples, self.side.method.client_model(instruction, local_state))
 
     def sync_base(self, sync: BaseSync) -> None:
         """Apply, in order, every merged round this process's base model lacks.
@@ -473,7 +477,8 @@ class ServerRuntime:
                 seed=hash_seed(self.config.seed, round, 5),
                 objective=self.workload.public_objective,
             )
-            log.info("round %d server step on %d public rows: loss %.4f, %.1fs", round, len(self.public_examples), result.mean_loss, result.seconds)
+            log.info("round %d server step on %d public rows: loss %.4f, %.1fs",
+                     round, len(self.public_examples), result.mean_loss, result.seconds)
             return result.adapter
 
         return train_on_public

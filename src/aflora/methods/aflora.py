@@ -19,10 +19,19 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors
-from .aggregation import (COLUMN_WEIGHTS_HELP, ProductError, check_column_weights, data_weights, pad_columns, rank_aware_weights,
-                          relative_error, slice_weighted_clients, slice_weights, zero_padded_sum)
+from .aggregation import (
+    COLUMN_WEIGHTS_HELP,
+    ProductError,
+    check_column_weights,
+    data_weights,
+    pad_columns,
+    rank_aware_weights,
+    relative_error,
+    slice_weighted_clients,
+    slice_weights,
+    zero_padded_sum,
+)
 from .base import FederatedMethod, Instruction, ServerTrainer, TrainSpec, Upload, factor_shapes, tensor_key
-
 
 DDR_RULES = ("eq8", "outlier")
 LAMBDA_OPTIMIZERS = ("tensorwise", "adamw")

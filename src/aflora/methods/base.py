@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -157,7 +157,7 @@ class FederatedMethod(ABC):
         """DP: add N(0, std²) to every entry of what `aggregate` just produced (methods with supports_dp)."""
         raise NotImplementedError(f"{self.name} does not support client-level DP")
 
-    def server_update(self, trainer: ServerTrainer | None) -> None:
+    def server_update(self, trainer: ServerTrainer | None) -> None:  # noqa: B027 - an optional hook, not abstract
         """Work the server does after aggregating (default: none)."""
 
     def round_merge(self) -> Adapter | None:
@@ -266,6 +266,11 @@ def validate_upload(method: FederatedMethod, upload: Upload, instruction: Instru
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             return f"{key} holds NaN or Inf values"
     return method.check_upload(upload, instruction)
+
+
+def factor_tensors(adapter: Adapter, factors: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Detached copies of the named factors of every module, under their message keys (what a client uploads)."""
+    return {tensor_key(f, name): getattr(module, f).detach().clone() for name, module in adapter.items() for f in sorted(factors)}
 
 
 def tensor_key(kind: str, module: str) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
 from .aggregation import LoRAScaling, ProductError, data_weights, relative_error
-from .base import FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
+from .base import FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, factor_tensors, tensor_key
 
 
 def svd_truncation(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> ModuleFactors:
@@ -63,7 +63,7 @@ class FlexLoRA(FederatedMethod):
 
     def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         rank = int(instruction.config["rank"])
-        return factor_shapes(self.module_shapes, self.uploaded_factors, {name: rank for name in self.module_shapes})
+        return factor_shapes(self.module_shapes, self.uploaded_factors, dict.fromkeys(self.module_shapes, rank))
 
     def aggregation_error(self) -> float | None:
         return relative_error(self._error_terms) if self._error_terms else None
@@ -86,7 +86,7 @@ class FlexLoRA(FederatedMethod):
         return self._global
 
     def client_ranks(self) -> dict[int, dict[str, int]]:
-        return {cid: {name: c.max_rank for name in self.module_shapes} for cid, c in self.clients.items()}
+        return {cid: dict.fromkeys(self.module_shapes, c.max_rank) for cid, c in self.clients.items()}
 
     def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
         rank = int(instruction.config["rank"])
@@ -98,5 +98,5 @@ class FlexLoRA(FederatedMethod):
         return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.scaling(rank))
 
     def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
-        tensors = {tensor_key(f, name): getattr(factors, f).detach().clone() for name, factors in trained.items() for f in ("A", "B")}
+        tensors = factor_tensors(trained, ("A", "B"))
         return Upload(instruction.client_id, num_examples, tensors, {name: f.rank for name, f in trained.items()})

@@ -22,10 +22,21 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
-from .aggregation import (ALPHA_RULE_HELP, COLUMN_WEIGHTS_HELP, LORA_ALPHA_HELP, LoRAScaling, ProductError, check_column_weights,
-                          data_weights, low_rank_frobenius_sq, relative_error, slice_weighted_clients, slice_weights,
-                          zero_padded_sum)
-from .base import FederatedMethod, Instruction, Penalty, TrainSpec, Upload, factor_shapes, tensor_key
+from .aggregation import (
+    ALPHA_RULE_HELP,
+    COLUMN_WEIGHTS_HELP,
+    LORA_ALPHA_HELP,
+    LoRAScaling,
+    ProductError,
+    check_column_weights,
+    data_weights,
+    low_rank_frobenius_sq,
+    relative_error,
+    slice_weighted_clients,
+    slice_weights,
+    zero_padded_sum,
+)
+from .base import FederatedMethod, Instruction, Penalty, TrainSpec, Upload, factor_shapes, factor_tensors, tensor_key
 
 
 @dataclass
@@ -117,7 +128,7 @@ class HetLoRA(FederatedMethod):
 
     def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         rank = int(instruction.config["rank"])
-        expected = factor_shapes(self.module_shapes, self.uploaded_factors, {name: rank for name in self.module_shapes})
+        expected = factor_shapes(self.module_shapes, self.uploaded_factors, dict.fromkeys(self.module_shapes, rank))
         expected["next_rank"] = ((), torch.int64)
         return expected
 
@@ -134,7 +145,7 @@ class HetLoRA(FederatedMethod):
         return self.global_factors
 
     def client_ranks(self) -> dict[int, dict[str, int]]:
-        return {cid: {name: rank for name in self.module_shapes} for cid, rank in self.ranks.items()}
+        return {cid: dict.fromkeys(self.module_shapes, rank) for cid, rank in self.ranks.items()}
 
     def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
         rank = int(instruction.config["rank"])
@@ -149,9 +160,10 @@ class HetLoRA(FederatedMethod):
         start = tail_start(rank, self.options.keep_ratio, self.options.min_rank)
         next_rank = rank
         if self.options.self_pruning and start < rank:
-            before = sum(float(tail_norm(instruction.tensors[tensor_key("A", n)], instruction.tensors[tensor_key("B", n)], start)) for n in trained)
+            sent = instruction.tensors
+            before = sum(float(tail_norm(sent[tensor_key("A", n)], sent[tensor_key("B", n)], start)) for n in trained)
             after = sum(float(tail_norm(f.A, f.B, start)) for f in trained.values())
             next_rank = start if after < before else rank
-        tensors = {tensor_key(f, name): getattr(factors, f).detach().clone() for name, factors in trained.items() for f in ("A", "B")}
+        tensors = factor_tensors(trained, ("A", "B"))
         tensors["next_rank"] = torch.tensor(next_rank)
         return Upload(instruction.client_id, num_examples, tensors, {name: f.rank for name, f in trained.items()})

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..budgets import LocalWorkload, MB, ModelFootprint, budget_for_rank
+from ..budgets import MB, LocalWorkload, ModelFootprint, budget_for_rank
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
 from ..lora.host import block_index
 from .aggregation import ALPHA_RULE_HELP, LoRAScaling, ProductError, data_weights, relative_error, weighted_sum
-from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
+from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, factor_tensors, tensor_key
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ class CostModel:
         tokens = work.batch_size * work.seq_len
         # Forward over all L blocks (2 FLOPs per parameter and token); backward only through the d adapted blocks
         # (activation gradients ≈ the block's forward, P/L per block); LoRA's own forward+backward, 6 per parameter.
-        step_flops = 2 * foot.base_params * tokens + 2 * (foot.base_params / foot.num_blocks) * tokens * config.depth + 6 * lora_params * tokens
+        backward_per_block = 2 * (foot.base_params / foot.num_blocks) * tokens
+        step_flops = 2 * foot.base_params * tokens + backward_per_block * config.depth + 6 * lora_params * tokens
         compute_seconds = work.local_steps * step_flops / (client.compute_speed * self.device_tflops * 1e12)
         uplink_bytes = FLOAT32_BYTES * lora_params  # A (r × in) and B (out × r) of every adapted module, fp32
         upload_seconds = 0.0
@@ -406,5 +407,5 @@ class LEGEND(FederatedMethod):
         return factor_shapes(self.module_shapes, self.uploaded_factors, ranks)
 
     def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
-        tensors = {tensor_key(f, name): getattr(factors, f).detach().clone() for name, factors in trained.items() for f in ("A", "B")}
+        tensors = factor_tensors(trained, ("A", "B"))
         return Upload(instruction.client_id, num_examples, tensors, {name: f.rank for name, f in trained.items()})

@@ -30,7 +30,7 @@ import torch
 
 from ..lora.factors import Adapter, ModuleFactors, fresh_lora
 from .aggregation import LoRAScaling, ProductError, data_weights, relative_error, weighted_sum
-from .base import EVAL_PREFIX, FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, tensor_key
+from .base import EVAL_PREFIX, FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, factor_tensors, tensor_key
 
 
 @dataclass
@@ -82,7 +82,7 @@ class SharedLoRA(FederatedMethod):
             self.global_factors[name] = ModuleFactors(A=averaged.get("A", factors.A), B=averaged.get("B", factors.B))
 
     def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        ranks = {name: self.rank for name in self.module_shapes}
+        ranks = dict.fromkeys(self.module_shapes, self.rank)
         expected = factor_shapes(self.module_shapes, self.uploaded_factors, ranks)
         expected.update(factor_shapes(self.module_shapes, self.kept_factors, ranks, prefix=EVAL_PREFIX))
         return expected
@@ -96,7 +96,7 @@ class SharedLoRA(FederatedMethod):
         return self.global_factors
 
     def client_ranks(self) -> dict[int, dict[str, int]]:
-        return {cid: {name: self.rank for name in self.module_shapes} for cid in self.clients}
+        return {cid: dict.fromkeys(self.module_shapes, self.rank) for cid in self.clients}
 
     def evaluation_instruction(self, client_id: int, round: int) -> Instruction:
         """The shared factors only: a FedSA-LoRA client pairs them with its own B (see client_model)."""
@@ -117,8 +117,8 @@ class SharedLoRA(FederatedMethod):
         return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.scaling(self.rank))
 
     def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
-        tensors = {tensor_key(f, name): getattr(factors, f).detach().clone() for name, factors in trained.items() for f in self.uploaded_factors}
-        kept = {tensor_key(f, name): getattr(factors, f).detach().clone() for name, factors in trained.items() for f in self.kept_factors}
+        tensors = factor_tensors(trained, self.uploaded_factors)
+        kept = factor_tensors(trained, self.kept_factors)
         tensors.update({EVAL_PREFIX + key: value for key, value in kept.items()})  # evaluation only, see module doc
         ranks = {name: factors.rank for name, factors in trained.items()}
         return Upload(instruction.client_id, num_examples, tensors, ranks, local_state=kept)
