@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aflora.costs import payload_bytes, payload_params
-from aflora.lora.factors import ModuleFactors
+from aflora.lora.factors import FACTORS, ModuleFactors
 from aflora.methods import METHODS, method_options
 from aflora.methods.aggregation import LoRAScaling
 from aflora.methods.base import ClientSpec, tensor_key
@@ -294,7 +294,7 @@ def test_client_trainable_factors_per_method(name, tiny_host):
     spec = method.local_job(method.instruct(0, 1))
     assert spec.trainable == EXPECTED_TRAINABLE[name] == method.trained_factors
     tiny_host.install(spec.adapter, trainable=spec.trainable, scaling=spec.scaling)
-    suffix = {"A": ".lora_A.", "B": ".lora_B.", "lam": ".lora_lambda."}
+    suffix = {name: f".{factor.peft_attribute}." for name, factor in FACTORS.items()}  # where PEFT keeps each factor
     with_grad = {k for k, s in suffix.items() for n, p in tiny_host.model.named_parameters() if s in n and p.requires_grad}
     assert with_grad == EXPECTED_TRAINABLE[name]
     tiny_host.clear()

@@ -2,8 +2,9 @@
 
 A client may be described by its resources instead of a rank: memory (MB), uplink per round (MB) and
 a relative compute speed. Every method then gets the largest rank whose training memory and upload
-fit, computed from what that method trains and uploads per unit of rank (its declared factors), so
-methods are compared at equal device budgets rather than equal ranks.
+fit, computed from what that method trains and uploads at each rank (its declared factors, counted exactly by
+aflora.lora.factors.FACTORS: r·n for A, m·r for B, r for Λ, r² for Fed-SB's R), so methods are compared at
+equal device budgets rather than equal ranks.
 
 Memory model (per client, float32 weights, AdamW):
     weights            4 · P_base
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from .lora.factors import FACTORS, check_factor_names
 
 MB = 2**20
 MAX_RANK = 512  # a search cap: no budget here needs more
@@ -54,19 +57,27 @@ class ModelFootprint:
         per_block = 34 * seq_len * batch_size * self.hidden_size + 5 * self.num_heads * seq_len**2 * batch_size
         return (self.num_blocks if blocks is None else blocks) * per_block
 
-    def params_per_rank(self, factors: frozenset[str], modules: Sequence[str] | None = None) -> int:
-        """Parameters one unit of rank costs over `modules` (all adaptable ones by default)."""
-        cost = {"A": lambda m, n: n, "B": lambda m, n: m, "lam": lambda m, n: 1}
+    def factor_params(self, factors: frozenset[str], rank: int, modules: Sequence[str] | None = None) -> int:
+        """Parameters of `factors` at `rank` over `modules` (all adaptable ones by default): exact for every factor,
+        r² for Fed-SB's core R as well as r·(m + n) for A and B (aflora.lora.factors.FACTORS)."""
+        check_factor_names(factors, "budget factors")
         names = self.module_shapes if modules is None else modules
-        return sum(cost[f](*self.module_shapes[name]) for name in names for f in factors)
+        return sum(FACTORS[f].params(*self.module_shapes[name], rank) for name in names for f in factors)
+
+    def params_per_rank(self, factors: frozenset[str], modules: Sequence[str] | None = None) -> int:
+        """Parameters one unit of rank costs over `modules`, for factors whose cost is linear in the rank (A, B, Λ)."""
+        quadratic = sorted(f for f in factors if f in FACTORS and not FACTORS[f].linear_in_rank)
+        if quadratic:
+            raise ValueError(f"factors {quadratic} do not cost the same per unit of rank; use factor_params(factors, rank)")
+        return self.factor_params(factors, 1, modules)
 
 
-def training_memory_bytes(footprint: ModelFootprint, trained_per_rank: int, rank: int, *, batch_size: int, seq_len: int) -> float:
-    return 4 * footprint.base_params + 16 * trained_per_rank * rank + footprint.activation_bytes(batch_size, seq_len)
+def training_memory_bytes(footprint: ModelFootprint, trained_params: int, *, batch_size: int, seq_len: int) -> float:
+    return 4 * footprint.base_params + 16 * trained_params + footprint.activation_bytes(batch_size, seq_len)
 
 
-def uplink_bytes(uploaded_per_rank: int, rank: int) -> int:
-    return 4 * uploaded_per_rank * rank  # float32
+def uplink_bytes(uploaded_params: int) -> int:
+    return 4 * uploaded_params  # float32
 
 
 def budget_for_rank(
@@ -75,20 +86,18 @@ def budget_for_rank(
 ) -> DeviceBudget:
     """The smallest budget that holds a rank-`rank` LoRA on every adaptable module: the inverse of
     `max_rank_within` (a device given by its rank, described by its resources instead)."""
-    memory = training_memory_bytes(footprint, footprint.params_per_rank(trained), rank, batch_size=batch_size, seq_len=seq_len)
-    return DeviceBudget(memory / MB, uplink_bytes(footprint.params_per_rank(uploaded), rank) / MB, compute_speed)
+    memory = training_memory_bytes(footprint, footprint.factor_params(trained, rank), batch_size=batch_size, seq_len=seq_len)
+    return DeviceBudget(memory / MB, uplink_bytes(footprint.factor_params(uploaded, rank)) / MB, compute_speed)
 
 
 def max_rank_within(
     budget: DeviceBudget, footprint: ModelFootprint, *, trained: frozenset[str], uploaded: frozenset[str], batch_size: int, seq_len: int
 ) -> int:
     """The largest rank whose training memory and upload fit the budget (0 when even rank 1 does not)."""
-    trained_per_rank = footprint.params_per_rank(trained)
-    uploaded_per_rank = footprint.params_per_rank(uploaded)
     best = 0
     for rank in range(1, MAX_RANK + 1):
-        memory = training_memory_bytes(footprint, trained_per_rank, rank, batch_size=batch_size, seq_len=seq_len)
-        if memory > budget.memory_mb * MB or uplink_bytes(uploaded_per_rank, rank) > budget.uplink_mb * MB:
+        memory = training_memory_bytes(footprint, footprint.factor_params(trained, rank), batch_size=batch_size, seq_len=seq_len)
+        if memory > budget.memory_mb * MB or uplink_bytes(footprint.factor_params(uploaded, rank)) > budget.uplink_mb * MB:
             break
         best = rank
     return best
@@ -102,9 +111,9 @@ def ranks_from_budgets(
     ranks = [max_rank_within(b, footprint, trained=trained, uploaded=uploaded, batch_size=batch_size, seq_len=seq_len) for b in budgets]
     too_small = [cid for cid, r in enumerate(ranks) if r == 0]
     if too_small:
-        need = training_memory_bytes(footprint, footprint.params_per_rank(trained), 1, batch_size=batch_size, seq_len=seq_len) / MB
+        need = training_memory_bytes(footprint, footprint.factor_params(trained, 1), batch_size=batch_size, seq_len=seq_len) / MB
         raise ValueError(
             f"clients {too_small} cannot train even rank 1 within their budgets (rank 1 needs {need:.0f} MB of memory "
-            f"and {4 * footprint.params_per_rank(uploaded) / MB:.3f} MB of uplink); raise federation.memory_mb / uplink_mb"
+            f"and {uplink_bytes(footprint.factor_params(uploaded, 1)) / MB:.3f} MB of uplink); raise federation.memory_mb / uplink_mb"
         )
     return ranks

@@ -1,23 +1,71 @@
 """Low-rank factors as plain tensors: the currency between clients, server and methods.
 
-Every method reads and writes adapters in one scale-free convention, ΔW = B · diag(λ) · A, so that
-aggregation math never has to know about LoRA's alpha/r scaling (the host folds it in and out).
+Every method reads and writes adapters in one scale-free convention, ΔW = B · core · A, so that aggregation
+math never has to know about LoRA's alpha/r scaling (the host folds it in and out). The core between B and A
+is the identity (plain LoRA), a diagonal Λ (AFLoRA) or a full r × r matrix R (Fed-SB).
+
+`FACTORS` is the one place that knows each factor: its name (ModuleFactors' attribute and the prefix of its
+message keys), its shape for a module of out_features m, in_features n at rank r, its parameter count, and
+where a PEFT LoRA layer keeps it. Shapes, budgets, trainability and the host all ask this table.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 
+@dataclass(frozen=True)
+class Factor:
+    """One kind of low-rank factor."""
+
+    name: str  # ModuleFactors' attribute; message keys are "<name>/<module>"
+    shape: Callable[[int, int, int], tuple[int, ...]]  # (out_features m, in_features n, rank r) -> tensor shape
+    peft_attribute: str  # the per-adapter dict on a PEFT LoRA layer that holds it (lora_A/lora_B: Linear modules)
+    # Cores only: B with the core folded in, so that ΔW = fold_into_B(B, core) · A.
+    fold_into_B: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def is_core(self) -> bool:
+        return self.fold_into_B is not None
+
+    def params(self, m: int, n: int, rank: int) -> int:
+        """Parameters of this factor for one module at `rank` (exact: R's grow as r², the others as r)."""
+        return math.prod(self.shape(m, n, rank))
+
+    @property
+    def linear_in_rank(self) -> bool:
+        """Whether every unit of rank costs the same (A, B, Λ), so a cost per rank means something (not R)."""
+        return self.params(1, 1, 2) == 2 * self.params(1, 1, 1)
+
+
+FACTORS: dict[str, Factor] = {f.name: f for f in (
+    Factor("A", lambda m, n, r: (r, n), "lora_A"),
+    Factor("B", lambda m, n, r: (m, r), "lora_B"),
+    Factor("lam", lambda m, n, r: (r,), "lora_lambda", fold_into_B=lambda B, lam: B * lam),  # AFLoRA's Λ (Eq. 6)
+    Factor("R", lambda m, n, r: (r, r), "lora_core", fold_into_B=lambda B, R: B @ R),  # Fed-SB's (LoRA-SB's) r×r core
+)}
+FACTOR_NAMES = tuple(FACTORS)
+
+
+def check_factor_names(names, what: str) -> None:
+    """Refuse names that are not factors, saying which are."""
+    unknown = sorted(set(names) - set(FACTORS))
+    if unknown:
+        raise ValueError(f"{what}: unknown factor names {unknown}; the factors are {list(FACTOR_NAMES)} (aflora.lora.factors.FACTORS)")
+
+
 @dataclass
 class ModuleFactors:
-    """Factors of one adapted weight matrix W (out_features × in_features)."""
+    """Factors of one adapted weight matrix W (out_features × in_features): ΔW = B · core · A."""
 
     A: torch.Tensor  # (rank, in_features)
     B: torch.Tensor  # (out_features, rank)
     lam: torch.Tensor | None = None  # (rank,) diagonal Λ; None means the identity
+    R: torch.Tensor | None = None  # (rank, rank) full core (Fed-SB); None means the identity
 
     def __post_init__(self) -> None:
         if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[1]:
@@ -25,24 +73,39 @@ class ModuleFactors:
                 f"low-rank factors do not fit together: A is {tuple(self.A.shape)}, B is {tuple(self.B.shape)}; "
                 "expected A (rank × in_features) and B (out_features × rank) with the same rank"
             )
-        if self.lam is not None and self.lam.shape != (self.rank,):
-            raise ValueError(f"Λ has shape {tuple(self.lam.shape)}, expected ({self.rank},) to match the rank")
+        cores = [name for name in FACTOR_NAMES if FACTORS[name].is_core and getattr(self, name) is not None]
+        if len(cores) > 1:
+            raise ValueError(f"a module has at most one core between B and A, got {cores}; fold one into B (scaled_B) first")
+        for name, tensor in self.tensors().items():
+            expected = FACTORS[name].shape(self.B.shape[0], self.A.shape[1], self.rank)
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected} to match the rank")
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The factors present, by name (A and B always; a core when there is one)."""
+        return {name: getattr(self, name) for name in FACTOR_NAMES if getattr(self, name) is not None}
+
+    def core(self) -> tuple[str, torch.Tensor] | None:
+        """(name, tensor) of the core between B and A, or None for plain LoRA."""
+        return next(((name, t) for name, t in self.tensors().items() if FACTORS[name].is_core), None)
+
     def scaled_B(self) -> torch.Tensor:
-        """B · diag(λ): what AFLoRA uploads as B' (Λ folded into B's columns)."""
-        return self.B if self.lam is None else self.B * self.lam
+        """B with the core folded in: B·diag(λ) (what AFLoRA uploads as B') or B·R; B for plain LoRA.
+
+        With it every adapter is plain LoRA (scaled_B, A) exactly: what stacking, export and merging use."""
+        core = self.core()
+        return self.B if core is None else FACTORS[core[0]].fold_into_B(self.B, core[1])
 
     def delta(self) -> torch.Tensor:
-        """The dense update ΔW = B · diag(λ) · A."""
+        """The dense update ΔW = B · core · A."""
         return self.scaled_B() @ self.A
 
     def detach_clone(self) -> ModuleFactors:
-        lam = None if self.lam is None else self.lam.detach().clone()
-        return ModuleFactors(self.A.detach().clone(), self.B.detach().clone(), lam)
+        return ModuleFactors(**{name: t.detach().clone() for name, t in self.tensors().items()})
 
 
 # One adapter: module name (as in model.named_modules()) -> its factors.
@@ -81,15 +144,10 @@ def fresh_lora(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.G
 
 
 def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """Flat message form: "A/<module>", "B/<module>" and, for Λ-LoRA, "lam/<module>"."""
-    flat = {}
-    for name, factors in adapter.items():
-        flat[f"A/{name}"], flat[f"B/{name}"] = factors.A, factors.B
-        if factors.lam is not None:
-            flat[f"lam/{name}"] = factors.lam
-    return flat
+    """Flat message form: "<factor>/<module>" for every factor present ("A/…", "B/…", and a core "lam/…" or "R/…")."""
+    return {f"{factor}/{name}": tensor for name, factors in adapter.items() for factor, tensor in factors.tensors().items()}
 
 
 def adapter_from_tensors(tensors: dict[str, torch.Tensor]) -> Adapter:
     names = sorted(key.split("/", 1)[1] for key in tensors if key.startswith("A/"))
-    return {name: ModuleFactors(A=tensors[f"A/{name}"], B=tensors[f"B/{name}"], lam=tensors.get(f"lam/{name}")) for name in names}
+    return {name: ModuleFactors(**{f: tensors[f"{f}/{name}"] for f in FACTOR_NAMES if f"{f}/{name}" in tensors}) for name in names}

@@ -18,11 +18,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..budgets import ModelFootprint
-from .diagonal import DiagonalLoraConfig, DiagonalLoraLinear
-from .factors import Adapter, ModuleFactors
+from .diagonal import CoreLoraConfig, CoreLoraLinear, core_lora_config
+from .factors import FACTORS, Adapter, ModuleFactors, check_factor_names
 
 ADAPTER_NAME = "aflora"
-FACTOR_NAMES = ("A", "B", "lam")
 
 
 def find_target_modules(model: nn.Module, target_modules: Sequence[str], layers: Collection[int] | None = None) -> list[str]:
@@ -59,8 +58,8 @@ class AdapterHost:
         for param in model.parameters():
             param.requires_grad_(False)
         self.module_names = find_target_modules(model, target_modules)
-        config = self._lora_config(diagonal=False)
-        config._register_custom_module({nn.Linear: DiagonalLoraLinear, Conv1D: DiagonalLoraLinear})
+        config = self._lora_config(core=None)
+        config._register_custom_module({nn.Linear: CoreLoraLinear, Conv1D: CoreLoraLinear})
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         self.layers: dict[str, LoraLayer] = {name: model.get_submodule(name) for name in self.module_names}
         self.clear()
@@ -84,7 +83,7 @@ class AdapterHost:
 
     # ------------------------------------------------------------------ adapters
     def install(self, adapter: Adapter, *, trainable: Collection[str] = (), scaling: float = 1.0) -> None:
-        """Put `adapter` on the model; the factors named in `trainable` ("A", "B", "lam") get gradients.
+        """Put `adapter` on the model; the factors named in `trainable` (names of aflora.lora.factors.FACTORS) get gradients.
 
         `scaling` is LoRA's alpha/r: the layer computes scaling·B·A, so B is stored divided by it and
         `read()` multiplies it back — adapters outside the host stay scale-free.
@@ -92,22 +91,19 @@ class AdapterHost:
         unknown = set(adapter) - set(self.layers)
         if unknown:
             raise KeyError(f"adapter has modules this model does not adapt: {sorted(unknown)[:3]}")
-        bad = set(trainable) - set(FACTOR_NAMES)
-        if bad:
-            raise ValueError(f"unknown factor names {sorted(bad)}; expected a subset of {FACTOR_NAMES}")
+        check_factor_names(trainable, "trainable")
         self.clear()
         for name, factors in adapter.items():
             layer = self.layers[name]
-            config = self._lora_config(diagonal=factors.lam is not None)
+            core = factors.core()
+            config = self._lora_config(core=None if core is None else core[0])
             layer.update_layer(ADAPTER_NAME, factors.rank, lora_alpha=factors.rank, config=config)
             layer.scaling[ADAPTER_NAME] = scaling
             layer.set_adapter(ADAPTER_NAME)
             with torch.no_grad():
                 params = self._factor_params(layer)
-                params["A"].copy_(factors.A)
-                params["B"].copy_(factors.B / scaling)
-                if factors.lam is not None:
-                    params["lam"].copy_(factors.lam)
+                for key, tensor in factors.tensors().items():
+                    params[key].copy_(tensor / scaling if key == "B" else tensor)
             for key, param in params.items():
                 param.requires_grad_(key in trainable)
         self.installed = set(adapter)
@@ -124,14 +120,9 @@ class AdapterHost:
         adapter: Adapter = {}
         for name in sorted(self.installed):
             layer = self.layers[name]
-            params = self._factor_params(layer)
-            scaling = layer.scaling[ADAPTER_NAME]
-            lam = params.get("lam")
-            adapter[name] = ModuleFactors(
-                A=params["A"].detach().clone(),
-                B=params["B"].detach().clone() * scaling,
-                lam=None if lam is None else lam.detach().clone(),
-            )
+            values = {key: param.detach().clone() for key, param in self._factor_params(layer).items()}
+            values["B"] = values["B"] * layer.scaling[ADAPTER_NAME]
+            adapter[name] = ModuleFactors(**values)
         return adapter
 
     def factor_parameters(self) -> dict[str, dict[str, nn.Parameter]]:
@@ -143,7 +134,7 @@ class AdapterHost:
 
     # ------------------------------------------------------------------ base weights
     def merge_into_base(self, adapter: Adapter) -> None:
-        """W ← W + B·diag(λ)·A for every module of `adapter` (the round's global update, Eq. 1)."""
+        """W ← W + B·core·A for every module of `adapter` (the round's global update, Eq. 1)."""
         with torch.no_grad():
             for name, factors in adapter.items():
                 weight = self.layers[name].get_base_layer().weight
@@ -168,10 +159,13 @@ class AdapterHost:
             self.model.train(was_training)
 
     def _factor_params(self, layer: LoraLayer) -> dict[str, nn.Parameter]:
-        params = {"A": layer.lora_A[ADAPTER_NAME].weight, "B": layer.lora_B[ADAPTER_NAME].weight}
-        lambdas = getattr(layer, "lora_lambda", {})
-        if ADAPTER_NAME in lambdas:
-            params["lam"] = lambdas[ADAPTER_NAME]
+        """The installed factors of one layer, by name, wherever FACTORS says PEFT keeps them."""
+        params = {}
+        for name, factor in FACTORS.items():
+            held = getattr(layer, factor.peft_attribute, {})
+            if ADAPTER_NAME in held:
+                entry = held[ADAPTER_NAME]
+                params[name] = entry.weight if isinstance(entry, nn.Module) else entry  # lora_A/lora_B are Linear layers
         return params
 
     def is_conv1d(self, name: str) -> bool:
@@ -185,12 +179,12 @@ class AdapterHost:
             seen.add(id(param))
             yield param
 
-    def _lora_config(self, *, diagonal: bool) -> DiagonalLoraConfig:
-        return DiagonalLoraConfig(
+    def _lora_config(self, *, core: str | None) -> CoreLoraConfig:
+        return core_lora_config(
+            core,
             r=1,
             lora_alpha=1,
             lora_dropout=0.0,
             target_modules=list(self.module_names),
             init_lora_weights=False,  # every factor is copied in by install()
-            diagonal=diagonal,
         )

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..budgets import LocalWorkload, ModelFootprint
-from ..lora.factors import Adapter, adapter_from_tensors, adapter_tensors
+from ..lora.factors import FACTORS, Adapter, adapter_from_tensors, adapter_tensors
 from ..values import coerce
 
 Scalar = bool | int | float | str
@@ -54,7 +54,8 @@ class Instruction:
     config: dict[str, Scalar] = field(default_factory=dict)
 
 
-# A penalty receives the live factor parameters {module: {"A"|"B"|"lam": Parameter}} and returns a scalar loss.
+# A penalty receives the live factor parameters {module: {factor name: Parameter}} and returns a scalar loss
+# (factor names: aflora.lora.factors.FACTORS).
 Penalty = Callable[[Mapping[str, Mapping[str, torch.nn.Parameter]]], torch.Tensor]
 
 
@@ -105,8 +106,8 @@ class FederatedMethod(ABC):
 
     name: ClassVar[str]
     options_class: ClassVar[type]
-    # Which factors a client trains and uploads, per unit of rank: drives budget-derived ranks
-    # (aflora.budgets) before any model is loaded. "A" costs in_features, "B" out_features, "lam" 1.
+    # Which factors a client trains and uploads: drives budget-derived ranks (aflora.budgets) before any model is
+    # loaded, at the parameter counts aflora.lora.factors.FACTORS gives each factor.
     trained_factors: ClassVar[frozenset[str]]
     uploaded_factors: ClassVar[frozenset[str]]
     heterogeneous: ClassVar[bool] = True  # False: one rank for every client (the smallest budget, or options.rank)
@@ -243,9 +244,8 @@ EVAL_PREFIX = "eval/"
 
 def factor_shapes(shapes: Mapping[str, tuple[int, int]], factors: frozenset[str] | set[str], ranks: Mapping[str, int],
                   *, prefix: str = "") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Expected float32 shapes of uploaded factors: A (r × n), B (m × r), Λ (r), per module at its rank."""
-    shape_of = {"A": lambda m, n, r: (r, n), "B": lambda m, n, r: (m, r), "lam": lambda m, n, r: (r,)}
-    return {prefix + tensor_key(f, name): (shape_of[f](*shapes[name], rank), torch.float32)
+    """Expected float32 shapes of uploaded factors, per module at its rank (shapes from aflora.lora.factors.FACTORS)."""
+    return {prefix + tensor_key(f, name): (FACTORS[f].shape(*shapes[name], rank), torch.float32)
             for name, rank in ranks.items() for f in sorted(factors)}
 
 
