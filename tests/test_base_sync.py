@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aflora.runtime import BaseSync, ClientRuntime, MergeStore, ServerRuntime
+from aflora.base_sync import BaseSync, MergeStore
+from aflora.runtime import ClientRuntime, ServerRuntime
 
 from helpers import tiny_config
 

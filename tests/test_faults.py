@@ -15,11 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from aflora.checkpoint import load_checkpoint
+from aflora.errors import RoundAborted
 from aflora.flower.simulation import simulate
 from aflora.methods.aggregation import pad_columns
 from aflora.methods.base import tensor_key
 from aflora.results import load_run
-from aflora.runtime import ClientRuntime, RoundAborted, ServerRuntime
+from aflora.runtime import ClientRuntime, ServerRuntime
 
 from helpers import record_differences, tiny_config, write_tiny_config_toml
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from aflora.encoding import PromptEncoder
 from aflora.flower.simulation import simulate
-from aflora.flower.strategy import send_in_waves
+from aflora.flower.transport import send_in_waves
 from aflora.models import build_tiny_model
 from aflora.outputs import export_merged_model
 from aflora.results import load_run

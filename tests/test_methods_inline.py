@@ -9,10 +9,11 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from aflora.base_sync import BaseSync
 from aflora.flower import client_app
 from aflora.flower.records import instruction_content
 from aflora.methods import METHODS
-from aflora.runtime import BaseSync, ServerRuntime
+from aflora.runtime import ServerRuntime
 
 from helpers import run_inline, tiny_config
 

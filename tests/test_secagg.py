@@ -18,12 +18,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from aflora.config import ConfigError
+from aflora.errors import RoundAborted
 from aflora.flower import client_app as client_app_module
 from aflora.flower.records import read_secure_upload, secure_upload_content
 from aflora.flower.server_app import run_federation
 from aflora.flower.simulation import simulate
 from aflora.methods.base import tensor_key
-from aflora.runtime import ClientRuntime, RoundAborted, ServerRuntime
+from aflora.runtime import ClientRuntime, ServerRuntime
 from aflora.secure_aggregation import SecureSum, error_bound, fold_upload, quantization_step, read_weights
 
 from helpers import tiny_config

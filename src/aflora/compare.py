@@ -156,7 +156,7 @@ def plan_comparison(config_path: Path | None, overrides: list[str], entries: lis
 
 
 def _preflight(config: ExperimentConfig, where: str) -> None:
-    from .runtime import preflight  # loads torch and the data layer
+    from .runtime.workload import preflight  # loads torch and the data layer
 
     try:
         preflight(config)

@@ -14,7 +14,7 @@ from .lora.export import save_peft_adapter
 from .models import load_model
 from .plots import plot_run
 from .results import RunRecord, load_run
-from .runtime import ServerRuntime
+from .runtime.server import ServerRuntime
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..config import ExperimentConfig
-from ..runtime import prepare_workload
+from ..runtime.workload import prepare_workload
 from ..shards import MANIFEST_FILE, SPLIT, TASK_FILE, shard_path
 
 

@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from ..config import config_from_tree
 from ..logs import configure_logging, quiet_flower
-from ..runtime import ClientRuntime
+from ..runtime.client import ClientRuntime
 from ..secure_aggregation import fold_upload
 from .records import arrays_to_tensors, read_instruction, secure_upload_content, tensors_to_arrays, upload_content
 from .secagg import is_secure_round, secure_aggregation_mod

@@ -12,9 +12,9 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from ..base_sync import BaseSync
 from ..lora.factors import Adapter, ModuleFactors
 from ..methods import Instruction, Upload
-from ..runtime import BaseSync
 
 FACTORS = ("A", "B", "lam")
 

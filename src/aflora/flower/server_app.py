@@ -11,13 +11,15 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from ..base_sync import MergeStore
 from ..checkpoint import load_checkpoint, restore, save_checkpoint
 from ..config import ExperimentConfig, config_from_flat
 from ..logs import configure_logging
 from ..outputs import write_outputs
 from ..results import RunRecord
-from ..runtime import MergeStore, ServerRuntime, Workload, preflight
-from .strategy import MethodStrategy
+from ..runtime.server import ServerRuntime
+from ..runtime.workload import Workload, preflight
+from .transport import MethodStrategy
 
 log = logging.getLogger(__name__)
 

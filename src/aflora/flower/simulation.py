@@ -14,7 +14,7 @@ from flwr.simulation import run_simulation
 from ..config import ExperimentConfig
 from ..logs import quiet_flower
 from ..results import RunRecord
-from ..runtime import Workload, preflight
+from ..runtime.workload import Workload, preflight
 from .client_app import app as client_app
 from .server_app import run_federation
 

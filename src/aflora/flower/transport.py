@@ -17,8 +17,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from ..errors import RoundAborted
 from ..results import RunRecord, round_record
-from ..runtime import RoundAborted, ServerRuntime
+from ..runtime.server import ServerRuntime
 from ..secure_aggregation import SecureSum
 from .records import instruction_content, read_secure_upload, read_upload
 from .secagg import SecureRound, secure_train_round

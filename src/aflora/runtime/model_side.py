@@ -1,0 +1,95 @@
+"""A process's model side: one shared base model with its adapter host, prompt encoder and method.
+
+Client and server runtimes each hold one; simulated clients are adapters swapped onto it, never copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..budgets import LocalWorkload
+from ..encoding import Encoded, PromptEncoder, training_batches
+from ..evaluation import evaluate_classification, evaluate_lm_loss
+from ..lora.factors import Adapter
+from ..lora.host import AdapterHost
+from ..methods import FederatedMethod, TrainSpec, method_class
+from ..models import load_model
+from ..training import OptimConfig, train_adapter
+from .workload import Workload
+
+
+def autocast_dtype(precision: str, model: torch.nn.Module) -> torch.dtype | None:
+    """bf16 autocast where it pays: CUDA with bf16, or CPUs with native bf16 (AVX512-BF16/AMX)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class ModelSide:
+    """A process's shared base model with its adapter host, encoder and the method (client or server)."""
+
+    def __init__(self, workload: Workload) -> None:
+        config = workload.config
+        self.workload = workload
+        if config.engine.threads:
+            torch.set_num_threads(config.engine.threads)
+        model, self.tokenizer = load_model(
+            config.model.name, cache_dir=config.model.cache_dir or None, seed=config.seed, attention=config.model.attention
+        )
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        self.host = AdapterHost(model, config.model.target_modules)
+        self.encoder = PromptEncoder(self.tokenizer, workload.bundle.task, config.data.max_length)
+        self.autocast = autocast_dtype(config.model.precision, model)
+        method = method_class(config.method)
+        self.clients = workload.client_specs(method, self.host.footprint())
+        self.method: FederatedMethod = method(
+            config.method_options(), module_shapes=self.host.module_shapes(), clients=self.clients, seed=config.seed,
+            footprint=self.host.footprint(),
+            workload=LocalWorkload(config.train.batch_size, config.data.max_length, config.train.local_steps),
+        )
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def encode(self, rows: list[dict], objective: str | None = None) -> list[Encoded]:
+        objective = objective or self.workload.objective
+        encode = self.encoder.encode_lm if objective == "lm" else self.encoder.encode_classification
+        return [encode(row) for row in rows]
+
+    @property
+    def scoring_objective(self) -> str:
+        """How evaluation scores this task: label-word accuracy where there are label words, else LM loss."""
+        return "class_ce" if self.encoder.label_token_ids else "lm"
+
+    def evaluate(self, examples: list[Encoded], adapter: Adapter | None, encoder: PromptEncoder | None = None) -> dict[str, float]:
+        encoder = encoder or self.encoder
+        common = dict(batch_size=self.workload.config.train.eval_batch_size, pad_id=self.pad_id, adapter=adapter,
+                      autocast_dtype=self.autocast)
+        if encoder.label_token_ids:
+            return evaluate_classification(self.host, examples, label_token_ids=encoder.label_token_ids, **common)
+        return evaluate_lm_loss(self.host, examples, **common)
+
+    def train(self, spec: TrainSpec, examples: list[Encoded], *, steps: int, batch_size: int, optim: OptimConfig, seed: int,
+              on_step=None, objective: str | None = None):
+        return train_adapter(
+            self.host,
+            spec,
+            training_batches(examples, batch_size, self.pad_id, seed=seed),
+            steps=steps,
+            optim=optim,
+            objective=objective or self.workload.objective,
+            label_token_ids=self.encoder.label_token_ids,
+            autocast_dtype=self.autocast,
+            on_step=on_step,
+        )
+

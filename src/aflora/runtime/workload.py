@@ -1,0 +1,172 @@
+"""The federated data layout both ends derive from one config: data → public split → client partitions.
+
+Deterministic (every process that calls `prepare_workload` with the same config agrees on every row),
+so simulated clients need no data from the server; a deployed node reads only its own file
+(`node_workload`). `preflight` checks all of it before a model or an engine starts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..budgets import DeviceBudget, ModelFootprint, ranks_from_budgets
+from ..config import ConfigError, ExperimentConfig
+from ..data import DataError, DatasetBundle, load_bundle, partition, split_public
+from ..methods import ClientSpec, FederatedMethod, method_class
+from ..methods.base import hash_seed
+from ..models import resolve_model
+from ..shards import read_shard
+
+
+@dataclass
+class Workload:
+    """The federated data layout of one experiment."""
+
+    config: ExperimentConfig
+    bundle: DatasetBundle
+    client_rows: list[list[int]]  # indices into bundle.train, one list per client
+    public_rows: list[int]
+    test_rows: list[dict]
+    extra_eval: dict[str, DatasetBundle] = field(default_factory=dict)  # name -> bundle with sampled test rows
+    client_test_rows: list[list[int]] = field(default_factory=list)  # each client's own held-out rows (may be empty)
+    public_bundle: DatasetBundle | None = None  # data.public_dataset (public_rows index its train); None: `bundle`
+
+    @property
+    def public_source(self) -> DatasetBundle:
+        return self.public_bundle or self.bundle
+
+    @property
+    def public_objective(self) -> str:
+        """The server's training loss: the task's own, or the LM loss on an out-of-domain instruction set."""
+        return "lm" if self.public_bundle is not None else self.objective
+
+    @property
+    def objective(self) -> str:
+        if self.config.data.objective != "auto":
+            return self.config.data.objective
+        return "lm" if self.bundle.task.kind == "instruction" else "class_ce"
+
+    def budgets(self) -> list[DeviceBudget] | None:
+        fed = self.config.federation
+        if not fed.memory_mb:
+            return None
+        speeds = fed.compute_speed or [1.0] * fed.num_clients
+        return [DeviceBudget(m, u, s) for m, u, s in zip(fed.memory_mb, fed.uplink_mb, speeds)]
+
+    def client_specs(self, method: type[FederatedMethod], footprint: ModelFootprint) -> list[ClientSpec]:
+        """Clients with their maximum ranks: the configured list, or derived per method from device budgets."""
+        budgets = self.budgets()
+        ranks = self.config.federation.client_ranks
+        if budgets is None:
+            return [ClientSpec(cid, ranks[cid], len(rows)) for cid, rows in enumerate(self.client_rows)]
+        if not method.configures_from_budgets:  # LEGEND turns budgets into depth and ranks itself
+            ranks = ranks_from_budgets(
+                budgets, footprint, trained=method.trained_factors, uploaded=method.uploaded_factors,
+                batch_size=self.config.train.batch_size, seq_len=self.config.data.max_length,
+            )
+        return [ClientSpec(cid, r, len(rows), b.memory_mb, b.uplink_mb, b.compute_speed)
+                for cid, (r, b, rows) in enumerate(zip(ranks, budgets, self.client_rows))]
+
+
+def prepare_workload(config: ExperimentConfig) -> Workload:
+    data, seed = config.data, config.seed
+    bundle = load_bundle(data.dataset, data_dir=data.data_dir or None, test_name=data.test_dataset or None, **data.options)
+    public_bundle = load_public_bundle(data)
+    if public_bundle is None:
+        public_rows, pool = split_public(len(bundle.train), fraction=data.public_fraction, size=data.public_size, seed=seed)
+    else:  # out of domain: the task's whole pool stays with the clients
+        public_rows, _ = split_public(len(public_bundle.train), fraction=data.public_fraction, size=data.public_size, seed=seed)
+        pool = list(range(len(bundle.train)))
+    if data.train_size and data.train_size < len(pool):
+        pool = sorted(random.Random(hash_seed(seed, 1)).sample(pool, data.train_size))
+    labels = bundle.train_labels() if data.partition in ("dirichlet", "k_labels") else None
+    categories = bundle.train_categories() if data.partition == "fedit_epsilon" else None
+    try:
+        client_rows = partition(
+            data.partition,
+            pool,
+            config.federation.num_clients,
+            seed=seed,
+            labels=None if labels is None else [labels[i] for i in pool],
+            categories=None if categories is None else [categories[i] for i in pool],
+            alpha=data.dirichlet_alpha,
+            epsilon=data.epsilon,
+            labels_per_client=data.labels_per_client,
+            presplit_clients=bundle.presplit_clients,
+        )
+    except ValueError as err:  # the partitioners explain what to change; surface it as a data problem
+        raise DataError(f"cannot partition {bundle.name} with data.partition={data.partition!r}: {err}") from None
+    client_rows, client_test_rows = hold_out_local_tests(client_rows, data.local_test_fraction, seed)
+    extra = {name: load_bundle(name, data_dir=data.data_dir or None) for name in data.extra_eval}
+    for name, extra_bundle in extra.items():
+        if not extra_bundle.task.label_words:
+            raise DataError(f"data.extra_eval: {name} has no label words to score; "
+                            "extra evaluations must be classification or multiple choice")
+        extra_bundle.test = sample_rows(extra_bundle.test, data.eval_size, seed)
+    return Workload(config, bundle, client_rows, public_rows, sample_rows(bundle.test, data.eval_size, seed), extra, client_test_rows,
+                    public_bundle)
+
+
+def load_public_bundle(data) -> DatasetBundle | None:
+    """The out-of-domain public dataset of data.public_dataset, or None for an in-domain public set."""
+    if not data.public_dataset:
+        return None
+    public = load_bundle(data.public_dataset, data_dir=data.data_dir or None)
+    if public.task.kind != "instruction":
+        raise DataError(f"data.public_dataset = {data.public_dataset!r} is a {public.task.kind} dataset; an out-of-domain "
+                        "public set must be instruction data (e.g. \"dolly\"), or leave it empty for an in-domain slice")
+    return public
+
+
+def node_workload(config: ExperimentConfig, client_id: int, data_file: Path) -> Workload:
+    """A deployed client's view: only its own file (`aflora partition`), no other client's rows."""
+    task, train, test = read_shard(data_file)
+    bundle = DatasetBundle(name=f"node data {data_file.name}", task=task, train=train + test, test=[], source=str(data_file))
+    client_rows = [[] for _ in range(config.federation.num_clients)]
+    client_test_rows = [[] for _ in range(config.federation.num_clients)]
+    client_rows[client_id] = list(range(len(train)))
+    client_test_rows[client_id] = list(range(len(train), len(train) + len(test)))
+    return Workload(config, bundle, client_rows, public_rows=[], test_rows=[], client_test_rows=client_test_rows)
+
+
+def hold_out_local_tests(client_rows: list[list[int]], fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Split every client's rows into (train, its own test set): personalized evaluation data, never trained on."""
+    if fraction <= 0:
+        return client_rows, [[] for _ in client_rows]
+    train, test = [], []
+    for cid, rows in enumerate(client_rows):
+        if len(rows) < 2:
+            raise DataError(f"client {cid} has {len(rows)} row(s): too few to hold out a local test set; lower data.local_test_fraction")
+        shuffled = list(rows)
+        random.Random(hash_seed(seed, cid, 11)).shuffle(shuffled)
+        held = min(len(rows) - 1, max(1, round_half_up(fraction * len(rows))))
+        test.append(sorted(shuffled[:held]))
+        train.append(sorted(shuffled[held:]))
+    return train, test
+
+
+def sample_rows(rows: list[dict], size: int, seed: int) -> list[dict]:
+    """A fixed, seeded subset of evaluation rows (all of them when size is 0 or larger than the set)."""
+    if not size or size >= len(rows):
+        return rows
+    return [rows[i] for i in sorted(random.Random(hash_seed(seed, 2)).sample(range(len(rows)), size))]
+
+
+def preflight(config: ExperimentConfig) -> Workload:
+    """Everything checkable before a model or an engine starts: model spec, data, partitions, method needs."""
+    resolve_model(config.model.name)
+    workload = prepare_workload(config)
+    needs_public = method_class(config.method).needs_public_data(config.method_options())
+    if needs_public and (not workload.public_rows or config.server.steps == 0):
+        raise ConfigError(
+            f"{config.method} tunes on the server's public set, but it is empty or server.steps is 0: set "
+            f"data.public_fraction (e.g. 0.02) and server.steps > 0, or {config.method}.server_tuning = false"
+        )
+    return workload
+
+
+
+def round_half_up(x: float) -> int:
+    return int(x + 0.5)
