@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 from aflora.config import ExperimentConfig, load_config
+from aflora.rounds import InProcessTransport, run_round
 from aflora.runtime import ClientRuntime, ServerRuntime
 
 LABEL_WORDS = ["World", "Sports", "Business", "Technology"]
@@ -61,18 +62,14 @@ def tiny_config(folder: Path, *overrides: str, model: str = "tiny-llama") -> Exp
 
 
 def run_inline(config: ExperimentConfig) -> ServerRuntime:
-    """Every round without any FL engine: the runtime and method need nothing from Flower."""
-    server, client = ServerRuntime(config), ClientRuntime(config)
-    kept: dict[int, dict] = {}  # what each client keeps between rounds (Flower keeps it in the node's Context)
+    """Every round without any FL engine (aflora.rounds with its in-process transport). The server comes back
+    with the last round's accepted uploads and diagnostics and the client runtime, for tests to look into."""
+    server, transport = ServerRuntime(config), InProcessTransport(ClientRuntime(config))
     for round_ in range(1, config.rounds + 1):
-        uploads = []
-        for instruction, sync in server.instructions(round_):
-            upload = client.train(instruction, sync, kept.get(instruction.client_id))
-            kept[instruction.client_id] = upload.local_state or kept.get(instruction.client_id)
-            uploads.append(upload)
-        server.last_diagnostics = server.complete_round(round_, uploads)
-        server.last_uploads = uploads
-    server.client_runtime = client
+        result = run_round(server, transport, round_)
+        assert not result.record.failures, f"round {round_}: {result.record.failures}"  # tests expect every client to reply
+    server.last_diagnostics, server.last_uploads = result.diagnostics, result.uploads
+    server.client_runtime = transport.client
     return server
 
 

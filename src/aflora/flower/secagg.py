@@ -1,4 +1,4 @@
-"""SecAgg+ around the method strategy's train messages: Flower's own workflow and client mod, unchanged.
+"""SecAgg+ around a round's train messages: Flower's own workflow and client mod, unchanged.
 
 Flower 1.41 ships SecAgg+ for its legacy API only:
 - `SecAggPlusWorkflow.__call__` (flwr/server/workflow/secure_aggregation/secaggplus_workflow.py) requires a
@@ -12,7 +12,7 @@ Flower 1.41 ships SecAgg+ for its legacy API only:
 - The workflow divides the unmasked sum by the survivors' total num_examples: it returns a weighted MEAN.
 
 So the bridge is small, and the cryptography stays Flower's: the workflow runs in a LegacyContext around a
-collector strategy that "samples" the nodes the MethodStrategy chose and receives the result; after the
+collector strategy that "samples" the nodes the round's messages go to and receives the result; after the
 setup stage our own instruction messages replace the legacy FitIns placeholders; clients reply in FitRes
 layout with num_examples = 1 and max_weight = 1 (their per-module weights are folded in already, which
 SecAgg+'s single scalar weight per client cannot express), so the result is the mean over the survivors
@@ -67,14 +67,14 @@ class SecureRound:
     errors: dict[int, str] = field(default_factory=dict)  # node id -> its first error or missed reply
 
 
-def secure_train_round(grid: Grid, messages: list[Message], server_round: int, options: SecAggSection,
+def secure_train_round(grid: Grid, messages: list[Message], round_: int, options: SecAggSection,
                        timeout: float | None) -> SecureRound:
     """Run SecAgg+'s four stages (setup, share keys, collect masked vectors, unmask) with `messages` as the
     train messages of the collect stage; returns the unmasked SUM over the clients whose vectors arrived."""
     recording = _RecordingGrid(grid)
     collector = _SumCollector(recording, [m.metadata.dst_node_id for m in messages])
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}), strategy=collector)
-    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     workflow = _MethodSecAggPlus(
         {m.metadata.dst_node_id: m.content for m in messages},

@@ -1,5 +1,6 @@
-"""Flower ServerApp: build the server runtime from the run config, let the strategy drive the rounds,
-write the outputs. `flwr run .` enters through `app`; `aflora run` through `run_federation`.
+"""Flower ServerApp: build the server runtime from the run config, run aflora.rounds' loop with the Flower
+transport (messages through the Grid), checkpoint after every round, write the outputs.
+`flwr run .` enters through `app`; `aflora run` through `run_federation`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from ..config import ExperimentConfig, config_from_flat
 from ..logs import configure_logging
 from ..outputs import write_outputs
 from ..results import RunRecord
+from ..rounds import run_rounds
 from ..runtime.server import ServerRuntime
 from ..runtime.workload import Workload, preflight
-from .transport import MethodStrategy
+from .transport import FlowerTransport
 
 log = logging.getLogger(__name__)
+
 
 def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload: Workload | None = None,
                    *, resume: bool = False, shared_disk: bool = False, max_in_flight: int | None = None) -> RunRecord:
@@ -64,10 +67,10 @@ def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload
         record.final["wall_seconds_so_far"] = time.perf_counter() - started
         save_checkpoint(out_dir, round_, runtime, record)
 
-    strategy = MethodStrategy(runtime, record, experiment=config.to_dict(), on_round_end=checkpoint,
-                              max_in_flight=config.engine.max_in_flight if max_in_flight is None else max_in_flight)
-    strategy.summary()
-    strategy.run_rounds(grid, done + 1, config.rounds)
+    log.info("method %s, %d clients, ranks %s", config.method, config.federation.num_clients, config.federation.client_ranks)
+    transport = FlowerTransport(grid, config, max_in_flight=config.engine.max_in_flight if max_in_flight is None else max_in_flight)
+    transport.connect()
+    run_rounds(runtime, transport, record, done + 1, config.rounds, on_round_end=checkpoint)
     record.finish(wall_seconds=time.perf_counter() - started, final_ranks=runtime.method.client_ranks())
     write_outputs(out_dir, record, runtime)
     return record

@@ -1,0 +1,55 @@
+"""aflora.rounds without any FL engine: the round's steps, its returned record, the in-process transport."""
+
+from __future__ import annotations
+
+import torch
+
+from aflora.results import RunRecord
+from aflora.rounds import InProcessTransport, run_round, run_rounds
+from aflora.runtime import ClientRuntime, ServerRuntime
+
+from helpers import tiny_config
+
+
+def empty_record(config) -> RunRecord:
+    return RunRecord(method=config.method, model=config.model.name, dataset="topics", num_clients=3, seed=0, config={}, base_params=1)
+
+
+def test_run_rounds_scores_the_base_model_then_records_every_round_and_calls_back(tmp_path):
+    config = tiny_config(tmp_path)
+    server, transport = ServerRuntime(config), InProcessTransport(ClientRuntime(config))
+    record, ended = empty_record(config), []
+    run_rounds(server, transport, record, 1, 2, on_round_end=ended.append)
+    assert ended == [1, 2] and [r.round for r in record.rounds] == [1, 2]
+    assert 0.0 <= record.initial["accuracy"] <= 1.0 and record.initial["eval_seconds"] >= 0
+    assert all(r.clients == [0, 1, 2] and r.failures == [] and r.aggregation_error is not None for r in record.rounds)
+
+
+def test_a_crashing_client_is_a_failure_of_its_round_not_of_the_run(tmp_path):
+    config = tiny_config(tmp_path, "engine.fail_clients=[1]", "engine.fail_from_round=1")
+    server, transport = ServerRuntime(config), InProcessTransport(ClientRuntime(config))
+    result = run_round(server, transport, 1)
+    assert result.record.clients == [0, 2] and [u.client_id for u in result.uploads] == [0, 2]
+    assert [f["client"] for f in result.record.failures] == [1] and "injected fault" in result.record.failures[0]["reason"]
+    assert result.record.aggregation_error == result.diagnostics["aggregation_error"]
+
+
+def test_personalized_evaluation_is_the_example_weighted_mean_over_the_clients(tmp_path):
+    config = tiny_config(tmp_path, 'method="fedsa_lora"', "data.local_test_fraction=0.25")
+    server, transport = ServerRuntime(config), InProcessTransport(ClientRuntime(config))
+    personalized = run_round(server, transport, 1).record.personalized
+    local_rows = sum(len(rows) for rows in server.workload.client_test_rows)
+    assert personalized["clients"] == 3.0 and personalized["num_examples"] == local_rows
+    assert set(transport.kept) == {0, 1, 2}  # each client's personal B, kept for its next round
+
+
+def test_the_in_process_secure_round_matches_the_plain_round(tmp_path):
+    """Clients fold their weights into the summands as under SecAgg+; their sum (unquantized) is the plain aggregate."""
+    secure = ServerRuntime(tiny_config(tmp_path / "secure", "secagg.enabled=true"))
+    plain = ServerRuntime(tiny_config(tmp_path / "plain"), secure.workload)
+    run_round(plain, InProcessTransport(ClientRuntime(plain.config)), 1)
+    result = run_round(secure, InProcessTransport(ClientRuntime(secure.config)), 1)
+    assert result.record.clients == [0, 1, 2] and result.record.uplink_bytes["0"] > 0
+    for name in plain.method.module_shapes:
+        expected = plain.method.B_global[name]
+        torch.testing.assert_close(secure.method.B_global[name], expected, rtol=0, atol=4 * 2.0**-24 * float(expected.abs().max()))
