@@ -253,6 +253,7 @@ REFERENCE_SCALING = {
     "fedsa_lora": lambda r: 16 / r,  # FedSA-LoRA yamls/fedsa-lora.yaml: r 8, lora_alpha 16
     "florist": lambda r: 2.0,  # FLoRIST main.py (heter): lora_alpha = 2·local_ranks[client_id]
     "fedex_lora": lambda r: 8 / r,  # fedex-lora fed_train_glue.py: lora_r 4, lora_alpha 8
+    "fed_sb": lambda r: 1.0,  # fed-sb fed/CR/train_cr_fed.py: lora_alpha = lora_r for agg_type fed-sb
 }
 
 
@@ -280,7 +281,7 @@ def test_alpha_rules_and_their_override():
 EXPECTED_TRAINABLE = {
     "aflora": {"B", "lam"}, "fedit": {"A", "B"}, "ffa_lora": {"B"}, "fedsa_lora": {"A", "B"},
     "flora": {"A", "B"}, "flexlora": {"A", "B"}, "hetlora": {"A", "B"}, "legend": {"A", "B"},
-    "florist": {"A", "B"}, "fedex_lora": {"A", "B"},
+    "florist": {"A", "B"}, "fedex_lora": {"A", "B"}, "fed_sb": {"R"},
 }
 
 

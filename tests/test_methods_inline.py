@@ -17,7 +17,7 @@ from aflora.runtime import ServerRuntime
 
 from helpers import run_inline, tiny_config
 
-EXACT = {"aflora", "fedex_lora", "flora", "florist", "ffa_lora", "flexlora"}  # aggregate == Σ p_k B_k A_k up to float error
+EXACT = {"aflora", "fed_sb", "fedex_lora", "flora", "florist", "ffa_lora", "flexlora"}  # aggregate == Σ p_k B_k A_k up to float error
 UNDEFINED = {"fedsa_lora"}  # no single global product
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from .aflora import AFLoRA
 from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, options_from_mapping
+from .fed_sb import FedSB
 from .fedex_lora import FedExLoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
@@ -15,7 +16,7 @@ from .legend import LEGEND
 from .shared_lora import FedIT, FedSALoRA, FFALoRA
 
 METHODS: dict[str, type[FederatedMethod]] = {
-    cls.name: cls for cls in (AFLoRA, FedExLoRA, FedIT, FFALoRA, FedSALoRA, FLoRA, FLoRIST, FlexLoRA, HetLoRA, LEGEND)
+    cls.name: cls for cls in (AFLoRA, FedExLoRA, FedIT, FedSB, FFALoRA, FedSALoRA, FLoRA, FLoRIST, FlexLoRA, HetLoRA, LEGEND)
 }
 
 

@@ -79,7 +79,7 @@ class SharedLoRA(FederatedMethod):
                 self._error_terms.append(ProductError(averaged["B"], averaged["A"], clients))
             if "B" in self.kept_factors:  # FedSA-LoRA: the evaluated global model uses the mean personal B
                 averaged["B"] = weighted_sum([u.tensors[EVAL_PREFIX + tensor_key("B", name)] for u in uploads], weights)
-            self.global_factors[name] = ModuleFactors(A=averaged.get("A", factors.A), B=averaged.get("B", factors.B))
+            self.global_factors[name] = ModuleFactors(**{**factors.tensors(), **averaged})  # frozen factors stay as they were
 
     def expected_upload(self, instruction: Instruction) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         ranks = dict.fromkeys(self.module_shapes, self.rank)
