@@ -16,9 +16,14 @@ plus three runs that take the other paths of a round: personalized evaluation (F
 rows), SecAgg+, and a client failing in round 2. The tiny dataset is written to one fixed folder
 (--data), so both sides' configs name the same files.
 
-The diff compares every field except timings (a key ending in `_seconds`, which includes wall time) and
-the paths of the folders compared; floats equal within 1e-6 relative (--rel). It prints one line per
-difference and exits 1 when there is any.
+The diff compares every field except timings (a key ending in `_seconds`, which includes wall time);
+floats equal within 1e-6 relative (--rel). Two things vary from run to run with the same code, and are
+compared accordingly:
+- a failure `reason` that holds a Ray traceback (process ids, addresses, file paths): its last line only;
+- the SecAgg+ run: Flower quantizes the masked vectors with unseeded stochastic rounding
+  (flwr/common/secure_aggregation/quantization.py, np.random), so its floats agree within --rel-secagg
+  (1e-2 relative; two runs of the same commit differ by ~5e-4).
+It prints one line per difference and exits 1 when there is any.
 """
 
 from __future__ import annotations
@@ -67,7 +72,14 @@ def is_timing(key: str) -> bool:
     return key.endswith("_seconds") or key.endswith("_seconds_so_far")
 
 
+def last_line(reason: str) -> str:
+    lines = reason.strip().splitlines()
+    return lines[-1] if lines else reason
+
+
 def differences(a, b, path: str, rel: float) -> list[str]:
+    if path.endswith(".reason") and isinstance(a, str) and isinstance(b, str):
+        a, b = last_line(a), last_line(b)
     if isinstance(a, dict) and isinstance(b, dict):
         only = sorted(set(a) ^ set(b))
         found = [f"{path}: key {k!r} in only one" for k in only]
@@ -82,20 +94,21 @@ def differences(a, b, path: str, rel: float) -> list[str]:
     return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-def compare_folders(before: Path, after: Path, rel: float) -> int:
+def compare_folders(before: Path, after: Path, rel: float, rel_secagg: float) -> int:
     files_before = {p.relative_to(before) for p in before.rglob("results.json")}
     files_after = {p.relative_to(after) for p in after.rglob("results.json")}
     found = [f"{name}: only in {before}" for name in sorted(files_before - files_after)]
     found += [f"{name}: only in {after}" for name in sorted(files_after - files_before)]
     for name in sorted(files_before & files_after):
         a, b = (json.loads((folder / name).read_text()) for folder in (before, after))
-        diffs = differences(a, b, "", rel)
+        diffs = differences(a, b, "", rel_secagg if a["config"]["secagg"]["enabled"] else rel)
         found += [f"{name}{d}" for d in diffs]
         print(f"{name}: {'same' if not diffs else f'{len(diffs)} difference(s)'}")
     for line in found:
         print(line)
     compared = len(files_before & files_after)
-    print(f"{compared} results.json compared, {len(found)} difference(s) (timings ignored, floats within {rel:g} relative)")
+    print(f"{compared} results.json compared, {len(found)} difference(s) (timings ignored, floats within {rel:g} relative, "
+          f"{rel_secagg:g} under SecAgg+)")
     return 1 if found else 0
 
 
@@ -112,8 +125,9 @@ def main() -> int:
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
     parser.add_argument("--rel", type=float, default=1e-6, help="relative tolerance for floats")
+    parser.add_argument("--rel-secagg", type=float, default=1e-2, help="... in runs with SecAgg+ (stochastic rounding)")
     args = parser.parse_args()
-    return compare_folders(args.before, args.after, args.rel)
+    return compare_folders(args.before, args.after, args.rel, args.rel_secagg)
 
 
 if __name__ == "__main__":

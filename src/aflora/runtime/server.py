@@ -32,7 +32,7 @@ ClientMessage = tuple[Instruction, BaseSync]  # what a client receives: its inst
 
 
 class ServerRuntime:
-    """The server's half of every round, plus evaluation and the record of what happened."""
+    """The server's half of every round and the global model's evaluation; aflora.rounds puts the steps in order."""
 
     def __init__(self, config: ExperimentConfig, workload: Workload | None = None) -> None:
         self.config = config
