@@ -181,3 +181,34 @@ def test_the_deployed_run_equals_a_simulation_of_the_same_experiment(deployment,
     assert len(simulated["rounds"]) == len(deployed["rounds"]) == deployment.config.rounds
     differences = record_differences(simulated["rounds"], deployed["rounds"])
     assert not differences, "\n".join(differences)
+
+
+# The newer methods on the real path: one federation, one run per method, each equal to its simulation.
+# Slow and not in CI (each run starts a ClientApp process per message): `make test-all` runs it.
+NEW_METHODS = ("florist", "fedex_lora", "fed_sb")
+
+
+@pytest.fixture(scope="module")
+def new_methods_deployed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("new-methods")
+    configs = {m: tiny_config(folder / "data", f'method="{m}"', "engine.connect_timeout=120") for m in NEW_METHODS}
+    state = folder / "state"
+    try:
+        lifecycle.up(configs[NEW_METHODS[0]], state, timeout=STARTUP_SECONDS)
+        outs = {m: folder / "out" / m for m in NEW_METHODS}
+        for method in NEW_METHODS:
+            lifecycle.submit(configs[method], outs[method], state, timeout=RUN_SECONDS, echo=False)
+    finally:
+        lifecycle.down(state)
+    return configs, outs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_each_newer_method_deployed_equals_its_simulation(new_methods_deployed, method, tmp_path):
+    configs, outs = new_methods_deployed
+    simulate(configs[method], tmp_path / "sim")
+    simulated, deployed_run = load_run(tmp_path / "sim"), load_run(outs[method])
+    assert deployed_run["method"] == method and len(deployed_run["rounds"]) == configs[method].rounds
+    differences = record_differences(simulated["rounds"], deployed_run["rounds"])
+    assert not differences, "\n".join(differences)
