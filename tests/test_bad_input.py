@@ -104,3 +104,16 @@ def test_flower_defaults_in_pyproject_equal_the_default_config_file():
     from_flower = config_from_flat(flower_defaults)
     from_file = load_config(REPO / "configs" / "default.toml")
     assert flatten(from_flower.to_dict()) == flatten(from_file.to_dict())
+
+
+def test_error_text_in_square_brackets_reaches_the_user(tmp_path):
+    """The CLI prints through rich: a message naming the config table `[train]`, or a path holding `[/x]`,
+    must come out as written (not swallowed as markup, not crash the error handler)."""
+    odd = tmp_path / "runs[/x]"
+    cli = [sys.executable, "-m", "aflora", "run", "--out", str(odd / "out"), "--set", "train.lrr=0.1"]
+    named = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert named.returncode == 2 and "[train]" in named.stderr and "Traceback" not in named.stderr
+    missing = subprocess.run([sys.executable, "-m", "aflora", "run", "--config", str(odd / "c.toml")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "[/x]" in missing.stderr and "Traceback" not in missing.stderr
+    assert not odd.exists()

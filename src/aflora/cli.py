@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import ConfigError, DataError, FederationError, ModelError, RoundAborted
 from .logs import configure_logging
@@ -56,7 +57,7 @@ def run(
     from .flower.simulation import simulate  # Flower and Ray load only when a run starts
 
     simulate(experiment, out, resume=resume is not None)
-    err.print(f"[green]results, plots and adapter written to {out}[/green]")
+    err.print(f"[green]results, plots and adapter written to {escape(str(out))}[/green]")
 
 
 def _resumed_experiment(folder: Path, sets: list[str] | None, data_dir: Path | None):
@@ -101,7 +102,7 @@ def compare(
     configure_logging(plan.base.engine.verbose)
     rows = run_comparison(plan, command=shlex.join(["aflora", *sys.argv[1:]]))
     typer.echo("\n".join(markdown_table(rows)))
-    err.print(f"[green]table, plots and {len(plan.runs)} runs written to {out} (comparison.md, comparison.csv)[/green]")
+    err.print(f"[green]table, plots and {len(plan.runs)} runs written to {escape(str(out))} (comparison.md, comparison.csv)[/green]")
 
 
 @app.command()
@@ -114,7 +115,7 @@ def export(
 
     configure_logging()
     export_merged_model(run_dir, out)
-    err.print(f"[green]merged model written to {out}[/green]")
+    err.print(f"[green]merged model written to {escape(str(out))}[/green]")
 
 
 @app.command()
@@ -128,7 +129,7 @@ def partition(
     from .deployment.shards import write_shards
 
     paths = write_shards(_load_config(config, set_, data_dir), out)
-    err.print(f"[green]{len(paths)} client files written to {out}[/green] "
+    err.print(f"[green]{len(paths)} client files written to {escape(str(out))}[/green] "
               f"(SuperNode k: --node-config \"partition-id=k data-file={out}/client_k.jsonl\")")
 
 
@@ -159,7 +160,7 @@ def _federation_call(action, *args, **kwargs):
     try:
         return action(*args, **kwargs)
     except FederationError as error:
-        err.print(f"[red]error:[/red] {error}")
+        err.print("[red]error:[/red]", escape(str(error)))
         sys.exit(1)
 
 
@@ -174,10 +175,11 @@ def federation_up(
     from . import deployment
 
     federation = _federation_call(deployment.up, _load_config(config, set_, data_dir), state)
-    err.print(f"[green]federation up[/green]: SuperLink {federation.address}, {federation.partitions} SuperNodes. "
-              f"Submit runs with `aflora federation run --state {state} --config ... --out ...`; "
-              f"Flower's CLI: `FLWR_HOME={federation.layout.flwr_home} flwr supernode ls`; "
-              f"stop with `aflora federation down --state {state}`")
+    err.print("[green]federation up[/green]:", escape(
+        f"SuperLink {federation.address}, {federation.partitions} SuperNodes. "
+        f"Submit runs with `aflora federation run --state {state} --config ... --out ...`; "
+        f"Flower's CLI: `FLWR_HOME={federation.layout.flwr_home} flwr supernode ls`; "
+        f"stop with `aflora federation down --state {state}`"))
 
 
 @federation_app.command("run")
@@ -196,7 +198,7 @@ def federation_run(
 
     _federation_call(deployment.run_once, _load_config(config, set_, data_dir), out, state, timeout=timeout,
                      overwrite=overwrite)
-    err.print(f"[green]results, plots and adapter written to {out}[/green]")
+    err.print(f"[green]results, plots and adapter written to {escape(str(out))}[/green]")
 
 
 @federation_app.command("down")
@@ -205,7 +207,7 @@ def federation_down(state: StateOption = FEDERATION_STATE) -> None:
     from . import deployment
 
     stopped = _federation_call(deployment.down, state)
-    err.print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing was running in {state}")
+    err.print(escape(f"stopped: {', '.join(stopped)}" if stopped else f"nothing was running in {state}"))
 
 
 @federation_app.command("status")
@@ -220,10 +222,10 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except (ConfigError, DataError, ModelError, FileNotFoundError) as error:
-        err.print(f"[red]error:[/red] {error}")
+        err.print("[red]error:[/red]", escape(str(error)))
         sys.exit(2)
     except RoundAborted as error:
-        err.print(f"[red]run stopped:[/red] {error}. The checkpoint of the last completed round is intact: "
+        err.print("[red]run stopped:[/red]", escape(str(error)) + ". The checkpoint of the last completed round is intact: "
                   "continue with `aflora run --resume <the --out folder>`.")
         sys.exit(3)
     except typer.Abort:
