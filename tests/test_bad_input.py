@@ -117,3 +117,12 @@ def test_error_text_in_square_brackets_reaches_the_user(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "[/x]" in missing.stderr and "Traceback" not in missing.stderr
     assert not odd.exists()
+
+
+@pytest.mark.parametrize("method", ["aflora", "hetlora"])
+@pytest.mark.parametrize("protection", ["privacy.clip_norm=0.5", "secagg.enabled=true"])
+def test_rank_partitioned_weights_with_dp_or_secagg_fail_before_any_work(method, protection):
+    # (HETLoRA supports neither DP nor SecAgg+ at all: either refusal is right for it)
+    message = "column_weights = 'rank_partitioned' needs one weight per column" + ("|needs a method" if method == "hetlora" else "")
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f'method="{method}"', f'{method}.column_weights="rank_partitioned"', protection])

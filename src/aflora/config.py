@@ -305,6 +305,10 @@ def validate(config: ExperimentConfig) -> None:
         (not config.privacy.clip_norm or METHODS[config.method].supports_dp,
          f"privacy.clip_norm > 0 needs a method whose uploads are its whole update and whose aggregate is a weighted sum "
          f"(supported: {sorted(n for n, c in METHODS.items() if c.supports_dp)}); {config.method} is not"),
+        (not ((config.privacy.clip_norm or config.secagg.enabled)
+              and getattr(config.method_options(), "column_weights", "client") != "client"),
+         f"{config.method}.column_weights = 'rank_partitioned' needs one weight per column, but client-level DP and "
+         f"SecAgg+ take one per client: use {config.method}.column_weights = 'client' with privacy.clip_norm or secagg"),
         (bool(fed.memory_mb) == bool(fed.uplink_mb), "federation.memory_mb and federation.uplink_mb go together: give both or neither"),
         *[(not values or len(values) == fed.num_clients,
            f"federation.{name} has {len(values)} entries but federation.num_clients is {fed.num_clients}; give one per client")
