@@ -10,7 +10,7 @@ from aflora.costs import payload_bytes, payload_params
 from aflora.lora.factors import FACTORS, ModuleFactors
 from aflora.methods import METHODS, method_options
 from aflora.methods.aggregation import LoRAScaling
-from aflora.methods.base import ClientSpec, tensor_key
+from aflora.methods.base import ClientSpec, FederatedMethod, tensor_key
 from aflora.methods.flexlora import FlexLoRA
 from aflora.methods.hetlora import HetLoRA, tail_penalty, tail_start
 
@@ -277,15 +277,33 @@ def test_alpha_rules_and_their_override():
         make("fedit", [4], [1], lora_alpha=0.0)
 
 
-# ---------------------------------------------------------------------------- trainability per method
-EXPECTED_TRAINABLE = {
-    "aflora": {"B", "lam"}, "fedit": {"A", "B"}, "ffa_lora": {"B"}, "fedsa_lora": {"A", "B"},
-    "flora": {"A", "B"}, "flexlora": {"A", "B"}, "hetlora": {"A", "B"}, "legend": {"A", "B"},
-    "florist": {"A", "B"}, "fedex_lora": {"A", "B"}, "fed_sb": {"R"},
-}
+# ---------------------------------------------------------------------------- declared capabilities per method
+SECURE_HOOKS = ("secure_weights", "secure_summands", "aggregate_secure")
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_TRAINABLE))
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_declared_capabilities_match_what_the_class_implements(name):
+    cls = METHODS[name]
+    assert cls.exact_aggregation in (True, False, None), f"{name} must declare exact_aggregation (methods/base.py)"
+    overridden = [getattr(cls, hook) is not getattr(FederatedMethod, hook) for hook in SECURE_HOOKS]
+    assert cls.supports_secure_aggregation == all(overridden) == any(overridden), f"{name}: flag and SecAgg+ hooks disagree"
+    assert cls.supports_dp == (cls.add_aggregate_noise is not FederatedMethod.add_aggregate_noise)
+    assert cls.uploaded_factors <= cls.trained_factors <= set(FACTORS), f"{name} uploads or trains an unknown or untrained factor"
+
+
+def test_capabilities_a_method_lacks_are_refused_by_name():
+    method = make("fedit", [4], [1])
+    with pytest.raises(NotImplementedError, match=r"FedIT.secure_weights is not implemented.*secagg.enabled = false"):
+        method.secure_weights([0])
+    with pytest.raises(NotImplementedError, match="fedit does not support client-level DP"):
+        method.use_uniform_weights()
+    aflora = make("aflora", [4], [1])
+    assert not aflora.uniform_weights
+    aflora.use_uniform_weights()
+    assert aflora.uniform_weights
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_client_trainable_factors_per_method(name, tiny_host):
     # no cost model here: LEGEND trains A and B in either configuration, so its labelled 'capped' ablation stands in
     options = method_options(name, {"configuration": "capped"} if name == "legend" else {})
@@ -293,9 +311,9 @@ def test_client_trainable_factors_per_method(name, tiny_host):
                            clients=[ClientSpec(0, 4, 10), ClientSpec(1, 2, 10)], seed=0)
     method.init_server_state()
     spec = method.local_job(method.instruct(0, 1))
-    assert spec.trainable == EXPECTED_TRAINABLE[name] == method.trained_factors
+    assert spec.trainable == method.trained_factors  # what the class declares (and budgets count) is what the job trains
     tiny_host.install(spec.adapter, trainable=spec.trainable, scaling=spec.scaling)
     suffix = {name: f".{factor.peft_attribute}." for name, factor in FACTORS.items()}  # where PEFT keeps each factor
     with_grad = {k for k, s in suffix.items() for n, p in tiny_host.model.named_parameters() if s in n and p.requires_grad}
-    assert with_grad == EXPECTED_TRAINABLE[name]
+    assert with_grad == method.trained_factors  # ... and what PEFT really trains
     tiny_host.clear()

@@ -185,7 +185,7 @@ def test_rank_partitioned_is_refused_where_one_weight_per_client_is_needed():
     method = make_on_one_number("aflora", [1, 2, 3], column_weights="rank_partitioned")
     with pytest.raises(ValueError, match="SecAgg"):
         method.secure_weights([0, 1, 2])
-    method.uniform_weights = True  # client-level DP
+    method.use_uniform_weights()  # client-level DP
     uploads = [Upload(cid, SIZES[cid], {"B/m": torch.tensor(v)[None, :], "next_mask/m": method.masks[cid]["m"].clone()}, {"m": len(v)})
                for cid, v in enumerate(VALUES)]
     with pytest.raises(ValueError, match="DP"):

@@ -59,7 +59,7 @@ def test_clients_clip_and_the_server_adds_noise_of_scale_sigma_c_over_m(dp_round
 
 def test_uniform_weights_replace_rank_aware_ones_under_dp(dp_round):
     _, server, uploads = dp_round
-    server.method.uniform_weights = True
+    assert server.method.uniform_weights  # set by the server runtime from privacy.clip_norm
     server.complete_round(1, server.accept(1, uploads, []))
     name = next(iter(server.method.module_shapes))
     # the noise-free part of B_global is the plain mean of the padded uploads

@@ -129,7 +129,11 @@ class AFLoRA(FederatedMethod):
     options_class = AFLoRAOptions
     trained_factors = frozenset({"B", "lam"})
     uploaded_factors = frozenset({"B"})
+    exact_aggregation = True  # A is shared: Σ_k p_k pad(B'_k) · A = Σ_k p_k B'_k A_k (Eq. 13)
     supports_dp = True  # B' is a client's whole contribution (adapters restart every round); B_global a weighted sum
+    # SecAgg+ shows the server only Σ_k p_k·pad(B'_k): the weights are fixed before clients mask, and
+    # each client multiplies its own padded B' by them (secure_weights, secure_summands, aggregate_secure).
+    supports_secure_aggregation = True
 
     @classmethod
     def needs_public_data(cls, options: AFLoRAOptions) -> bool:
@@ -212,10 +216,6 @@ class AFLoRA(FederatedMethod):
             }
 
     # ------------------------------------------------------- secure aggregation (aflora.secure_aggregation)
-    # SecAgg+ shows the server only Σ_k p_k·pad(B'_k): the weights are fixed before clients mask, and
-    # each client multiplies its own padded B' by them.
-    supports_secure_aggregation = True
-
     def secure_weights(self, client_ids: list[int]) -> dict[int, dict[str, float]]:
         """Every asked client's p_k per module, from the server's masks (r_k) and ClientSpecs (|D_k|): the
         weights plain aggregation would compute if all of them reply."""

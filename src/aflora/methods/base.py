@@ -114,12 +114,16 @@ class FederatedMethod(ABC):
     # True: the method turns device budgets into its own per-client configuration (LEGEND's depth and
     # ranks) instead of the generic largest-rank-that-fits (aflora.budgets).
     configures_from_budgets: ClassVar[bool] = False
+    # Whether the aggregate equals Σ_k p_k B_k A_k (up to float rounding): True (exact), False (an approximation,
+    # e.g. FedIT's product of averages), None (no single global product, e.g. FedSA-LoRA's personal B). Every
+    # method declares it; tests check it against the measured `aggregation_error`.
+    exact_aggregation: ClassVar[bool | None]
     # True: client-level DP applies (aflora.privacy): uploads are the client's whole update, the aggregate is
-    # a weighted sum that can take uniform weights (`uniform_weights`) and Gaussian noise (`add_aggregate_noise`).
+    # a weighted sum that can take uniform weights (`use_uniform_weights`) and Gaussian noise (`add_aggregate_noise`).
     supports_dp: ClassVar[bool] = False
-    # SecAgg+ (aflora.secure_aggregation): needs secure_weights, secure_summands and aggregate_secure.
+    # True: SecAgg+ applies (aflora.secure_aggregation): the method implements secure_weights, secure_summands
+    # and aggregate_secure (a test checks the flag and the hooks agree).
     supports_secure_aggregation: ClassVar[bool] = False
-    uniform_weights: bool = False
 
     def __init__(
         self,
@@ -137,6 +141,21 @@ class FederatedMethod(ABC):
         self.seed = seed
         self.footprint = footprint  # the model's size facts, for methods with a cost model (None in math tests)
         self.workload = workload
+        self._uniform_weights = False
+
+    def use_uniform_weights(self) -> None:
+        """Client-level DP (aflora.privacy): aggregate with weights 1/m over the m accepted clients from now on.
+
+        Data-dependent weights (|D_k|, log(1+r_k)) would leak through the weights and break the sensitivity bound."""
+        if not self.supports_dp:
+            raise NotImplementedError(f"{self.name} does not support client-level DP (supports_dp is False); "
+                                      "run it without privacy.clip_norm")
+        self._uniform_weights = True
+
+    @property
+    def uniform_weights(self) -> bool:
+        """Whether `use_uniform_weights` was called (the server runs with client-level DP)."""
+        return self._uniform_weights
 
     @classmethod
     def needs_public_data(cls, options: Any) -> bool:
@@ -156,7 +175,26 @@ class FederatedMethod(ABC):
 
     def add_aggregate_noise(self, std: float, generator: torch.Generator) -> None:
         """DP: add N(0, std²) to every entry of what `aggregate` just produced (methods with supports_dp)."""
-        raise NotImplementedError(f"{self.name} does not support client-level DP")
+        raise NotImplementedError(f"{self.name} does not support client-level DP (supports_dp is False); "
+                                  "run it without privacy.clip_norm")
+
+    # ---- SecAgg+ (aflora.secure_aggregation; methods with supports_secure_aggregation implement all three)
+    def secure_weights(self, client_ids: list[int]) -> dict[int, dict[str, float]]:
+        """Server, before training: each asked client's weight p_k per module, sent to it in the clear."""
+        raise self._no_secure_aggregation("secure_weights")
+
+    def secure_summands(self, instruction: Instruction, upload: Upload, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """Client, after training: its weighted contribution per module, equal-shaped across clients (SecAgg+ sums them)."""
+        raise self._no_secure_aggregation("secure_summands")
+
+    def aggregate_secure(self, sums: Mapping[str, torch.Tensor], uploads: list[Upload],
+                         weights: Mapping[int, Mapping[str, float]], round: int) -> None:
+        """Server: `aggregate`'s work from SecAgg+'s sum of the summands and the uploads' clear parts."""
+        raise self._no_secure_aggregation("aggregate_secure")
+
+    def _no_secure_aggregation(self, hook: str) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__name__}.{hook} is not implemented: {self.name} does not support SecAgg+ "
+                                   "(supports_secure_aggregation is False); run it with secagg.enabled = false")
 
     def server_update(self, trainer: ServerTrainer | None) -> None:  # noqa: B027 - an optional hook, not abstract
         """Work the server does after aggregating (default: none)."""

@@ -72,6 +72,7 @@ class FedSB(SharedLoRA):
     options_class = FedSBOptions
     trained_factors = frozenset({"R"})
     uploaded_factors = frozenset({"R"})
+    exact_aggregation = True  # B and A are shared and frozen: B (Σ p_k R_k) A = Σ p_k B R_k A
 
     @cached_property
     def frozen_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -44,6 +44,7 @@ class FedExLoRAOptions(SharedLoRAOptions):
 class FedExLoRA(FedIT):
     name = "fedex_lora"
     options_class = FedExLoRAOptions
+    exact_aggregation = True  # B̄Ā plus the residual merged into the base is Σ p_k B_k A_k
 
     def init_server_state(self) -> None:
         super().init_server_state()

@@ -34,6 +34,7 @@ class FlexLoRA(FederatedMethod):
     options_class = LoRAScaling  # its defaults are FlexLoRA's: lora_alpha 16, 'fixed'
     trained_factors = frozenset({"A", "B"})
     uploaded_factors = frozenset({"A", "B"})
+    exact_aggregation = True  # the dense average is exact; the SVD redistribution's loss is truncation_loss
 
     def init_server_state(self) -> None:
         self._svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}

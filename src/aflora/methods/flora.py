@@ -34,6 +34,7 @@ class FLoRA(FederatedMethod):
     options_class = FLoRAOptions
     trained_factors = frozenset({"A", "B"})
     uploaded_factors = frozenset({"A", "B"})
+    exact_aggregation = True  # stacking: [B_1 … B_K]·[p_1 A_1; …; p_K A_K] = Σ_k p_k B_k A_k
 
     def init_server_state(self) -> None:
         self._update: Adapter | None = None

@@ -80,6 +80,7 @@ def truncate_by_energy(stacked: ModuleFactors, threshold: float) -> tuple[Module
 class FLoRIST(FLoRA):
     name = "florist"
     options_class = FLoRISTOptions
+    exact_aggregation = True  # the stack is exact (measured); its truncation is reported apart (truncation_loss)
 
     def init_server_state(self) -> None:
         super().init_server_state()

@@ -88,6 +88,7 @@ class HetLoRA(FederatedMethod):
     options_class = HetLoRAOptions
     trained_factors = frozenset({"A", "B"})
     uploaded_factors = frozenset({"A", "B"})
+    exact_aggregation = False  # zero-padded averages of A and B separately: not Σ p_k B_k A_k
 
     def init_server_state(self) -> None:
         self.r_max = max(c.max_rank for c in self.clients.values())

@@ -304,6 +304,7 @@ class LEGEND(FederatedMethod):
     uploaded_factors = LORA_FACTORS
     heterogeneous = True
     configures_from_budgets = True  # depth and per-layer ranks come from the budgets (configure_devices)
+    exact_aggregation = False  # per-slice averages of A and B separately: not Σ p_k B_k A_k
 
     def __init__(self, options: LEGENDOptions, **kwargs) -> None:
         super().__init__(options, **kwargs)

@@ -128,12 +128,14 @@ class FedIT(SharedLoRA):
     name = "fedit"
     trained_factors = frozenset({"A", "B"})
     uploaded_factors = frozenset({"A", "B"})
+    exact_aggregation = False  # the product of averages is not the average of products (Eq. 5)
 
 
 class FFALoRA(SharedLoRA):
     name = "ffa_lora"
     trained_factors = frozenset({"B"})
     uploaded_factors = frozenset({"B"})
+    exact_aggregation = True  # A is shared and frozen: (Σ p_k B_k)·A = Σ p_k B_k A
 
 
 class FedSALoRA(SharedLoRA):
@@ -141,3 +143,4 @@ class FedSALoRA(SharedLoRA):
     trained_factors = frozenset({"A", "B"})
     uploaded_factors = frozenset({"A"})
     kept_factors = frozenset({"B"})
+    exact_aggregation = None  # B stays personal: no single global product

@@ -44,7 +44,7 @@ class ServerRuntime:
         privacy = config.privacy
         self.privacy: PrivacyLedger | None = None
         if privacy.clip_norm:
-            self.method.uniform_weights = True
+            self.method.use_uniform_weights()
             self.privacy = PrivacyLedger(noise_multiplier=privacy.noise_multiplier, delta=privacy.delta,
                                          population=config.federation.num_clients, sampled=config.federation.sample_fraction < 1)
         # SecAgg+ (aflora.secure_aggregation): clients fold in the weights sent with their instructions
