@@ -65,7 +65,7 @@ def main() -> None:
         method = side.method
         method.options.lambda_optimizer = optimizer
         method.init_server_state()
-        spec = method.local_job(method.instruct(args.client, round=1))
+        spec = method.local_job(method.instruct(args.client, round_=1))
         trained = side.train(spec, train, steps=config.train.local_steps, batch_size=config.train.batch_size,
                              optim=OptimConfig(lr=config.train.lr, weight_decay=config.train.weight_decay,
                                                max_grad_norm=config.train.max_grad_norm),

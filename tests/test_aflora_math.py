@@ -44,7 +44,7 @@ def test_zero_padded_aggregate_equals_ideal_aggregation():
     method.masks[3] = {n: torch.tensor([False, True, False, True]) for n in SHAPES}
     A_before = {n: a.clone() for n, a in method.A_global.items()}
     runs = [random_training(method, cid, 1, generator) for cid in range(len(ranks))]
-    method.aggregate([upload for _, _, upload in runs], round=1)
+    method.aggregate([upload for _, _, upload in runs], round_=1)
 
     for name in SHAPES:
         kept_ranks = [trained[name].rank for _, trained, _ in runs]
@@ -63,7 +63,7 @@ def test_zero_padded_aggregate_equals_ideal_aggregation():
 def test_client_rows_of_A_are_the_kept_prefix_rows():
     method = make_method([8, 4], [10, 10])
     method.masks[1] = {n: torch.tensor([True, False, False, True]) for n in SHAPES}
-    instruction = method.instruct(1, round=1)
+    instruction = method.instruct(1, round_=1)
     for name in SHAPES:
         expected = method.A_global[name][[0, 3]]
         assert torch.equal(instruction.tensors[tensor_key("A", name)], expected)
@@ -81,7 +81,7 @@ def test_data_only_weights_when_rank_awareness_is_off():
     method = make_method([8, 2], [30, 10], rank_aware_weights=False)
     runs = [random_training(method, cid, 1, generator) for cid in range(2)]
     A = {n: a.clone() for n, a in method.A_global.items()}
-    method.aggregate([u for _, _, u in runs], round=1)
+    method.aggregate([u for _, _, u in runs], round_=1)
     name = "layer.0.v"
     ideal = sum(w * (t[name].B @ torch.diag(t[name].lam) @ i.tensors[tensor_key("A", name)]) for w, (i, t, _) in zip([0.75, 0.25], runs))
     torch.testing.assert_close(method.B_global[name] @ A[name], ideal, rtol=1e-5, atol=1e-5)
@@ -101,7 +101,7 @@ def test_global_A_rows_have_norm_C_before_and_after_a_round():
     for A in method.A_global.values():
         torch.testing.assert_close(A.norm(dim=1), torch.full((A.shape[0],), 2.5))
     runs = [random_training(method, cid, 1, generator) for cid in range(2)]
-    method.aggregate([u for _, _, u in runs], round=1)
+    method.aggregate([u for _, _, u in runs], round_=1)
 
     def trainer(spec):  # a stand-in for public-data tuning: any change to A
         return {n: ModuleFactors(A=f.A * 3.0 + 1.0, B=f.B) for n, f in spec.adapter.items()}
@@ -116,7 +116,7 @@ def test_alpha_fusion_and_the_merged_update_use_B_global():
     generator = torch.Generator().manual_seed(5)
     method = make_method([4, 4], [5, 5], alpha=0.25)
     runs = [random_training(method, cid, 1, generator) for cid in range(2)]
-    method.aggregate([u for _, _, u in runs], round=1)
+    method.aggregate([u for _, _, u in runs], round_=1)
     A = {n: a.clone() for n, a in method.A_global.items()}
     A_ft = {n: torch.randn(a.shape, generator=generator) for n, a in A.items()}
     seen_trainable = []
@@ -137,7 +137,7 @@ def test_alpha_fusion_and_the_merged_update_use_B_global():
 def test_without_server_tuning_the_trainer_is_not_called():
     method = make_method([2, 2], [5, 5], server_tuning=False)
     generator = torch.Generator().manual_seed(6)
-    method.aggregate([random_training(method, cid, 1, generator)[2] for cid in range(2)], round=1)
+    method.aggregate([random_training(method, cid, 1, generator)[2] for cid in range(2)], round_=1)
     A = {n: a.clone() for n, a in method.A_global.items()}
     method.server_update(lambda spec: pytest.fail("server tuning is off"))
     for name in SHAPES:
@@ -179,7 +179,7 @@ def test_masks_only_shrink_over_rounds_and_uploads_have_kept_columns():
                 kept = int(instruction.tensors[tensor_key("mask", name)].sum())
                 assert upload.tensors[tensor_key("B", name)].shape == (m, kept)
                 assert upload.ranks[name] == kept
-        method.aggregate([u for _, _, u in runs], round=round_)
+        method.aggregate([u for _, _, u in runs], round_=round_)
         for cid, masks in method.masks.items():
             for name, mask in masks.items():
                 assert not (mask & ~previous[cid][name]).any(), "a pruned dimension came back"
@@ -192,7 +192,7 @@ def test_without_ddr_ranks_stay_fixed():
     generator = torch.Generator().manual_seed(8)
     method = make_method([8, 4], [10, 10], ddr=False)
     for round_ in (1, 2):
-        method.aggregate([random_training(method, cid, round_, generator)[2] for cid in range(2)], round=round_)
+        method.aggregate([random_training(method, cid, round_, generator)[2] for cid in range(2)], round_=round_)
     assert {cid: set(r.values()) for cid, r in method.client_ranks().items()} == {0: {8}, 1: {4}}
 
 

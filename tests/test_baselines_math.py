@@ -55,7 +55,7 @@ def test_fedit_averages_A_and_B_separately_and_is_inexact():
     method = make("fedit", [8, 4, 4], sizes)
     assert method.rank == 4  # the smallest budget, so every client can run it
     runs = [trained_randomly(method, cid, 1, g) for cid in range(3)]
-    method.aggregate([r[3] for r in runs], round=1)
+    method.aggregate([r[3] for r in runs], round_=1)
     p = fedavg_weights(sizes)
     for name in SHAPES:
         mean_A = sum(w * r[2][name].A for w, r in zip(p, runs))
@@ -80,7 +80,7 @@ def test_ffa_lora_keeps_A_frozen_and_is_exact():
     for round_ in (1, 2):
         runs = [trained_randomly(method, cid, round_, g) for cid in range(2)]
         assert all(set(r[3].tensors) == {tensor_key("B", n) for n in SHAPES} for r in runs)  # only B travels up
-        method.aggregate([r[3] for r in runs], round=round_)
+        method.aggregate([r[3] for r in runs], round_=round_)
     p = fedavg_weights(sizes)
     for name in SHAPES:
         assert torch.equal(method.global_adapter()[name].A, A0[name])
@@ -105,7 +105,7 @@ def test_fedsa_lora_shares_A_and_keeps_B_personal():
         assert torch.equal(again.adapter[name].B, trained[name].B)
 
     runs = [(instruction, spec, trained, upload)] + [trained_randomly(method, cid, 1, g) for cid in (1, 2)]
-    method.aggregate([r[3] for r in runs], round=1)
+    method.aggregate([r[3] for r in runs], round_=1)
     p = fedavg_weights(sizes)
     for name in SHAPES:
         torch.testing.assert_close(method.global_adapter()[name].A, sum(w * r[2][name].A for w, r in zip(p, runs)))
@@ -126,7 +126,7 @@ def test_flora_stacking_is_exact_and_merged_each_round():
     runs = [trained_randomly(method, cid, 1, g) for cid in range(3)]
     for (_, spec, _, _), r in zip(runs, ranks):  # fresh LoRA of the client's own rank: B = 0
         assert all(f.rank == r and torch.count_nonzero(f.B) == 0 for f in spec.adapter.values())
-    method.aggregate([r[3] for r in runs], round=1)
+    method.aggregate([r[3] for r in runs], round_=1)
     update = method.round_merge()
     p = fedavg_weights(sizes)
     for name in SHAPES:
@@ -140,7 +140,7 @@ def test_flora_homogeneous_ranks_keep_every_client():
     g = torch.Generator().manual_seed(4)
     method = make("flora", [4, 4, 4], [1, 1, 1])
     runs = [trained_randomly(method, cid, 1, g) for cid in range(3)]
-    method.aggregate([r[3] for r in runs], round=1)
+    method.aggregate([r[3] for r in runs], round_=1)
     for name in SHAPES:
         torch.testing.assert_close(method.round_merge()[name].delta().double(), ideal([1 / 3] * 3, [r[2] for r in runs], name),
                                    rtol=1e-6, atol=1e-6)
@@ -152,7 +152,7 @@ def test_flexlora_averages_products_exactly_and_truncation_loss_equals_discarded
     sizes, ranks = [10, 30], [6, 2]
     method = make("flexlora", ranks, sizes)
     runs = [trained_randomly(method, cid, 1, g) for cid in range(2)]
-    method.aggregate([r[3] for r in runs], round=1)
+    method.aggregate([r[3] for r in runs], round_=1)
     p = fedavg_weights(sizes)
     for name in SHAPES:
         delta = ideal(p, [r[2] for r in runs], name)
@@ -190,7 +190,7 @@ def test_hetlora_zero_padded_sparsity_weighted_aggregation():
     runs = [trained_randomly(method, cid, 1, g) for cid in range(3)]
     for (instruction, _, _, _), r in zip(runs, ranks):
         assert instruction.tensors[tensor_key("A", "blk.0.q")].shape == (r, 10)  # truncation to the client's rank
-    method.aggregate([r[3] for r in runs], round=1)
+    method.aggregate([r[3] for r in runs], round_=1)
     for name, (m, n) in SHAPES.items():
         norms = [float(torch.linalg.norm(r[2][name].B @ r[2][name].A)) for r in runs]
         weights = [x / sum(norms) for x in norms]
@@ -237,7 +237,7 @@ def test_hetlora_prunes_when_the_tail_shrank():
     grown = {n: ModuleFactors(A=instruction.tensors[tensor_key("A", n)] * 2.0, B=instruction.tensors[tensor_key("B", n)]) for n in SHAPES}
     assert int(method.upload(instruction, shrunk, 1).tensors["next_rank"]) == 6
     assert int(method.upload(instruction, grown, 1).tensors["next_rank"]) == 10
-    method.aggregate([method.upload(instruction, shrunk, 1), method.upload(method.instruct(1, 2), grown, 1)], round=2)
+    method.aggregate([method.upload(instruction, shrunk, 1), method.upload(method.instruct(1, 2), grown, 1)], round_=2)
     assert method.ranks == {0: 6, 1: 10}
     assert isinstance(method, HetLoRA)
 

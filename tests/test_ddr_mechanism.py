@@ -37,7 +37,7 @@ def one_round_of_ddr(options: AFLoRAOptions, seed: int) -> torch.Tensor:
     """The client's next mask after one round on the planted task, at the default train settings."""
     method = AFLoRA(options, module_shapes={"w": (OUT, IN)}, clients=[ClientSpec(0, RANK, 100)], seed=seed)
     method.init_server_state()
-    instruction = method.instruct(0, round=1)
+    instruction = method.instruct(0, round_=1)
     spec = method.local_job(instruction)
     factors = spec.adapter["w"]
     g = torch.Generator().manual_seed(1000 + seed)

@@ -53,7 +53,7 @@ def test_averaged_R_reproduces_the_weighted_sum_of_client_products_over_two_roun
     p = fedavg_weights(sizes)
     for round_ in (1, 2):
         runs = [trained_R(method, cid, round_, g) for cid in range(3)]
-        method.aggregate([upload for _, upload in runs], round=round_)
+        method.aggregate([upload for _, upload in runs], round_=round_)
         for name in SHAPES:
             dense = sum(w * (t[name].B.double() @ t[name].R.double() @ t[name].A.double()) for w, (t, _) in zip(p, runs))
             torch.testing.assert_close(method.global_adapter()[name].delta().double(), dense, rtol=1e-5, atol=1e-6)
@@ -148,7 +148,7 @@ def test_global_BRA_exports_as_plain_lora_that_stock_peft_loads(tmp_path, token_
     host = AdapterHost(model, ["q_proj", "v_proj"])
     method = fed_sb_for(host, [3])
     g = torch.Generator().manual_seed(3)
-    method.aggregate([trained_R(method, 0, 1, g)[1]], round=1)
+    method.aggregate([trained_R(method, 0, 1, g)[1]], round_=1)
     global_adapter = method.global_adapter()
     host.install(global_adapter)
     expected = model(token_batch).logits
@@ -163,11 +163,11 @@ def test_global_BRA_exports_as_plain_lora_that_stock_peft_loads(tmp_path, token_
 def test_checkpoint_state_round_trips_through_torch_save():
     g = torch.Generator().manual_seed(4)
     method = make("fed_sb", [4, 4], [3, 5])
-    method.aggregate([trained_R(method, cid, 1, g)[1] for cid in (0, 1)], round=1)
+    method.aggregate([trained_R(method, cid, 1, g)[1] for cid in (0, 1)], round_=1)
     restored = resumed(method)
     uploads = [trained_R(method, cid, 2, g)[1] for cid in (0, 1)]
     for m in (method, restored):
-        m.aggregate(uploads, round=2)
+        m.aggregate(uploads, round_=2)
     for name in SHAPES:
         for key in ("A", "B", "R"):
             assert torch.equal(getattr(restored.global_adapter()[name], key), getattr(method.global_adapter()[name], key))

@@ -291,7 +291,7 @@ def test_global_rank_is_the_largest_any_device_has_and_clients_get_prefix_slices
     g = torch.Generator().manual_seed(0)
     for name, f in method.global_factors.items():
         method.global_factors[name] = ModuleFactors(A=torch.randn(f.A.shape, generator=g), B=torch.randn(f.B.shape, generator=g))
-    instruction = method.instruct(0, round=1)
+    instruction = method.instruct(0, round_=1)
     assert sorted(instruction.tensors) == sorted(tensor_key(k, n) for k in "AB" for n in method.client_ranks()[0])
     spec = method.local_job(instruction)
     for name, factors in spec.adapter.items():
@@ -306,7 +306,7 @@ def test_global_rank_is_the_largest_any_device_has_and_clients_get_prefix_slices
 ])
 def test_each_device_trains_with_the_scaling_of_its_rank(options, expected):
     method = small_method(**options)  # top-layer ranks: client 0 → 4, client 1 → 2, client 2 → 8
-    assert {cid: method.local_job(method.instruct(cid, round=1)).scaling for cid in (0, 1, 2)} == expected
+    assert {cid: method.local_job(method.instruct(cid, round_=1)).scaling for cid in (0, 1, 2)} == expected
 
 
 def test_slice_wise_weighted_means_over_holders_and_untrained_parts_keep_their_value():
@@ -317,12 +317,12 @@ def test_slice_wise_weighted_means_over_holders_and_untrained_parts_keep_their_v
     before = {n: f.detach_clone() for n, f in method.global_factors.items()}
     uploads, trained_by = [], {}
     for cid in (1, 0):  # client 2 (the only one with block 0 and slices 4..7 of block 2) sits this round out
-        instruction = method.instruct(cid, round=1)
+        instruction = method.instruct(cid, round_=1)
         trained = {n: ModuleFactors(A=torch.randn(f.A.shape, generator=g), B=torch.randn(f.B.shape, generator=g))
                    for n, f in method.local_job(instruction).adapter.items()}
         trained_by[cid] = trained
         uploads.append(method.upload(instruction, trained, method.clients[cid].num_examples))
-    method.aggregate(uploads, round=1)
+    method.aggregate(uploads, round_=1)
 
     ideal_sq = error_sq = 0.0
     for name, old in before.items():
@@ -360,7 +360,7 @@ def test_job_trains_only_the_top_blocks_and_backprop_stops_above_the_rest(tiny_l
     g = torch.Generator().manual_seed(0)
     for name, f in method.global_factors.items():  # non-zero B so that A gets a gradient too
         method.global_factors[name] = ModuleFactors(A=f.A, B=torch.randn(f.B.shape, generator=g) * 0.1)
-    spec = method.local_job(method.instruct(0, round=1))
+    spec = method.local_job(method.instruct(0, round_=1))
     assert sorted(spec.adapter) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
 
     tiny_host.install(spec.adapter, trainable=spec.trainable, scaling=spec.scaling)

@@ -19,7 +19,7 @@ from aflora.methods.base import ClientSpec, Upload, tensor_key
 
 def run_round(method, round_, generator):
     runs = [trained_randomly(method, cid, round_, generator) for cid in sorted(method.clients)]
-    method.aggregate([r[3] for r in runs], round=round_)
+    method.aggregate([r[3] for r in runs], round_=round_)
     return runs
 
 
@@ -151,7 +151,7 @@ def test_hetlora_rank_partitioned_slices_are_means_over_their_holders():
     method = make_on_one_number("hetlora", [1, 2, 3], column_weights="rank_partitioned")
     uploads = [Upload(cid, SIZES[cid], {"A/m": torch.tensor(v)[:, None], "B/m": torch.tensor(v)[None, :],
                                         "next_rank": torch.tensor(len(v))}, {"m": len(v)}) for cid, v in enumerate(VALUES)]
-    method.aggregate(uploads, round=1)
+    method.aggregate(uploads, round_=1)
     torch.testing.assert_close(method.global_factors["m"].B, torch.tensor([RANK_PARTITIONED]))
     torch.testing.assert_close(method.global_factors["m"].A, torch.tensor(RANK_PARTITIONED)[:, None])
     # Its own product Σ_k B_k diag(q_k) A_k = Σ_j Σ_k q_kj b_kj a_kj, against B_g A_g = Σ_j (Σ_k q_kj b_kj)²
@@ -165,7 +165,7 @@ def test_aflora_rank_partitioned_columns_follow_the_masks():
     kept = [[1.0], [2.0, 4.0], [3.0, 9.0]]
     uploads = [Upload(cid, SIZES[cid], {"B/m": torch.tensor(v)[None, :], "next_mask/m": method.masks[cid]["m"].clone()}, {"m": len(v)})
                for cid, v in enumerate(kept)]
-    method.aggregate(uploads, round=1)
+    method.aggregate(uploads, round_=1)
     torch.testing.assert_close(method.B_global["m"], torch.tensor([[0.1 * 1 + 0.3 * 2 + 0.6 * 3, 4.0, 9.0]]))
     assert method.aggregation_error() < 1e-6  # A is shared, so per-column weights keep the aggregate exact
 
@@ -177,7 +177,7 @@ def test_aflora_default_weights_are_unchanged_eq_12():
     raw = [math.log(2) * 10, math.log(3) * 30, math.log(4) * 60]  # log(1 + r_k)·|D_k|
     p = torch.tensor([x / sum(raw) for x in raw], dtype=torch.float64)
     expected = weighted_sum([pad_columns(u.tensors["B/m"], method.masks[u.client_id]["m"], 3) for u in uploads], p)
-    method.aggregate(uploads, round=1)
+    method.aggregate(uploads, round_=1)
     assert torch.equal(method.B_global["m"], expected)  # bit for bit: the option leaves the default path as it was
 
 
@@ -189,6 +189,6 @@ def test_rank_partitioned_is_refused_where_one_weight_per_client_is_needed():
     uploads = [Upload(cid, SIZES[cid], {"B/m": torch.tensor(v)[None, :], "next_mask/m": method.masks[cid]["m"].clone()}, {"m": len(v)})
                for cid, v in enumerate(VALUES)]
     with pytest.raises(ValueError, match="DP"):
-        method.aggregate(uploads, round=1)
+        method.aggregate(uploads, round_=1)
     with pytest.raises(ValueError, match="hetlora.column_weights must be one of"):
         make_on_one_number("hetlora", [1], column_weights="per_rank")

@@ -31,7 +31,7 @@ def test_client_trains_only_B_and_lambda_against_frozen_A(tiny_llama, tiny_host)
     _, tokenizer = tiny_llama
     encoder, examples = encoded(tokenizer)
     method = aflora_for(tiny_host)
-    instruction = method.instruct(1, round=1)
+    instruction = method.instruct(1, round_=1)
     spec = method.local_job(instruction)
     assert spec.trainable == frozenset({"B", "lam"})
 
@@ -85,7 +85,7 @@ def test_our_initialization_starts_at_zero_update_with_a_gradient_on_lambda(tiny
     model, tokenizer = tiny_llama
     base = model(token_batch).logits
     method = aflora_for(tiny_host)
-    spec = method.local_job(method.instruct(0, round=1))
+    spec = method.local_job(method.instruct(0, round_=1))
     tiny_host.install(spec.adapter)
     torch.testing.assert_close(model(token_batch).logits, base)  # Λ = 0: ΔW = 0, the merged model is unchanged
     tiny_host.clear()
@@ -98,14 +98,14 @@ def test_zero_B_and_zero_lambda_would_never_learn(tiny_llama, tiny_host):
     """The paper's literal 'initialize B and Λ with zeros' is a saddle: every gradient is zero."""
     _, tokenizer = tiny_llama
     method = aflora_for(tiny_host)
-    spec = method.local_job(method.instruct(0, round=1))
+    spec = method.local_job(method.instruct(0, round_=1))
     zeroed = {n: ModuleFactors(A=f.A, B=torch.zeros_like(f.B), lam=torch.zeros_like(f.lam)) for n, f in spec.adapter.items()}
     assert gradients_at_init(tiny_host, tokenizer, zeroed) == {"B": 0.0, "lam": 0.0}
 
 
 def test_B_columns_start_at_unit_norm_and_the_penalty_matches_eq10(tiny_host):
     method = aflora_for(tiny_host)
-    spec = method.local_job(method.instruct(0, round=1))
+    spec = method.local_job(method.instruct(0, round_=1))
     for factors in spec.adapter.values():
         torch.testing.assert_close(factors.B.norm(dim=0), torch.ones(factors.rank))
     params = {n: {"B": torch.nn.Parameter(f.B * 2.0)} for n, f in spec.adapter.items()}  # every ‖b_j‖² = 4

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .methods.base import FederatedMethod, Instruction, Upload, tensor_key, validate_upload
+from .lora.factors import split_key, tensor_key
+from .methods.base import FederatedMethod, Instruction, Upload, validate_upload
 
 WEIGHT = "secagg_weight"  # instruction tensors "secagg_weight/<module>": the client's p_k for that module
 # SecAgg+ uploads every summand entry masked, as an int64 modulo 2^32 (Flower's pseudo_rand_gen draws int64
@@ -62,7 +63,7 @@ def summand_order(method: FederatedMethod) -> list[str]:
 
 def is_summed(method: FederatedMethod, key: str) -> bool:
     """Whether an upload tensor reaches the server only inside the sum (AFLoRA: B'), not in the clear."""
-    return key.split("/", 1)[0] in method.uploaded_factors
+    return split_key(key)[0] in method.uploaded_factors
 
 
 def clear_part(method: FederatedMethod, upload: Upload) -> Upload:

@@ -13,10 +13,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..base_sync import BaseSync
-from ..lora.factors import Adapter, ModuleFactors
+from ..lora.factors import Adapter, adapter_from_tensors, adapter_tensors
 from ..methods import Instruction, Upload
-
-FACTORS = ("A", "B", "lam")
 
 
 def tensors_to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -29,22 +27,16 @@ def arrays_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 def merges_to_arrays(merges: dict[int, Adapter]) -> ArrayRecord:
     """Base-model merges keyed 'round/factor/module' (AFLoRA's B_global·A', FLoRA's stacked update)."""
-    flat = {}
-    for round_, adapter in merges.items():
-        for module, factors in adapter.items():
-            for name in FACTORS:
-                tensor = getattr(factors, name)
-                if tensor is not None:
-                    flat[f"{round_}/{name}/{module}"] = tensor
-    return tensors_to_arrays(flat)
+    return tensors_to_arrays({f"{round_}/{key}": tensor for round_, adapter in merges.items()
+                              for key, tensor in adapter_tensors(adapter).items()})
 
 
 def arrays_to_merges(record: ArrayRecord) -> dict[int, Adapter]:
-    parts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    by_round: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in arrays_to_tensors(record).items():
-        round_, name, module = key.split("/", 2)
-        parts.setdefault(int(round_), {}).setdefault(module, {})[name] = tensor
-    return {r: {m: ModuleFactors(**f) for m, f in modules.items()} for r, modules in parts.items()}
+        round_, factor_key = key.split("/", 1)
+        by_round.setdefault(int(round_), {})[factor_key] = tensor
+    return {round_: adapter_from_tensors(tensors) for round_, tensors in by_round.items()}
 
 
 def instruction_content(instruction: Instruction, sync: BaseSync, experiment: dict[str, Any]) -> RecordDict:

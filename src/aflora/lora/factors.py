@@ -12,7 +12,7 @@ where a PEFT LoRA layer keeps it. Shapes, budgets, trainability and the host all
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ import torch
 class Factor:
     """One kind of low-rank factor."""
 
-    name: str  # ModuleFactors' attribute; message keys are "<name>/<module>"
+    name: str  # ModuleFactors' attribute; message keys are "<name>/<module>" (tensor_key)
     shape: Callable[[int, int, int], tuple[int, ...]]  # (out_features m, in_features n, rank r) -> tensor shape
     peft_attribute: str  # the per-adapter dict on a PEFT LoRA layer that holds it (lora_A/lora_B: Linear modules)
     # Cores only: B with the core folded in, so that ΔW = fold_into_B(B, core) · A.
@@ -143,11 +143,26 @@ def fresh_lora(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.G
     return adapter
 
 
+def tensor_key(kind: str, module: str) -> str:
+    """Flat key for a module's tensor in a message ("B/model.layers.0.self_attn.q_proj"): a factor's name, or another
+    per-module kind ("mask", "next_mask", "secagg_weight")."""
+    return f"{kind}/{module}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(kind, module) of a message key: the inverse of `tensor_key`."""
+    kind, _, module = key.partition("/")
+    return kind, module
+
+
 def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     """Flat message form: "<factor>/<module>" for every factor present ("A/…", "B/…", and a core "lam/…" or "R/…")."""
-    return {f"{factor}/{name}": tensor for name, factors in adapter.items() for factor, tensor in factors.tensors().items()}
+    return {tensor_key(factor, name): tensor for name, factors in adapter.items() for factor, tensor in factors.tensors().items()}
 
 
-def adapter_from_tensors(tensors: dict[str, torch.Tensor]) -> Adapter:
-    names = sorted(key.split("/", 1)[1] for key in tensors if key.startswith("A/"))
-    return {name: ModuleFactors(**{f: tensors[f"{f}/{name}"] for f in FACTOR_NAMES if f"{f}/{name}" in tensors}) for name in names}
+def adapter_from_tensors(tensors: Mapping[str, torch.Tensor]) -> Adapter:
+    """The adapter of every module with an "A/<module>" key, with whichever factors the message holds for it
+    (other keys, e.g. AFLoRA's masks, are ignored)."""
+    names = sorted(module for kind, module in map(split_key, tensors) if kind == "A")
+    return {name: ModuleFactors(**{f: tensors[tensor_key(f, name)] for f in FACTOR_NAMES if tensor_key(f, name) in tensors})
+            for name in names}

@@ -139,11 +139,6 @@ class AFLoRA(FederatedMethod):
     def needs_public_data(cls, options: AFLoRAOptions) -> bool:
         return options.server_tuning
 
-    @property
-    def r_max(self) -> int:
-        """The largest initial rank: the width of the global A and of every padded B' (server and clients)."""
-        return max(c.max_rank for c in self.clients.values())
-
     # ------------------------------------------------------------------ server
     def init_server_state(self) -> None:
         generator = torch.Generator().manual_seed(self.seed)
@@ -162,16 +157,16 @@ class AFLoRA(FederatedMethod):
         self._round_update: Adapter | None = None
         self._a_changes: dict[str, float] = {}
 
-    def instruct(self, client_id: int, round: int) -> Instruction:
+    def instruct(self, client_id: int, round_: int) -> Instruction:
         tensors = {}
         for name, A in self.A_global.items():
             mask = self.masks[client_id][name]
             tensors[tensor_key("mask", name)] = mask.clone()
             # The first r_k^1 rows of the global A, of which only the kept ones are trained against.
             tensors[tensor_key("A", name)] = A[: mask.numel()][mask].clone()
-        return Instruction(client_id=client_id, round=round, tensors=tensors)
+        return Instruction(client_id=client_id, round=round_, tensors=tensors)
 
-    def aggregate(self, uploads: list[Upload], round: int) -> None:
+    def aggregate(self, uploads: list[Upload], round_: int) -> None:
         uploads = sorted(uploads, key=lambda u: u.client_id)  # a fixed order keeps sums bit-reproducible
         self.B_global = {}
         self._error_terms = []
@@ -237,7 +232,7 @@ class AFLoRA(FederatedMethod):
                 for name in self.module_shapes}
 
     def aggregate_secure(self, sums: Mapping[str, torch.Tensor], uploads: list[Upload],
-                         weights: Mapping[int, Mapping[str, float]], round: int) -> None:
+                         weights: Mapping[int, Mapping[str, float]], round_: int) -> None:
         """Eq. 13 from SecAgg+'s sum over the clients in `uploads` (their clear parts: next_mask, ranks).
 
         Dividing by the survivors' Σ p_k renormalises when clients dropped out after their weights were

@@ -2,11 +2,11 @@
 
 A round, in the order the data flows:
 
-    server  instruct(client, round)      -> Instruction   (tensors + scalars for one client)
+    server  instruct(client, round_)     -> Instruction   (tensors + scalars for one client)
     client  local_job(instruction)       -> TrainSpec     (adapter to install, what trains, penalty)
     client  (generic local training loop trains the adapter on local data)
     client  upload(instruction, trained) -> Upload
-    server  aggregate(uploads, round)
+    server  aggregate(uploads, round_)
     server  server_update(trainer)       (e.g. AFLoRA tunes A on public data; default: nothing)
     server  round_merge()                -> Adapter merged into every base model, or None
     server  global_adapter()             -> Adapter evaluated on top of the base, or None
@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..budgets import LocalWorkload, ModelFootprint
-from ..lora.factors import FACTORS, Adapter, adapter_from_tensors, adapter_tensors
+from ..lora.factors import FACTORS, Adapter, adapter_from_tensors, adapter_tensors, tensor_key
 from ..values import coerce
 
 Scalar = bool | int | float | str
@@ -157,6 +157,11 @@ class FederatedMethod(ABC):
         """Whether `use_uniform_weights` was called (the server runs with client-level DP)."""
         return self._uniform_weights
 
+    @property
+    def r_max(self) -> int:
+        """The largest client rank (r_max): the width of zero-padded global factors (AFLoRA's A, HETLoRA's A and B)."""
+        return max(c.max_rank for c in self.clients.values())
+
     @classmethod
     def needs_public_data(cls, options: Any) -> bool:
         """Whether the server trains on a public set (checked before a run starts)."""
@@ -168,10 +173,10 @@ class FederatedMethod(ABC):
         """Create the global state (called once, on the server only)."""
 
     @abstractmethod
-    def instruct(self, client_id: int, round: int) -> Instruction: ...
+    def instruct(self, client_id: int, round_: int) -> Instruction: ...
 
     @abstractmethod
-    def aggregate(self, uploads: list[Upload], round: int) -> None: ...
+    def aggregate(self, uploads: list[Upload], round_: int) -> None: ...
 
     def add_aggregate_noise(self, std: float, generator: torch.Generator) -> None:
         """DP: add N(0, std²) to every entry of what `aggregate` just produced (methods with supports_dp)."""
@@ -188,7 +193,7 @@ class FederatedMethod(ABC):
         raise self._no_secure_aggregation("secure_summands")
 
     def aggregate_secure(self, sums: Mapping[str, torch.Tensor], uploads: list[Upload],
-                         weights: Mapping[int, Mapping[str, float]], round: int) -> None:
+                         weights: Mapping[int, Mapping[str, float]], round_: int) -> None:
         """Server: `aggregate`'s work from SecAgg+'s sum of the summands and the uploads' clear parts."""
         raise self._no_secure_aggregation("aggregate_secure")
 
@@ -233,9 +238,9 @@ class FederatedMethod(ABC):
         and `a_fused_change` (AFLoRA: ‖A_FT − A‖/‖A‖ and ‖A' − A‖/‖A‖). Default: none."""
         return {}
 
-    def evaluation_instruction(self, client_id: int, round: int) -> Instruction:
+    def evaluation_instruction(self, client_id: int, round_: int) -> Instruction:
         """What a client needs to assemble its own current model (default: the global adapter, if any)."""
-        return Instruction(client_id=client_id, round=round, tensors=adapter_tensors(self.global_adapter() or {}))
+        return Instruction(client_id=client_id, round=round_, tensors=adapter_tensors(self.global_adapter() or {}))
 
     # ---- client side
     def client_model(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> Adapter:
@@ -311,6 +316,5 @@ def factor_tensors(adapter: Adapter, factors: Iterable[str]) -> dict[str, torch.
     return {tensor_key(f, name): getattr(module, f).detach().clone() for name, module in adapter.items() for f in sorted(factors)}
 
 
-def tensor_key(kind: str, module: str) -> str:
-    """Flat key for a module's tensor in a message ("B/model.layers.0.self_attn.q_proj")."""
-    return f"{kind}/{module}"
+__all__ = ["EVAL_PREFIX", "ClientSpec", "FederatedMethod", "Instruction", "Penalty", "ServerTrainer", "TrainSpec", "Upload",
+           "factor_shapes", "factor_tensors", "hash_seed", "options_from_mapping", "tensor_key", "validate_upload"]

@@ -88,13 +88,13 @@ class FedSB(SharedLoRA):
         self.global_factors = self.with_core({name: torch.zeros(self.rank, self.rank) for name in self.module_shapes})
         self._error_terms = None
 
-    def instruct(self, client_id: int, round: int) -> Instruction:
+    def instruct(self, client_id: int, round_: int) -> Instruction:
         """Only the global R: the client rebuilds B and A from the seed (frozen_factors)."""
         tensors = {tensor_key("R", name): factors.R.clone() for name, factors in self.global_factors.items()}
-        return Instruction(client_id=client_id, round=round, tensors=tensors)
+        return Instruction(client_id=client_id, round=round_, tensors=tensors)
 
-    def aggregate(self, uploads: list[Upload], round: int) -> None:
-        super().aggregate(uploads, round)  # R̄ = Σ p_k R_k, B and A kept
+    def aggregate(self, uploads: list[Upload], round_: int) -> None:
+        super().aggregate(uploads, round_)  # R̄ = Σ p_k R_k, B and A kept
         uploads = sorted(uploads, key=lambda u: u.client_id)
         weights = data_weights([u.num_examples for u in uploads])
         # Measured, not assumed: B R̄ A against Σ p_k (B R_k) A

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lora.factors import Adapter, ModuleFactors, fresh_lora
+from ..lora.factors import Adapter, ModuleFactors, adapter_from_tensors, fresh_lora
 from .aggregation import LoRAScaling, ProductError, data_weights, relative_error
 from .base import FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, factor_tensors, tensor_key
 
@@ -41,15 +41,15 @@ class FlexLoRA(FederatedMethod):
         self._error_terms: list[ProductError] = []
         self._global: Adapter | None = None
 
-    def instruct(self, client_id: int, round: int) -> Instruction:
+    def instruct(self, client_id: int, round_: int) -> Instruction:
         rank = self.clients[client_id].max_rank
         tensors = {}
         for name, (U, S, Vh) in self._svd.items():
             start = svd_truncation(U, S, Vh, rank)
             tensors[tensor_key("A", name)], tensors[tensor_key("B", name)] = start.A, start.B
-        return Instruction(client_id=client_id, round=round, tensors=tensors, config={"rank": rank})
+        return Instruction(client_id=client_id, round=round_, tensors=tensors, config={"rank": rank})
 
-    def aggregate(self, uploads: list[Upload], round: int) -> None:
+    def aggregate(self, uploads: list[Upload], round_: int) -> None:
         uploads = sorted(uploads, key=lambda u: u.client_id)
         weights = data_weights([u.num_examples for u in uploads])
         self._global, self._svd, self._error_terms = {}, {}, []
@@ -92,8 +92,7 @@ class FlexLoRA(FederatedMethod):
     def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
         rank = int(instruction.config["rank"])
         if instruction.tensors:
-            adapter = {name: ModuleFactors(A=instruction.tensors[tensor_key("A", name)], B=instruction.tensors[tensor_key("B", name)])
-                       for name in sorted(self.module_shapes)}
+            adapter = adapter_from_tensors(instruction.tensors)
         else:  # round 1: no global update yet
             adapter = fresh_lora(self.module_shapes, rank, self.client_generator(instruction))
         return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=self.options.scaling(rank))

@@ -40,11 +40,11 @@ class FLoRA(FederatedMethod):
         self._update: Adapter | None = None
         self._error_terms: list[ProductError] = []
 
-    def instruct(self, client_id: int, round: int) -> Instruction:
+    def instruct(self, client_id: int, round_: int) -> Instruction:
         # Nothing to send but the rank: adapters start fresh, the last update reaches clients as a base merge.
-        return Instruction(client_id=client_id, round=round, config={"rank": self.clients[client_id].max_rank})
+        return Instruction(client_id=client_id, round=round_, config={"rank": self.clients[client_id].max_rank})
 
-    def aggregate(self, uploads: list[Upload], round: int) -> None:
+    def aggregate(self, uploads: list[Upload], round_: int) -> None:
         uploads = sorted(uploads, key=lambda u: u.client_id)
         weights = data_weights([u.num_examples for u in uploads])
         self._update, self._error_terms = {}, []

@@ -87,8 +87,8 @@ class FLoRIST(FLoRA):
         self._energy_terms: list[tuple[float, float]] = []  # per module: (dropped Σσ², total Σσ²)
         self._global_ranks: dict[str, int] = {}
 
-    def aggregate(self, uploads: list[Upload], round: int) -> None:
-        super().aggregate(uploads, round)  # FLoRA's exact stack, and its aggregation error terms
+    def aggregate(self, uploads: list[Upload], round_: int) -> None:
+        super().aggregate(uploads, round_)  # FLoRA's exact stack, and its aggregation error terms
         truncated = {name: truncate_by_energy(factors, self.options.energy_threshold) for name, factors in self._update.items()}
         self._update = {name: factors for name, (factors, _) in truncated.items()}
         self._energy_terms = [energy for _, energy in truncated.values()]

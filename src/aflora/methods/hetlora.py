@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lora.factors import Adapter, ModuleFactors, fresh_lora
+from ..lora.factors import Adapter, ModuleFactors, adapter_from_tensors, fresh_lora
 from .aggregation import (
     ALPHA_RULE_HELP,
     COLUMN_WEIGHTS_HELP,
@@ -91,20 +91,19 @@ class HetLoRA(FederatedMethod):
     exact_aggregation = False  # zero-padded averages of A and B separately: not Σ p_k B_k A_k
 
     def init_server_state(self) -> None:
-        self.r_max = max(c.max_rank for c in self.clients.values())
         self.global_factors: Adapter = fresh_lora(self.module_shapes, self.r_max, torch.Generator().manual_seed(self.seed))
         self.ranks = {cid: c.max_rank for cid, c in self.clients.items()}
         self._error_terms: list[ProductError] = []
 
-    def instruct(self, client_id: int, round: int) -> Instruction:
+    def instruct(self, client_id: int, round_: int) -> Instruction:
         rank = self.ranks[client_id]
         tensors = {}
         for name, factors in self.global_factors.items():
             tensors[tensor_key("A", name)] = factors.A[:rank].clone()
             tensors[tensor_key("B", name)] = factors.B[:, :rank].clone()
-        return Instruction(client_id=client_id, round=round, tensors=tensors, config={"rank": rank})
+        return Instruction(client_id=client_id, round=round_, tensors=tensors, config={"rank": rank})
 
-    def aggregate(self, uploads: list[Upload], round: int) -> None:
+    def aggregate(self, uploads: list[Upload], round_: int) -> None:
         uploads = sorted(uploads, key=lambda u: u.client_id)
         self._error_terms = []
         for name in sorted(self.module_shapes):
@@ -150,8 +149,7 @@ class HetLoRA(FederatedMethod):
 
     def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
         rank = int(instruction.config["rank"])
-        adapter = {name: ModuleFactors(A=instruction.tensors[tensor_key("A", name)], B=instruction.tensors[tensor_key("B", name)])
-                   for name in sorted(self.module_shapes)}
+        adapter = adapter_from_tensors(instruction.tensors)
         start, scaling = tail_start(rank, self.options.keep_ratio, self.options.min_rank), self.options.scaling(rank)
         penalty = tail_penalty(self.options.reg_weight, start, scaling) if start < rank and self.options.reg_weight > 0 else None
         return TrainSpec(adapter=adapter, trainable=self.trained_factors, scaling=scaling, penalty=penalty)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..budgets import MB, LocalWorkload, ModelFootprint, budget_for_rank
-from ..lora.factors import Adapter, ModuleFactors, fresh_lora
+from ..lora.factors import Adapter, ModuleFactors, adapter_from_tensors, fresh_lora
 from ..lora.host import block_index
 from .aggregation import ALPHA_RULE_HELP, LoRAScaling, ProductError, data_weights, relative_error, weighted_sum
 from .base import ClientSpec, FederatedMethod, Instruction, TrainSpec, Upload, factor_shapes, factor_tensors, tensor_key
@@ -341,16 +341,16 @@ class LEGEND(FederatedMethod):
                     fresh = ModuleFactors(A=torch.cat([old.A, fresh.A]), B=torch.cat([old.B, fresh.B], dim=1))
                 self.global_factors[name] = fresh
 
-    def instruct(self, client_id: int, round: int) -> Instruction:
+    def instruct(self, client_id: int, round_: int) -> Instruction:
         config = self.configs[client_id]
         tensors = {}
         for name, rank in config.module_ranks(list(self.module_shapes)).items():
             factors = self.global_factors[name]
             tensors[tensor_key("A", name)] = factors.A[:rank].clone()  # HetLoRA-style truncation to the first r slices
             tensors[tensor_key("B", name)] = factors.B[:, :rank].contiguous().clone()
-        return Instruction(client_id=client_id, round=round, tensors=tensors, config={"depth": config.depth})
+        return Instruction(client_id=client_id, round=round_, tensors=tensors, config={"depth": config.depth})
 
-    def aggregate(self, uploads: list[Upload], round: int) -> None:
+    def aggregate(self, uploads: list[Upload], round_: int) -> None:
         uploads = sorted(uploads, key=lambda u: u.client_id)  # a fixed order keeps sums bit-reproducible
         self._error_terms = []
         for name, factors in self.global_factors.items():
@@ -389,11 +389,7 @@ class LEGEND(FederatedMethod):
 
     # ------------------------------------------------------------------ client
     def local_job(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> TrainSpec:
-        adapter: Adapter = {}
-        for key in sorted(instruction.tensors):
-            kind, name = key.split("/", 1)
-            if kind == "A":
-                adapter[name] = ModuleFactors(A=instruction.tensors[key], B=instruction.tensors[tensor_key("B", name)])
+        adapter = adapter_from_tensors(instruction.tensors)  # the top-d blocks' modules, as configured
         if not adapter:
             raise ValueError(f"LEGEND instruction for client {instruction.client_id} adapts no module")
         # The host takes one scaling per job. Under 'times_rank' (default) it is lora_alpha at every rank, exact for every

@@ -60,15 +60,15 @@ class SharedLoRA(FederatedMethod):
         self.local_B_mean: dict[str, torch.Tensor] | None = None
         self._error_terms: list[ProductError] | None = None
 
-    def instruct(self, client_id: int, round: int) -> Instruction:
+    def instruct(self, client_id: int, round_: int) -> Instruction:
         tensors = {}
         for name, factors in self.global_factors.items():
             tensors[tensor_key("A", name)] = factors.A.clone()
             if "B" not in self.kept_factors:
                 tensors[tensor_key("B", name)] = factors.B.clone()
-        return Instruction(client_id=client_id, round=round, tensors=tensors)
+        return Instruction(client_id=client_id, round=round_, tensors=tensors)
 
-    def aggregate(self, uploads: list[Upload], round: int) -> None:
+    def aggregate(self, uploads: list[Upload], round_: int) -> None:
         uploads = sorted(uploads, key=lambda u: u.client_id)
         weights = data_weights([u.num_examples for u in uploads])
         self._error_terms = [] if self.uploaded_factors == {"A", "B"} else None
@@ -98,9 +98,9 @@ class SharedLoRA(FederatedMethod):
     def client_ranks(self) -> dict[int, dict[str, int]]:
         return {cid: dict.fromkeys(self.module_shapes, self.rank) for cid in self.clients}
 
-    def evaluation_instruction(self, client_id: int, round: int) -> Instruction:
+    def evaluation_instruction(self, client_id: int, round_: int) -> Instruction:
         """The shared factors only: a FedSA-LoRA client pairs them with its own B (see client_model)."""
-        return self.instruct(client_id, round)
+        return self.instruct(client_id, round_)
 
     # ------------------------------------------------------------------ client
     def client_model(self, instruction: Instruction, local_state: dict[str, torch.Tensor] | None = None) -> Adapter:
