@@ -9,18 +9,11 @@ from itertools import product
 import pytest
 import torch
 
-from aflora.budgets import MB, ModelFootprint
+from aflora.budgets import MB, LocalWorkload, ModelFootprint
 from aflora.lora.factors import ModuleFactors
 from aflora.methods.base import ClientSpec, tensor_key
-from aflora.methods.legend import (
-    LEGEND,
-    CostModel,
-    DeviceConfig,
-    LEGENDOptions,
-    LocalWorkload,
-    budgeted_client,
-    configure_devices,
-)
+from aflora.methods.legend import LEGEND
+from aflora.methods.legend_configuration import CostModel, DeviceConfig, LEGENDOptions, budgeted_client, configure_devices
 
 from helpers import run_inline, tiny_config
 
