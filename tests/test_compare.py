@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from aflora.cli import main
-from aflora.compare import Entry, parse_entries, parse_entry, parse_seeds, plan_comparison
+from aflora.compare import Entry, compare_table, parse_entries, parse_entry, parse_seeds, plan_comparison
 from aflora.compare_table import COLUMNS, csv_columns, summarize, write_csv, write_markdown, write_plots
 from aflora.config import ConfigError, load_config, parse_override
 from aflora.data import DataError
@@ -265,6 +265,70 @@ def test_cli_fails_fast_naming_the_entry(tiny_toml, tmp_path, monkeypatch, capsy
     assert exit_.value.code == 2
     assert "entry 'aflora:dr=false': aflora has no option 'dr'" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- published experiments as files
+REPO = Path(__file__).resolve().parents[1]
+# Each file is configs/default.toml plus the --set lines docs/reproduction.md gave before the experiments became files.
+EXPERIMENTS = {
+    "table2_ag_news.toml": ([], "aflora,fedit,ffa_lora,fedsa_lora,flora,flexlora,hetlora,legend"),
+    "table1_financial.toml": (['data.dataset="fingpt_sentiment"', 'data.partition="iid"'], "aflora,fedit,flora,flexlora,hetlora,legend"),
+    "fig3_ablations.toml": ([], "aflora,aflora:ddr=false,aflora:server_tuning=false,aflora:rank_aware_weights=false"),
+    "fig4_dolly.toml": (['data.dataset="dolly"', 'data.partition="fedit_epsilon"', "data.epsilon=0.2", "federation.sample_fraction=0.2",
+                         'data.extra_eval=["mmlu"]', "data.eval_size=100"], "aflora,fedit,flexlora"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_each_published_experiment_is_a_file_with_its_entries_and_seeds(name):
+    sets, methods = EXPERIMENTS[name]
+    path = REPO / "configs" / name
+    assert load_config(path).to_dict() == load_config(REPO / "configs" / "default.toml", sets).to_dict()
+    assert compare_table(path) == (methods, "0,1,2")
+    parse_entries(methods)  # every entry is valid
+
+
+def test_every_config_file_loads():
+    for path in sorted((REPO / "configs").glob("*.toml")):
+        load_config(path)
+        entries, seeds = compare_table(path)
+        if entries:
+            parse_entries(entries), parse_seeds(seeds or "0")
+
+
+def test_compare_table_is_checked_and_optional(tiny_toml, tmp_path):
+    assert compare_table(tiny_toml) == (None, None) and compare_table(None) == (None, None)
+    base = tiny_toml.read_text()
+    path = tmp_path / "experiment.toml"
+    path.write_text(base + '\n[compare]\nmethods = ["fedit", "aflora:ddr=false"]\n')
+    assert compare_table(path) == ("fedit,aflora:ddr=false", None)
+    assert load_config(path).method == load_config(tiny_toml).method  # `aflora run` reads the same file
+    for bad, message in [('methods = "fedit"', "methods must be a non-empty list"), ("seeds = [0, 1.5]", "seeds must be"),
+                         ('method = ["fedit"]', "takes only methods and seeds")]:
+        path.write_text(base + f"\n[compare]\n{bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            compare_table(path)
+
+
+def test_cli_takes_entries_and_seeds_from_the_config(tiny_toml, tmp_path, monkeypatch):
+    path = tmp_path / "experiment.toml"
+    path.write_text(tiny_toml.read_text() + '\n[compare]\nmethods = ["fedit", "ffa_lora"]\nseeds = [3, 4]\n')
+    planned = {}
+
+    def fake_run(plan, *, command):
+        planned["runs"] = [(r.entry.label, r.seed) for r in plan.runs]
+        return []
+
+    monkeypatch.setattr("aflora.compare.run_comparison", fake_run)
+    for extra, expected in [([], [("fedit", 3), ("ffa_lora", 3), ("fedit", 4), ("ffa_lora", 4)]),
+                            (["--methods", "fedit", "--seeds", "0"], [("fedit", 0)])]:  # the command line wins
+        monkeypatch.setattr(sys, "argv", ["aflora", "compare", "--config", str(path), "--out", str(tmp_path / "out"), *extra])
+        main()
+        assert planned["runs"] == expected
+    monkeypatch.setattr(sys, "argv", ["aflora", "compare", "--config", str(tiny_toml), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:  # no --methods and no [compare] table: told how to give them
+        main()
+    assert exit_.value.code == 2
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -80,12 +80,13 @@ def _resumed_experiment(folder: Path, sets: list[str] | None, data_dir: Path | N
 
 @app.command()
 def compare(
-    methods: Annotated[str, typer.Option(
+    methods: Annotated[str | None, typer.Option(
         "--methods", "-m",
         help="Comma-separated entries: a method, or method:key=value[+key=value...] for an ablation of its options, "
-             "e.g. aflora,fedit,aflora:ddr=false+rank_aware_weights=false")],
+             "e.g. aflora,fedit,aflora:ddr=false+rank_aware_weights=false (default: the config's [compare] methods)")] = None,
     config: ConfigOption = None,
-    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds; every entry runs with each")] = "0",
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", help="Comma-separated seeds; every entry runs with each (default: the config's [compare] seeds, else 0)")] = None,
     out: Annotated[Path, typer.Option(
         "--out", "-o", help="Output folder: <label>/seed<k>/ per run, comparison.md/.csv, plots")] = Path("runs/compare"),
     set_: SetOption = None,
@@ -94,10 +95,15 @@ def compare(
         help="Run again the runs whose results.json is already in --out (default: reuse them)")] = False,
 ) -> None:
     """Run several methods (and ablations) × seeds on one identical experiment; write a comparison table and plots."""
-    from .compare import parse_entries, parse_seeds, plan_comparison, run_comparison
+    from .compare import compare_table, parse_entries, parse_seeds, plan_comparison, run_comparison
     from .compare_table import markdown_table
 
     configure_logging()
+    file_methods, file_seeds = compare_table(config)
+    methods, seeds = methods or file_methods, seeds or file_seeds or "0"
+    if methods is None:
+        raise ConfigError("aflora compare needs the entries to run: pass --methods (e.g. --methods aflora,fedit), or use a "
+                          "config whose [compare] table lists them (e.g. configs/table2_ag_news.toml)")
     plan = plan_comparison(config, _overrides(set_, data_dir), parse_entries(methods), parse_seeds(seeds), out, overwrite=overwrite)
     configure_logging(plan.base.engine.verbose)
     rows = run_comparison(plan, command=shlex.join(["aflora", *sys.argv[1:]]))

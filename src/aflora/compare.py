@@ -2,6 +2,7 @@
 
 The flow, in order:
 
+    compare_table                 the config file's [compare] methods and seeds (--methods / --seeds override them)
     parse_entries / parse_seeds   "aflora,fedit,aflora:ddr=false" and "0,1,2" -> entries and seeds
     plan_comparison               one config per (entry, seed), all validated (load_config + preflight) before any run
     run_comparison                simulate() each run into DIR/<label>/seed<k>/ (or reuse its results.json), then
@@ -26,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from .compare_table import Row, summarize, write_csv, write_markdown, write_plots
-from .config import ExperimentConfig, flatten, load_config, parse_override
+from .config import COMPARE, ExperimentConfig, flatten, load_config, parse_override
 from .errors import ConfigError, DataError, ModelError
 from .methods import METHODS, method_class, method_options
 from .results import load_run
 from .tomlwrite import toml_literal
-from .values import coerce
+from .values import coerce, tomllib
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,32 @@ class Entry:
 
     def config_overrides(self) -> list[str]:
         return [f"method={toml_literal(self.method)}", *(f"{self.method}.{k}={toml_literal(v)}" for k, v in self.options.items())]
+
+
+def compare_table(config_path: Path | None) -> tuple[str | None, str | None]:
+    """(methods, seeds) of the config file's [compare] table, spelled as --methods / --seeds take them; None where
+    the file (or the table) does not set them. A published experiment keeps its entries and seeds there:
+
+        [compare]
+        methods = ["aflora", "fedit", "aflora:ddr=false"]
+        seeds = [0, 1, 2]
+    """
+    if config_path is None or not Path(config_path).is_file():
+        return None, None  # load_config reports a missing file
+    try:
+        table = tomllib.loads(Path(config_path).read_text()).get(COMPARE, {})
+    except tomllib.TOMLDecodeError:
+        return None, None  # load_config reports it, with the position
+    example = '[compare] methods = ["aflora", "fedit"], seeds = [0, 1, 2]'
+    if not isinstance(table, dict) or set(table) - {"methods", "seeds"}:
+        raise ConfigError(f"{config_path}: [compare] takes only methods and seeds, e.g. {example}; got {table!r}")
+    methods, seeds = table.get("methods"), table.get("seeds")
+    if methods is not None and not (isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods)):
+        raise ConfigError(f"{config_path}: [compare] methods must be a non-empty list of entries (strings), e.g. {example}; "
+                          f"got {methods!r}")
+    if seeds is not None and not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
+        raise ConfigError(f"{config_path}: [compare] seeds must be a non-empty list of integers, e.g. {example}; got {seeds!r}")
+    return (",".join(methods) if methods else None), (",".join(map(str, seeds)) if seeds else None)
 
 
 def parse_entries(spec: str) -> list[Entry]:

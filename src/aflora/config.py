@@ -166,6 +166,8 @@ SECTIONS: dict[str, type] = {
     "engine": EngineConfig,
 }
 TOP_LEVEL = ("method", "seed", "rounds")
+# [compare] (methods, seeds): what `aflora compare` runs from this file (aflora.compare.compare_table); not part of any one run.
+COMPARE = "compare"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -228,13 +230,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
     tree = dict(tree)
+    tree.pop(COMPARE, None)
     hints = typing.get_type_hints(ExperimentConfig)
     top: dict[str, Any] = {name: _build_section(cls, tree.pop(name, {}), name) for name, cls in SECTIONS.items()}
     top.update({name: coerce(tree.pop(name), hints[name], name) for name in TOP_LEVEL if name in tree})
     methods = {}
     for key, value in tree.items():
         if key not in METHODS or not isinstance(value, dict):
-            known = sorted([*TOP_LEVEL, *SECTIONS, *METHODS])
+            known = sorted([*TOP_LEVEL, *SECTIONS, *METHODS, COMPARE])
             raise ConfigError(f"unknown config key {key!r}; top-level keys and tables are {known}")
         methods[key] = value
     config = ExperimentConfig(**top, methods=methods)
