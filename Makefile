@@ -1,6 +1,6 @@
 # Two entry points for a newcomer (see README):
 #   make demo   set up .venv, then run the main job (AFLoRA, 10 clients, AG News, SmolLM2) into runs/demo
-#   make test   set up .venv, lint (ruff), then run the test suite CI runs (tiny models + a representative real-model subset)
+#   make test   set up .venv, lint (ruff, mypy), then run the test suite CI runs (tiny models + a representative real-model subset)
 # More: make flwr-demo (the main job through `flwr run .`), make federation (the main job on a real local
 # deployment: TLS SuperLink + authenticated SuperNodes), make test-all (every test, including the slow
 # real-model ones), make setup.
@@ -33,9 +33,11 @@ FEDERATION_CONFIG ?= configs/default.toml
 federation: setup
 	$(VENV)/bin/aflora federation run --config $(FEDERATION_CONFIG) --out runs/federation-run --overwrite $(DATA_FLAG) $(FEDERATION_ARGS)
 
-# Lint first (ruff, pinned in the `test` extra; settings in pyproject.toml), then the tests.
+# Lint first (ruff, and mypy on the method and LoRA layers; both pinned in the `test` extra, settings in
+# pyproject.toml), then the tests.
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy src/aflora/methods src/aflora/lora
 
 test: lint
 	AFLORA_TEST_DATA_DIR=$(DATA_DIR) $(PYTEST) -m "not slow or ci" -q

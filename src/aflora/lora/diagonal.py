@@ -10,12 +10,12 @@ reused unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.lora.layer import LoraVariant
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -46,44 +46,52 @@ class CoreLoraVariant(LoraVariant):
         raise NotImplementedError
 
     @classmethod
-    def init(cls, module: LoraLinear, adapter_name: str, **kwargs: Any) -> None:
+    def init(cls, module: LoraLayer, adapter_name: str, **kwargs: Any) -> None:
         attribute = cls.factor.peft_attribute
         if not hasattr(module, attribute):
             # Registering the name makes PEFT treat the core like lora_A/lora_B (device moves, deletion, state dict).
             setattr(module, attribute, nn.ParameterDict({}))
             module.adapter_layer_names = module.adapter_layer_names + (attribute,)
-        weight = module.lora_A[adapter_name].weight
-        shape = cls.factor.shape(module.out_features, module.in_features, module.r[adapter_name])
+        weight = lora_weight(module.lora_A, adapter_name)
+        m, n = module.out_features, module.in_features
+        if m is None or n is None:
+            raise ValueError(f"{type(module).__name__} reports no in/out features: a core variant needs a Linear layer")
+        shape = cls.factor.shape(m, n, module.r[adapter_name])
         getattr(module, attribute)[adapter_name] = nn.Parameter(torch.zeros(shape, device=weight.device, dtype=weight.dtype))
 
     @classmethod
-    def core(cls, module: LoraLinear, adapter: str) -> nn.Parameter:
+    def core(cls, module: LoraLayer, adapter: str) -> nn.Parameter:
         return getattr(module, cls.factor.peft_attribute)[adapter]
 
     @classmethod
-    def delta_weight(cls, module: LoraLinear, adapter: str) -> torch.Tensor:
-        delta = cls.factor.fold_into_B(module.lora_B[adapter].weight, cls.core(module, adapter)) @ module.lora_A[adapter].weight
-        return transpose(delta, module.fan_in_fan_out) * module.scaling[adapter]
+    def delta_weight(cls, module: LoraLayer, adapter: str) -> torch.Tensor:
+        folded = cls.factor.folded(lora_weight(module.lora_B, adapter), cls.core(module, adapter))
+        return transpose(folded @ lora_weight(module.lora_A, adapter), cast(LoraLinear, module).fan_in_fan_out) * module.scaling[adapter]
 
     @classmethod
-    def merge_safe(cls, module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+    def merge_safe(cls, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         return orig_weight + cls.delta_weight(module, active_adapter).to(orig_weight.dtype)
 
     @classmethod
-    def merge_unsafe(cls, module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> None:
+    def merge_unsafe(cls, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
         orig_weight.data += cls.delta_weight(module, active_adapter).to(orig_weight.dtype)
 
     @classmethod
-    def unmerge(cls, module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+    def unmerge(cls, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         return orig_weight - cls.delta_weight(module, active_adapter).to(orig_weight.dtype)
 
     @classmethod
-    def forward(cls, module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any):
+    def forward(cls, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         dropout = module.lora_dropout[active_adapter]
         core = cls.core(module, active_adapter)
         return result + lora_B(cls.apply_core(core, lora_A(dropout(x)))) * module.scaling[active_adapter]
+
+
+def lora_weight(factors: nn.ModuleDict, adapter: str) -> torch.Tensor:
+    """The weight of one adapter's lora_A or lora_B (PEFT keeps each as an nn.Linear in a ModuleDict)."""
+    return cast(nn.Linear, factors[adapter]).weight
 
 
 class DiagonalLoraVariant(CoreLoraVariant):
@@ -113,7 +121,8 @@ def core_lora_config(core: str | None, **options: Any) -> CoreLoraConfig:
     """A CoreLoraConfig for plain LoRA (core None) or with the named core ("lam", "R")."""
     if core is not None and core not in CORE_VARIANTS:
         raise ValueError(f"no PEFT variant for core {core!r}; cores with one are {sorted(CORE_VARIANTS)}")
-    return CoreLoraConfig(**options, **{flag: name == core for name, (flag, _) in CORE_VARIANTS.items()})
+    flags: dict[str, Any] = {flag: name == core for name, (flag, _) in CORE_VARIANTS.items()}
+    return CoreLoraConfig(**options, **flags)
 
 
 class CoreLoraLinear(LoraLinear):

@@ -7,6 +7,7 @@ alpha = rank so PEFT's scaling is 1; stock `PeftModel.from_pretrained` loads it 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 from peft import LoraConfig
@@ -17,7 +18,7 @@ from .factors import Adapter
 PEFT_PREFIX = "base_model.model."
 
 
-def save_peft_adapter(adapter: Adapter, out_dir: Path, *, base_model: str, conv1d_modules: set[str] = frozenset()) -> None:
+def save_peft_adapter(adapter: Adapter, out_dir: Path, *, base_model: str, conv1d_modules: Collection[str] = frozenset()) -> None:
     """Write adapter_config.json + adapter_model.safetensors for `adapter` (modules named as in the base model)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks = {name: factors.rank for name, factors in adapter.items()}
@@ -34,7 +35,7 @@ def save_peft_adapter(adapter: Adapter, out_dir: Path, *, base_model: str, conv1
         bias="none",
         base_model_name_or_path=base_model,
     )
-    config.save_pretrained(out_dir)
+    config.save_pretrained(str(out_dir))
     tensors = {}
     for name, factors in adapter.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = factors.A.detach().float().contiguous().cpu()

@@ -32,6 +32,13 @@ class Factor:
     def is_core(self) -> bool:
         return self.fold_into_B is not None
 
+    def folded(self, B: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+        """B with this core folded in (cores only)."""
+        if self.fold_into_B is None:
+            cores = [name for name, factor in FACTORS.items() if factor.is_core]
+            raise ValueError(f"factor {self.name!r} is not a core between B and A; only the cores {cores} fold into B")
+        return self.fold_into_B(B, core)
+
     def params(self, m: int, n: int, rank: int) -> int:
         """Parameters of this factor for one module at `rank` (exact: R's grow as r², the others as r)."""
         return math.prod(self.shape(m, n, rank))
@@ -98,7 +105,7 @@ class ModuleFactors:
 
         With it every adapter is plain LoRA (scaled_B, A) exactly: what stacking, export and merging use."""
         core = self.core()
-        return self.B if core is None else FACTORS[core[0]].fold_into_B(self.B, core[1])
+        return self.B if core is None else FACTORS[core[0]].folded(self.B, core[1])
 
     def delta(self) -> torch.Tensor:
         """The dense update ΔW = B · core · A."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Collection, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 from peft import inject_adapter_in_model
@@ -61,18 +62,23 @@ class AdapterHost:
         config = self._lora_config(core=None)
         config._register_custom_module({nn.Linear: CoreLoraLinear, Conv1D: CoreLoraLinear})
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
-        self.layers: dict[str, LoraLayer] = {name: model.get_submodule(name) for name in self.module_names}
+        self.layers: dict[str, LoraLayer] = {name: cast(LoraLayer, model.get_submodule(name)) for name in self.module_names}
+        self.installed: set[str] = set()  # modules of the adapter now on the model
         self.clear()
         self.base_param_count = sum(p.numel() for p in self._base_parameters())
 
     # ------------------------------------------------------------------ shapes
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of every adaptable module."""
-        return {name: (layer.out_features, layer.in_features) for name, layer in self.layers.items()}
+        shapes = {name: (layer.out_features, layer.in_features) for name, layer in self.layers.items()}
+        unknown = sorted(name for name, (m, n) in shapes.items() if m is None or n is None)
+        if unknown:
+            raise ValueError(f"PEFT reports no in/out features for {unknown[:3]}; adapt Linear (or GPT-2 Conv1D) layers only")
+        return {name: (int(m), int(n)) for name, (m, n) in shapes.items() if m is not None and n is not None}
 
     def footprint(self) -> ModelFootprint:
         """The model facts the device-budget model needs (aflora.budgets)."""
-        config = self.model.config
+        config: Any = self.model.config  # a transformers PretrainedConfig
         return ModelFootprint(
             base_params=self.base_param_count,
             module_shapes=self.module_shapes(),
@@ -113,7 +119,7 @@ class AdapterHost:
         for layer in self.layers.values():
             if ADAPTER_NAME in layer.lora_A:
                 layer.delete_adapter(ADAPTER_NAME)
-        self.installed: set[str] = set()
+        self.installed = set()
 
     def read(self) -> Adapter:
         """Detached copies of the installed factors, in the scale-free convention."""
@@ -137,14 +143,21 @@ class AdapterHost:
         """W ← W + B·core·A for every module of `adapter` (the round's global update, Eq. 1)."""
         with torch.no_grad():
             for name, factors in adapter.items():
-                weight = self.layers[name].get_base_layer().weight
+                weight = self._stored_base_weight(name)
                 delta = factors.delta().to(device=weight.device, dtype=weight.dtype)
                 weight.add_(delta.T if self.is_conv1d(name) else delta)
 
     def base_weight(self, name: str) -> torch.Tensor:
         """The base weight of one module as (out_features, in_features)."""
-        weight = self.layers[name].get_base_layer().weight
+        weight = self._stored_base_weight(name)
         return weight.T if self.is_conv1d(name) else weight
+
+    def _stored_base_weight(self, name: str) -> torch.Tensor:
+        """The base layer's weight parameter as stored ((in, out) for GPT-2's Conv1D)."""
+        weight = self.layers[name].get_base_layer().weight
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"the base layer of {name} has no weight tensor (got {type(weight).__name__})")
+        return weight
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
@@ -165,7 +178,8 @@ class AdapterHost:
             held = getattr(layer, factor.peft_attribute, {})
             if ADAPTER_NAME in held:
                 entry = held[ADAPTER_NAME]
-                params[name] = entry.weight if isinstance(entry, nn.Module) else entry  # lora_A/lora_B are Linear layers
+                # lora_A/lora_B are Linear layers, the cores plain parameters
+                params[name] = cast(nn.Parameter, entry.weight if isinstance(entry, nn.Module) else entry)
         return params
 
     def is_conv1d(self, name: str) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -31,7 +32,7 @@ from .aggregation import (
     slice_weights,
     zero_padded_sum,
 )
-from .base import FederatedMethod, Instruction, ServerTrainer, TrainSpec, Upload, factor_shapes, tensor_key
+from .base import FederatedMethod, Instruction, Penalty, ServerTrainer, TrainSpec, Upload, factor_shapes, tensor_key
 
 DDR_RULES = ("eq8", "outlier")
 LAMBDA_OPTIMIZERS = ("tensorwise", "adamw")
@@ -114,12 +115,12 @@ def relative_change(after: Mapping[str, torch.Tensor], before: Mapping[str, torc
     return (change / sum(float(A.pow(2).sum()) for A in before.values())) ** 0.5
 
 
-def unit_norm_penalty(gamma: float):
+def unit_norm_penalty(gamma: float) -> Penalty:
     """Eq. 10's regularizer γ·Σ_j (‖b_j‖² − 1)² over every module's B columns."""
 
     def penalty(params: Mapping[str, Mapping[str, torch.nn.Parameter]]) -> torch.Tensor:
         total = sum(((p["B"].pow(2).sum(dim=0) - 1.0) ** 2).sum() for p in params.values())
-        return gamma * total
+        return gamma * cast(torch.Tensor, total)
 
     return penalty
 
@@ -330,6 +331,8 @@ class AFLoRA(FederatedMethod):
             ranks[name] = factors.rank
             next_mask = mask.clone()
             if self.options.ddr:
+                if factors.lam is None:
+                    raise ValueError(f"the trained adapter of {name} has no Λ: AFLoRA's DDR prunes by |λ_j|² (Eq. 8)")
                 next_mask[mask.nonzero().flatten()] = prune_ranks(factors.lam.detach() ** 2, self.options.beta,
                                                                   self.options.min_rank, self.options.ddr_rule)
             tensors[tensor_key("next_mask", name)] = next_mask

@@ -90,7 +90,7 @@ class FedSB(SharedLoRA):
 
     def instruct(self, client_id: int, round_: int) -> Instruction:
         """Only the global R: the client rebuilds B and A from the seed (frozen_factors)."""
-        tensors = {tensor_key("R", name): factors.R.clone() for name, factors in self.global_factors.items()}
+        tensors = {tensor_key("R", name): factors.tensors()["R"].clone() for name, factors in self.global_factors.items()}
         return Instruction(client_id=client_id, round=round_, tensors=tensors)
 
     def aggregate(self, uploads: list[Upload], round_: int) -> None:

@@ -53,7 +53,7 @@ class FedExLoRA(FedIT):
 
     def aggregate(self, uploads: list[Upload], round_: int) -> None:
         super().aggregate(uploads, round_)  # FedIT: Ā, B̄, and the error terms of B̄Ā against Σ p_k B_k A_k
-        self._residual_norm = relative_error(self._error_terms)  # ‖R‖ / ‖Σ p_k B_k A_k‖: R is exactly that error
+        self._residual_norm = relative_error(self._error_terms or [])  # ‖R‖ / ‖Σ p_k B_k A_k‖: R is exactly that error
         uploads = sorted(uploads, key=lambda u: u.client_id)
         weights = data_weights([u.num_examples for u in uploads])
         client_factors = [{name: ModuleFactors(A=u.tensors[tensor_key("A", name)], B=u.tensors[tensor_key("B", name)])

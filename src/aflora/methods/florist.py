@@ -89,7 +89,8 @@ class FLoRIST(FLoRA):
 
     def aggregate(self, uploads: list[Upload], round_: int) -> None:
         super().aggregate(uploads, round_)  # FLoRA's exact stack, and its aggregation error terms
-        truncated = {name: truncate_by_energy(factors, self.options.energy_threshold) for name, factors in self._update.items()}
+        stacked = self._update or {}
+        truncated = {name: truncate_by_energy(factors, self.options.energy_threshold) for name, factors in stacked.items()}
         self._update = {name: factors for name, (factors, _) in truncated.items()}
         self._energy_terms = [energy for _, energy in truncated.values()]
         self._global_ranks = {name: factors.rank for name, factors in self._update.items()}

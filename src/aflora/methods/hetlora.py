@@ -17,7 +17,9 @@ repository (ATP-1010/FederatedLLM, main.py: lora_alpha = 2·r_k, scaling 2).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -77,8 +79,8 @@ def tail_penalty(weight: float, start: int, scaling: float) -> Penalty:
     ΔW = BA, so λ means the same at every rank and under any alpha rule.
     """
 
-    def penalty(params) -> torch.Tensor:
-        return weight * sum(tail_norm(p["A"], scaling * p["B"], start) for p in params.values())
+    def penalty(params: Mapping[str, Mapping[str, torch.nn.Parameter]]) -> torch.Tensor:
+        return weight * cast(torch.Tensor, sum(tail_norm(p["A"], scaling * p["B"], start) for p in params.values()))
 
     return penalty
 

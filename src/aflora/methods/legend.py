@@ -46,8 +46,8 @@ class LEGEND(FederatedMethod):
         adapted_blocks(list(self.module_shapes))  # fail early on modules outside the blocks
         if (self.footprint is None) != (self.workload is None):
             raise ValueError("LEGEND's cost model needs both the model footprint and the local workload, or neither")
-        self.cost = None
-        if self.footprint is not None:
+        self.cost: CostModel | None = None
+        if self.footprint is not None and self.workload is not None:
             self.cost = CostModel(self.footprint, self.workload, options.device_tflops, options.uplink_window_seconds)
 
     # ------------------------------------------------------------------ server

@@ -115,7 +115,7 @@ class DeviceConfig:
 
     def module_ranks(self, module_names: Sequence[str]) -> dict[str, int]:
         """Rank of every module inside the adapted blocks (modules of other blocks are absent: not trained)."""
-        rank_of_block = dict(zip(self.blocks, self.ranks))
+        rank_of_block: dict[int | None, int] = dict(zip(self.blocks, self.ranks))
         return {name: rank_of_block[block_index(name)] for name in sorted(module_names) if block_index(name) in rank_of_block}
 
 
@@ -177,7 +177,7 @@ def adapted_blocks(module_names: Sequence[str]) -> list[int]:
             f"LEGEND places LoRA by transformer block, but {outside[:3]} are not inside a numbered block; "
             "set model.target_modules to layers inside the blocks (e.g. q_proj, v_proj)"
         )
-    return sorted({block_index(name) for name in module_names}, reverse=True)
+    return sorted({block for name in module_names if (block := block_index(name)) is not None}, reverse=True)
 
 
 def within_budgets(costs: DeviceCosts, client: ClientSpec, deadline_seconds: float) -> bool:
