@@ -67,3 +67,22 @@ def test_unacknowledged_updates_are_sent_again(two_rounds):
     assert sorted(server.base_sync(1).merges) == [2]
     server.acknowledge(1)  # a successful reply
     assert server.base_sync(1).merges == {}
+
+
+def test_merges_travel_through_flower_records_with_every_factor():
+    from aflora.flower.records import arrays_to_merges, merges_to_arrays
+    from aflora.lora.factors import ModuleFactors
+
+    g = torch.Generator().manual_seed(0)
+
+    def factors(rank, **core):
+        return ModuleFactors(A=torch.randn(rank, 3, generator=g), B=torch.randn(4, rank, generator=g), **core)
+
+    merges = {1: {"layers.0.q": factors(2)},
+              3: {"layers.0.q": factors(2, lam=torch.randn(2, generator=g)), "layers.1.v": factors(1, R=torch.randn(1, 1, generator=g))}}
+    back = arrays_to_merges(merges_to_arrays(merges))
+    assert {r: sorted(a) for r, a in back.items()} == {r: sorted(a) for r, a in merges.items()}
+    for round_, adapter in merges.items():
+        for name, module in adapter.items():
+            sent, received = module.tensors(), back[round_][name].tensors()
+            assert sent.keys() == received.keys() and all(torch.equal(sent[k], received[k]) for k in sent)
