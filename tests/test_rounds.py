@@ -53,3 +53,27 @@ def test_the_in_process_secure_round_matches_the_plain_round(tmp_path):
     for name in plain.method.module_shapes:
         expected = plain.method.B_global[name]
         torch.testing.assert_close(secure.method.B_global[name], expected, rtol=0, atol=4 * 2.0**-24 * float(expected.abs().max()))
+
+
+def test_a_method_added_in_one_class_and_one_registration_runs_and_reports_its_own_diagnostics(tmp_path, monkeypatch):
+    """docs/methods.md 'Adding a method': the class and the registration line are all it takes, its own
+    round_diagnostics included (they land in the record's method_diagnostics and in compare's columns)."""
+    from aflora import methods
+    from aflora.compare_table import _round_mean
+    from aflora.methods.shared_lora import FedIT
+
+    class HalfFedIT(FedIT):
+        """FedIT that reports the norm of its averaged B (a made-up diagnostic)."""
+
+        name = "half_fedit"
+
+        def round_diagnostics(self) -> dict[str, float]:
+            return {"b_norm": float(sum(f.B.norm() ** 2 for f in self.global_adapter().values()) ** 0.5)}
+
+    monkeypatch.setitem(methods.METHODS, HalfFedIT.name, HalfFedIT)  # the registration line
+    config = tiny_config(tmp_path, 'method="half_fedit"')
+    server, transport = ServerRuntime(config), InProcessTransport(ClientRuntime(config))
+    record = run_round(server, transport, 1).record
+    assert record.method_diagnostics["b_norm"] > 0 and record.aggregation_error > 0
+    as_json = {"rounds": [{"method_diagnostics": record.method_diagnostics}]}
+    assert _round_mean("b_norm")(as_json) == record.method_diagnostics["b_norm"]

@@ -23,9 +23,13 @@ def _final_metric(run: dict[str, Any]) -> float | None:
 
 
 def _round_mean(key: str) -> Callable[[dict[str, Any]], float | None]:
-    """Mean over the run's rounds of a per-round value, skipping rounds (or methods) where it is null."""
+    """Mean over the run's rounds of a per-round value (a record field or one of the method's own diagnostics),
+    skipping rounds (or methods) where it is null."""
+    def per_round(r: dict[str, Any]) -> float | None:
+        return r.get(key, r.get("method_diagnostics", {}).get(key))
+
     def value(run: dict[str, Any]) -> float | None:
-        values = [r[key] for r in run["rounds"] if r.get(key) is not None]
+        values = [per_round(r) for r in run["rounds"] if per_round(r) is not None]
         return statistics.fmean(values) if values else None
     return value
 

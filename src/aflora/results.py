@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import platform
 from dataclasses import asdict, dataclass, field
@@ -32,11 +33,10 @@ class RoundRecord:
     server_seconds: float | None = None  # server-side work after aggregating (AFLoRA's A tuning), incl. the merge
     # Aggregation exactness: ‖ΔW_aggregate − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖ before truncation or A tuning, where defined
     aggregation_error: float | None = None
-    truncation_loss: float | None = None  # FlexLoRA: what the SVD redistribution loses of the exact aggregate
-    a_tuning_change: float | None = None  # AFLoRA: ‖A_FT − A‖ / ‖A‖ in the server step
-    a_fused_change: float | None = None  # AFLoRA: ‖A' − A‖ / ‖A‖ after the fusion of Eq. 11
-    global_rank: float | None = None  # FLoRIST: the rank its energy threshold kept, mean over modules
-    residual_norm: float | None = None  # FedEx-LoRA: ‖Σ p_k B_k A_k − B̄Ā‖ / ‖Σ p_k B_k A_k‖, the part merged into the base
+    # What the method's own server step measured (FederatedMethod.round_diagnostics), by the method's names:
+    # truncation_loss (FlexLoRA, FLoRIST), a_tuning_change / a_fused_change (AFLoRA), global_rank (FLoRIST),
+    # residual_norm (FedEx-LoRA), ... A new method adds its own without touching this file.
+    method_diagnostics: dict[str, float] = field(default_factory=dict)
     eval_uplink_bytes: int = 0  # sent only so the server can evaluate a global model (FedSA-LoRA's B)
     personalized: dict[str, float] = field(default_factory=dict)  # clients' own models on their local test rows
     dp_noise_std: float | None = None  # client-level DP: the noise added to the aggregate this round
@@ -69,8 +69,12 @@ def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], 
         extra={k: v for k, v in metrics.items() if "/" in k},
         eval_uplink_bytes=sum(payload_bytes(u.tensors, evaluation_only=True) for u in uploads),
         personalized=dict(personalized or {}),
-        **(server or {}),
+        **{k: v for k, v in (server or {}).items() if k in RECORD_FIELDS},
+        method_diagnostics={k: v for k, v in (server or {}).items() if k not in RECORD_FIELDS},
     )
+
+
+RECORD_FIELDS = {f.name for f in dataclasses.fields(RoundRecord)}
 
 
 @dataclass
