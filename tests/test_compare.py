@@ -373,3 +373,14 @@ def test_compare_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
     assert sum("reusing" in m for m in messages) == len(entries) and not any("->" in m for m in messages)
     assert {label: (out / label / "seed0" / "results.json").stat().st_mtime_ns for label in entries} == stamps
     assert "3 of them reused" in (out / "comparison.md").read_text()
+
+
+def test_the_machine_line_names_the_cpu_model():
+    from aflora.compare import cpu_model, machine
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        if names:
+            assert cpu_model() == names[0]
+    assert machine().startswith(cpu_model() + ",")

@@ -247,9 +247,18 @@ def describe(plan: Plan, command: str) -> list[str]:
     ]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (timings are only comparable on one kind of CPU), or the platform's processor field."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def machine() -> str:
     import torch
 
     device = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"{platform.platform()}, {os.cpu_count()} CPUs{device}, Python {platform.python_version()}, "
+    return (f"{cpu_model()}, {os.cpu_count()} CPUs{device}, {platform.platform()}, Python {platform.python_version()}, "
             f"torch {torch.__version__}")
