@@ -135,9 +135,6 @@ class AdapterHost:
         """Live parameters of the installed adapter (for optimizers and regularizers)."""
         return {name: self._factor_params(self.layers[name]) for name in sorted(self.installed)}
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for params in self.factor_parameters().values() for p in params.values() if p.requires_grad]
-
     # ------------------------------------------------------------------ base weights
     def merge_into_base(self, adapter: Adapter) -> None:
         """W ← W + B·core·A for every module of `adapter` (the round's global update, Eq. 1)."""
