@@ -11,7 +11,9 @@ Everything (FLWR_HOME included) lives in a temporary folder; every wait is bound
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import signal
 import socket
 import ssl
 import threading
@@ -102,6 +104,13 @@ RUN_SECONDS = 300.0
 REFUSAL_SECONDS = 60.0
 
 
+def _a_pid_that_is_not_running() -> int:
+    pid = 4_000_000
+    while processes.command_line(pid) is not None:
+        pid += 1
+    return pid
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     folder = tmp_path_factory.mktemp("deployment")
@@ -111,6 +120,13 @@ def deployment(tmp_path_factory):
     state, out = folder / "state", folder / "out"
     layout = Layout(state.resolve())
     intruder = None
+    # What a crash leaves: federation.json naming processes that are gone, and a dead worker's socket.
+    dead = processes.Process(name="superlink", pid=_a_pid_that_is_not_running(), program="flower-superlink", log="gone.log")
+    stale = lifecycle.Federation(root=str(layout.root), address="127.0.0.1:9", partitions=3, superlink=dead)
+    layout.root.mkdir(parents=True)
+    stale.save()
+    layout.workers.mkdir(parents=True)
+    layout.worker_socket(0).write_text("stale")
     try:
         federation = lifecycle.up(config, state, timeout=STARTUP_SECONDS)
         # A 4th SuperNode with a key pair the SuperLink was never told about; it starts while the run is submitted.
@@ -145,6 +161,15 @@ def test_two_aflora_rounds_on_three_authenticated_supernodes(deployment):
 
 
 @deployed
+def test_each_client_worker_loaded_the_model_once_for_the_run(deployment):
+    """Flower starts a ClientApp process per message (3 rounds of train and evaluate here); the model is loaded
+    once per node, in its client worker, as in simulation."""
+    for worker in deployment.federation.workers:
+        built = [line for line in Path(worker.log).read_text().splitlines() if "client runtime built" in line]
+        assert len(built) == 1, f"{worker.name}: {built}"
+
+
+@deployed
 def test_the_federation_used_its_own_flower_home(deployment):
     """FLWR_HOME in the state folder: the connection, and the app the SuperLink/SuperNodes installed, are there."""
     home = deployment.layout.flwr_home
@@ -166,7 +191,7 @@ def test_an_unregistered_supernode_is_refused(deployment):
 
 @deployed
 def test_down_stops_every_process(deployment):
-    assert set(deployment.stopped) == {"superlink", "supernode-0", "supernode-1", "supernode-2"}
+    assert set(deployment.stopped) == {"superlink", *(f"{kind}-{k}" for kind in ("supernode", "worker") for k in range(3))}
     assert len(deployment.family) >= 8  # SuperLink, SuperNodes and the SuperExecs they started
     assert not any(processes.command_line(pid) for pid in deployment.family)
     assert not deployment.layout.state_file.exists()
@@ -181,6 +206,94 @@ def test_the_deployed_run_equals_a_simulation_of_the_same_experiment(deployment,
     assert len(simulated["rounds"]) == len(deployed["rounds"]) == deployment.config.rounds
     differences = record_differences(simulated["rounds"], deployed["rounds"])
     assert not differences, "\n".join(differences)
+
+
+# The default experiment's federation size: 10 SuperNodes (and their client workers) on 2 cores, tiny model.
+# Two runs on one federation: a clean one that must equal its simulation, and one during which SuperNode 3 is
+# killed (SIGKILL, with its ClientApp) once round 2 has started; `submit` starts it again.
+TEN = 10
+
+
+def _newest_run_log(layout: Layout, after: set[Path]) -> Path | None:
+    logs = [p for p in layout.logs.glob("run_*.log") if p not in after]
+    return max(logs, key=lambda p: p.stat().st_mtime) if logs else None
+
+
+@pytest.fixture(scope="module")
+def ten_nodes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ten-nodes")
+    ten = (f"federation.num_clients={TEN}", "federation.client_ranks=[8,8,6,6,4,4,2,2,2,2]", "engine.connect_timeout=180",
+           "engine.round_timeout=120")
+    config = tiny_config(folder / "data", *ten, "rounds=3")
+    state = folder / "state"
+    layout = Layout(state.resolve())
+    killed: dict = {}
+    try:
+        federation = lifecycle.up(config, state, timeout=STARTUP_SECONDS)
+        clean = lifecycle.submit(config, folder / "clean", state, timeout=RUN_SECONDS, echo=False)
+        earlier_logs = set(layout.logs.glob("run_*.log"))
+
+        def kill_node_3_in_round_2() -> None:
+            def round_2_started():
+                run_log = _newest_run_log(layout, earlier_logs)
+                return run_log is not None and "round 2: training clients" in run_log.read_text(errors="replace")
+
+            processes.wait_until(round_2_started, timeout=RUN_SECONDS, what="round 2 of the second run")
+            node = lifecycle.Federation.load(layout.root).supernodes[3]
+            killed["pids"] = processes.family(node)
+            for pid in killed["pids"]:
+                os.kill(pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_node_3_in_round_2, daemon=True)
+        killer.start()
+        # Five rounds: the SuperLink sees the node gone only after its heartbeats are overdue (~1 min), then it
+        # is started again and must be back for the last rounds.
+        five_rounds = tiny_config(folder / "data", *ten, "rounds=5")
+        crashed = lifecycle.submit(five_rounds, folder / "crashed", state, timeout=RUN_SECONDS, echo=False)
+        killer.join(timeout=10)
+        after = lifecycle.Federation.load(layout.root)
+    finally:
+        lifecycle.down(state)
+    return SimpleNamespace(config=config, layout=layout, federation=federation, after=after, clean=clean,
+                           crashed=crashed, killed=killed, out=folder / "clean")
+
+
+@deployed
+def test_ten_supernodes_run_the_default_federation_size_and_equal_the_simulation(ten_nodes, tmp_path):
+    run = ten_nodes.clean
+    assert run["num_clients"] == TEN and [r["round"] for r in run["rounds"]] == [1, 2, 3]
+    assert all(set(r["clients"]) == set(range(TEN)) and not r.get("failures") for r in run["rounds"])
+    simulate(ten_nodes.config, tmp_path / "sim")
+    differences = record_differences(load_run(tmp_path / "sim")["rounds"], load_run(ten_nodes.out)["rounds"])
+    assert not differences, "\n".join(differences)
+    for worker in ten_nodes.federation.workers:  # one model load per node and run: two runs, two loads
+        built = [line for line in Path(worker.log).read_text().splitlines() if "client runtime built" in line]
+        assert len(built) == 2, f"{worker.name}: {built}"
+
+
+@deployed
+def test_a_supernode_killed_mid_run_is_restarted_and_every_client_is_accounted_for(ten_nodes):
+    assert ten_nodes.killed.get("pids"), "SuperNode 3 was never killed: round 2 was not seen in the run log"
+    assert ten_nodes.after.restarts == {"supernode-3": 1}
+    run = ten_nodes.crashed
+    assert [r["round"] for r in run["rounds"]] == [1, 2, 3, 4, 5]
+    for r in run["rounds"]:  # every client of every round trained or failed with its reason
+        failed = {f["client"] for f in r.get("failures", [])}
+        assert set(r["clients"]) | failed == set(range(TEN)) and not set(r["clients"]) & failed, r
+    assert any(r["failures"] for r in run["rounds"][1:3])  # round 2 lost it (the SuperLink's "Node Unavailable")
+    assert 3 in run["rounds"][-1]["clients"]  # back after its restart
+    assert Path(f"{ten_nodes.after.supernodes[3].log}.1").is_file()  # the crashed node's log, kept
+
+
+def test_a_taken_port_is_refused_before_the_superlink_starts(tmp_path):
+    layout = Layout(tmp_path)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(lifecycle.FederationError, match=f"port {port} on 127.0.0.1 is already taken"):
+            flower_cli.start_superlink(layout, port, timeout=5)
+    assert not (layout.logs / "superlink.log").exists()  # nothing was started
 
 
 # The newer methods on the real path: one federation, one run per method, each equal to its simulation.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -123,7 +124,8 @@ class CountingGrid:
         messages = list(messages)
         self.waves.append((len(messages), len(self.built), timeout))
         time.sleep(self.delay)
-        return [f"reply to {m}" for m in messages]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"id {m.i}", src_node_id=100 + m.i))
+                for m in messages]
 
 
 def test_messages_go_out_in_waves_built_as_they_are_sent():
@@ -132,16 +134,17 @@ def test_messages_go_out_in_waves_built_as_they_are_sent():
     def messages():
         for i in range(5):
             built.append(i)
-            yield i
+            yield SimpleNamespace(i=i, metadata=SimpleNamespace(message_id=f"id {i}", dst_node_id=100 + i))
 
     grid = CountingGrid(built, delay=0.05)
     replies = send_in_waves(grid, messages(), 2, timeout=10.0)
-    assert replies == [f"reply to {i}" for i in range(5)]
+    assert [(reply.metadata.reply_to_message_id, node) for reply, node in replies] == [(f"id {i}", 100 + i) for i in range(5)]
     assert [(n, existing) for n, existing, _ in grid.waves] == [(2, 2), (2, 4), (1, 5)]  # never more than a wave ahead
     timeouts = [t for _, _, t in grid.waves]
     assert timeouts[0] <= 10.0 and all(later <= earlier - 0.04 for earlier, later in zip(timeouts, timeouts[1:]))  # one deadline
     every = CountingGrid([])
-    send_in_waves(every, iter(range(5)), 0, timeout=10.0)
+    send_in_waves(every, (SimpleNamespace(i=i, metadata=SimpleNamespace(message_id=f"id {i}", dst_node_id=i)) for i in range(5)), 0,
+                  timeout=10.0)
     assert [n for n, _, _ in every.waves] == [5]
 
 

@@ -10,7 +10,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from aflora.base_sync import BaseSync
-from aflora.flower import client_app
+from aflora.flower import client_app, client_work
 from aflora.flower.records import instruction_content
 from aflora.methods import METHODS
 from aflora.runtime import ServerRuntime
@@ -46,13 +46,13 @@ def test_client_app_keeps_local_state_between_rounds(tmp_path, monkeypatch):
     server = ServerRuntime(config)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
     seen = []
-    original = client_app.ClientRuntime.train
+    original = client_work.ClientRuntime.train
 
     def spy(self, instruction, sync, local_state=None):
         seen.append(local_state)
         return original(self, instruction, sync, local_state)
 
-    monkeypatch.setattr(client_app.ClientRuntime, "train", spy)
+    monkeypatch.setattr(client_work.ClientRuntime, "train", spy)
     for attribute in ("_task_id", "_run_id", "_node_id"):  # what a Flower runtime sets before messages exist
         monkeypatch.setattr(TaskIdentity, attribute, 1)
     for round_ in (1, 2):

@@ -224,6 +224,18 @@ def federation_status(state: StateOption = FEDERATION_STATE) -> None:
     typer.echo(_federation_call(deployment.describe, state))
 
 
+@federation_app.command("worker")
+def federation_worker(
+    socket: Annotated[Path, typer.Option("--socket", help="The socket named by client-worker in the SuperNode's node config")],
+) -> None:
+    """Serve one SuperNode's client work with the model loaded once (started by `up`; by hand beside a SuperNode of
+    your own: add client-worker=\"<socket>\" to its --node-config)."""
+    from .flower.client_worker import serve
+
+    configure_logging()
+    serve(socket)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -22,6 +22,7 @@ from .flower_cli import (
     flwr_json,
     list_nodes,
     register_node,
+    start_client_worker,
     start_superlink,
     start_supernode,
     write_app,
@@ -46,13 +47,16 @@ class Federation:
     partitions: int
     superlink: Process
     supernodes: list[Process] = field(default_factory=list)
+    workers: list[Process] = field(default_factory=list)  # client k's worker keeps its model loaded for the run
+    restarts: dict[str, int] = field(default_factory=dict)  # process name -> times it was started again
+    node_ids: list[int] = field(default_factory=list)  # client k's node id, as the SuperLink registered its key
 
     @property
     def layout(self) -> Layout:
         return Layout(Path(self.root))
 
     def processes(self) -> list[Process]:
-        return [*self.supernodes, self.superlink]
+        return [*self.supernodes, *self.workers, self.superlink]
 
     def save(self) -> None:
         self.layout.state_file.write_text(json.dumps(dataclasses.asdict(self), indent=2))
@@ -66,6 +70,8 @@ class Federation:
         return cls(
             root=raw["root"], address=raw["address"], partitions=raw["partitions"],
             superlink=Process(**raw["superlink"]), supernodes=[Process(**p) for p in raw["supernodes"]],
+            workers=[Process(**p) for p in raw.get("workers", [])], restarts=raw.get("restarts", {}),
+            node_ids=raw.get("node_ids", []),
         )
 
     def alive(self) -> bool:
@@ -82,6 +88,19 @@ def wait_nodes_online(layout: Layout, federation: Federation, *, timeout: float 
         return sum(n.get("status") == "online" for n in list_nodes(layout)) >= expected
 
     wait_until(online, timeout=timeout, poll_seconds=2.0, what=f"{expected} SuperNodes to come online",
+               hint=f"see the logs in {layout.logs}")
+
+
+def wait_workers_ready(layout: Layout, federation: Federation, *, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
+    from ..flower.client_worker import ready
+
+    def all_ready() -> bool:
+        for worker in federation.workers:
+            if not is_running(worker):
+                raise FederationError(f"{worker.name} exited while starting; its log ({worker.log}):\n{log_tail(worker.log)}")
+        return all(ready(layout.worker_socket(k)) for k in range(len(federation.workers)))
+
+    wait_until(all_ready, timeout=timeout, poll_seconds=1.0, what=f"{len(federation.workers)} client workers to start",
                hint=f"see the logs in {layout.logs}")
 
 
@@ -109,12 +128,14 @@ def up(config: ExperimentConfig, state: Path, *, timeout: float = STARTUP_TIMEOU
     federation.save()
     try:
         for key in public_keys:
-            register_node(layout, key)
-        log.info("registered %d SuperNode keys; starting the SuperNodes", partitions)
+            federation.node_ids.append(register_node(layout, key))
+        log.info("registered %d SuperNode keys; starting the SuperNodes and their client workers", partitions)
         for k in range(partitions):
+            federation.workers.append(start_client_worker(layout, k))
             federation.supernodes.append(start_supernode(layout, address, layout.node_key(k), k, partitions))
             federation.save()
         wait_nodes_online(layout, federation, timeout=timeout)
+        wait_workers_ready(layout, federation, timeout=timeout)
     except BaseException:
         down(layout.root)
         raise
@@ -135,9 +156,10 @@ def submit(config: ExperimentConfig, out: Path, state: Path, *, timeout: float =
     """`flwr run` one experiment on the federation that is up in `state`; wait for it; its results.json."""
     layout = Layout(state.resolve())
     federation = Federation.load(layout.root)
-    if federation is None or not federation.alive():
+    if federation is None or not is_running(federation.superlink):
         raise FederationError(f"no federation is up in {layout.root}; start one with `aflora federation up --state {state}`"
-                              + (" (a process of the last one has exited: `aflora federation down` clears it)" if federation else ""))
+                              + (" (its SuperLink has exited: `aflora federation down` clears what is left)" if federation else ""))
+    restart_exited_clients(layout, federation, during="the submission")
     if config.federation.num_clients != federation.partitions:
         raise FederationError(f"the experiment has federation.num_clients={config.federation.num_clients}, but the federation "
                               f"in {layout.root} has {federation.partitions} SuperNodes; bring up one with that many clients")
@@ -193,9 +215,10 @@ def _wait_for_run(layout: Layout, federation: Federation, run_id: int, echoed: L
         status = runs[0]["status"] if runs else "unknown"
         if status.startswith("finished"):
             return status
-        for process in federation.processes():
-            if not is_running(process):
-                raise FederationError(f"{process.name} exited during run {run_id}; its log ({process.log}):\n{log_tail(process.log)}")
+        if not is_running(federation.superlink):
+            raise FederationError(f"the SuperLink exited during run {run_id}; its log ({federation.superlink.log}):\n"
+                                  f"{log_tail(federation.superlink.log)}")
+        restart_exited_clients(layout, federation, during=f"run {run_id}")
         if time.monotonic() > deadline:
             try:
                 flwr(layout, "stop", str(run_id), CONNECTION, what=f"stopping run {run_id}")
@@ -204,6 +227,46 @@ def _wait_for_run(layout: Layout, federation: Federation, run_id: int, echoed: L
             raise FederationError(f"run {run_id} did not finish within {timeout:.0f}s (status {status}); it was stopped. "
                                   f"Its log so far ({run_log}):\n{log_tail(run_log)}")
         time.sleep(3.0)
+
+
+MAX_RESTARTS = 3  # per client process of a federation: a node that keeps dying is a fault to report, not to hide
+
+
+def restart_exited_clients(layout: Layout, federation: Federation, *, during: str) -> None:
+    """Start again a SuperNode or client worker that exited (a crash, an OOM kill, a person's kill), as a node's
+    owner would: the SuperNode rejoins under its registered key, and the ServerApp counts the rounds it missed as
+    that client's failures. Its log is kept (the old one renamed); after MAX_RESTARTS the run is given up."""
+    online: set[int] | None = None
+    for kind, processes, start in (("supernode", federation.supernodes, _restart_supernode),
+                                   ("worker", federation.workers, _restart_worker)):
+        for k, process in enumerate(processes):
+            if is_running(process):
+                continue
+            if kind == "supernode" and k < len(federation.node_ids):
+                # The SuperLink refuses to activate a node it still counts as online; a killed node's status
+                # turns offline only once its heartbeats are overdue (about a minute in Flower 1.41).
+                if online is None:
+                    online = {int(n["node-id"]) for n in list_nodes(layout) if n.get("status") == "online"}
+                if federation.node_ids[k] in online:
+                    continue
+            restarts = federation.restarts.get(process.name, 0)
+            if restarts >= MAX_RESTARTS:
+                raise FederationError(f"{process.name} exited {restarts + 1} times during {during}; its log ({process.log}):\n"
+                                      f"{log_tail(process.log)}")
+            log.warning("%s exited during %s (exit status %s); starting it again. The end of its log (%s):\n%s",
+                        process.name, during, exit_code(process), process.log, log_tail(process.log, 8))
+            Path(process.log).replace(f"{process.log}.{restarts + 1}")
+            processes[k] = start(layout, federation, k)
+            federation.restarts[process.name] = restarts + 1
+            federation.save()
+
+
+def _restart_supernode(layout: Layout, federation: Federation, partition: int) -> Process:
+    return start_supernode(layout, federation.address, layout.node_key(partition), partition, federation.partitions)
+
+
+def _restart_worker(layout: Layout, federation: Federation, partition: int) -> Process:
+    return start_client_worker(layout, partition)
 
 
 def _finish_streamer(streamer: Process, *, run_finished: bool) -> None:
@@ -220,7 +283,7 @@ def down(state: Path) -> list[str]:
     federation = Federation.load(layout.root)
     if federation is None:
         return []
-    stopped = stop(*federation.supernodes) + stop(federation.superlink)
+    stopped = stop(*federation.supernodes) + stop(*federation.workers) + stop(federation.superlink)
     layout.state_file.unlink(missing_ok=True)
     if stopped:
         log.info("stopped %s", ", ".join(stopped))
@@ -232,7 +295,7 @@ def run_once(config: ExperimentConfig, out: Path, state: Path, *, timeout: float
     """`submit` to the federation that is up in `state`, or to a new one that is stopped afterwards."""
     refuse_finished_run(out, overwrite)
     federation = Federation.load(state.resolve())
-    if federation is not None and federation.alive():
+    if federation is not None and is_running(federation.superlink):
         return submit(config, out, state, timeout=timeout, echo=echo, overwrite=overwrite)
     up(config, state)
     try:

@@ -121,6 +121,10 @@ def write_experiment(config: ExperimentConfig, path: Path) -> Path:
 def start_superlink(layout: Layout, port: int, *, timeout: float = STARTUP_TIMEOUT_SECONDS) -> Process:
     """`flower-superlink` with TLS and SuperNode authentication on 127.0.0.1:<port>; returns once it accepts
     connections."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:  # else a stranger's listener would pass for our SuperLink
+            raise FederationError(f"port {port} on 127.0.0.1 is already taken by another process; stop it, or let "
+                                  "`aflora federation up` pick a free port again")
     certs = layout.certs.resolve()
     cmd = [
         executable("flower-superlink"),
@@ -160,14 +164,25 @@ def list_nodes(layout: Layout) -> list[dict]:
     return flwr_json(layout, "supernode", "ls", CONNECTION, what="listing the SuperNodes").get("nodes", [])
 
 
+def start_client_worker(layout: Layout, partition: int) -> Process:
+    """The long-lived process that does client `partition`'s work with the model loaded once
+    (aflora.flower.client_worker); its SuperNode's ClientApp processes forward their messages to it."""
+    name = f"worker-{partition}"
+    cmd = [executable("aflora"), "federation", "worker", "--socket", str(layout.worker_socket(partition))]
+    return spawn(name, cmd, layout.logs / f"{name}.log", flower_env(layout))
+
+
 def start_supernode(layout: Layout, address: str, private_key: Path, partition: int, partitions: int,
-                    name: str | None = None) -> Process:
+                    name: str | None = None, *, client_worker: bool = True) -> Process:
     """`flower-supernode` for one client: TLS to the SuperLink, its authentication key, and its node config
     (partition-id, num-partitions, data-file: the only rows it reads; state-dir: where it keeps the global
-    updates it received, since a SuperNode may start a fresh ClientApp process for every message)."""
+    updates it received, since a SuperNode starts a fresh ClientApp process for every message; client-worker:
+    the socket of the process that keeps its model loaded)."""
     state_dir = (layout.root / "nodes" / f"node_{partition}").resolve()
     node_config = (f"partition-id={partition} num-partitions={partitions} "
                    f"data-file={toml_literal(str(layout.shard(partition).resolve()))} state-dir={toml_literal(str(state_dir))}")
+    if client_worker:
+        node_config += f" client-worker={toml_literal(str(layout.worker_socket(partition)))}"
     cmd = [
         executable("flower-supernode"),
         "--superlink", address,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,18 @@ class Layout:
     @property
     def experiment(self) -> Path:
         return self.root / EXPERIMENT_FILE
+
+    @property
+    def workers(self) -> Path:
+        """The client workers' sockets. A Unix socket's path must stay under ~100 bytes, so a deep state folder
+        gets its sockets in a private temporary folder named after it."""
+        inside = self.root / "workers"
+        if len(str(inside.resolve())) < 80:
+            return inside
+        return Path(tempfile.gettempdir()) / f"aflora-workers-{hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]}"
+
+    def worker_socket(self, partition: int) -> Path:
+        return self.workers / f"node_{partition}.sock"
 
     def node_key(self, partition: int) -> Path:
         return self.keys / f"node_{partition}"

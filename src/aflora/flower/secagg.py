@@ -17,6 +17,7 @@ setup stage our own instruction messages replace the legacy FitIns placeholders;
 layout with num_examples = 1 and max_weight = 1 (their per-module weights are folded in already, which
 SecAgg+'s single scalar weight per client cannot express), so the result is the mean over the survivors
 and their number times it is the sum. Everything in the clear travels in FitRes.metrics.
+The client side (the mod) is aflora.flower.secagg_client, kept light for the ClientApp process.
 """
 
 from __future__ import annotations
@@ -26,10 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import FitIns, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.server import LegacyContext
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import Strategy as LegacyStrategy
@@ -41,20 +39,6 @@ from flwr.serverapp import Grid
 from ..config import SECAGG_MODULUS, SecAggSection
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------- client side
-def secure_aggregation_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's `secaggplus_mod` for SecAgg+ messages; plain train messages pass straight through (the mod
-    itself would refuse them), so one ClientApp serves runs with and without secure aggregation."""
-    if is_secure_round(message.content):
-        return secaggplus_mod(message, context, call_next)
-    return call_next(message, context)
-
-
-def is_secure_round(content: RecordDict) -> bool:
-    """Whether a train message comes from the SecAgg+ workflow (its reply must then be a FitRes for the mod)."""
-    return RECORD_KEY_CONFIGS in content.config_records
 
 
 # ---------------------------------------------------------------------------- server side

@@ -31,45 +31,63 @@ IDENTIFY = "query.identify"
 
 
 def identify_clients(grid: Grid, num_clients: int, *, timeout_seconds: float) -> dict[int, int]:
-    """Ask every connected node which client (data partition) it is: client id -> node id."""
+    """Ask every connected node which client (data partition) it is: client id -> node id.
+
+    Each node is asked once, and its answer counts whenever it comes: on a busy machine a node's first
+    ClientApp process can take long to start, and asking again would only start more of them. A node is
+    asked again only after an error reply (Flower sends one when a node goes away). So the timeout means
+    "these nodes never answered", not "the machine was slow"."""
     deadline = time.monotonic() + timeout_seconds
-    next_notice = time.monotonic()
+    next_notice = time.monotonic() + 10.0
     node_of_client: dict[int, int] = {}
-    while len(node_of_client) < num_clients:
-        unknown = [n for n in grid.get_node_ids() if n not in node_of_client.values()]
-        messages = [Message(content=RecordDict(), dst_node_id=n, message_type=IDENTIFY) for n in unknown]
-        for reply in grid.send_and_receive(messages, timeout=60) if messages else []:
+    asked: dict[str, int] = {}  # message id -> node, for every question not yet answered
+    while True:
+        answered = set(node_of_client.values())
+        unasked = [n for n in grid.get_node_ids() if n not in answered and n not in asked.values()]
+        if unasked:
+            questions = [Message(content=RecordDict(), dst_node_id=n, message_type=IDENTIFY) for n in unasked]
+            list(grid.push_messages(questions))  # a pushed message carries its id in its metadata
+            asked.update((q.metadata.message_id, n) for q, n in zip(questions, unasked) if q.metadata.message_id)
+        for reply in grid.pull_messages(list(asked)) if asked else []:
+            node = asked.pop(reply.metadata.reply_to_message_id, None)
+            if node is None:
+                continue
             if reply.has_error():
+                log.info("node %d could not say which client it is (%s); asking it again", node, reply.error.reason)
                 continue
             client_id = int(reply.content.config_records["identity"]["client_id"])
             if client_id in node_of_client:
                 raise RuntimeError(f"two nodes claim to be client {client_id}; give every SuperNode its own partition-id")
             if not 0 <= client_id < num_clients:
                 raise RuntimeError(f"a node says it is client {client_id}, but clients are numbered 0..{num_clients - 1}")
-            node_of_client[client_id] = reply.metadata.src_node_id
+            node_of_client[client_id] = node
         missing = sorted(set(range(num_clients)) - set(node_of_client))
         if not missing:
-            break
+            return node_of_client
         if time.monotonic() > deadline:
+            silent = f"; nodes {sorted(asked.values())} were asked and never answered" if asked else ""
             raise TimeoutError(
-                f"clients {missing} never connected within {timeout_seconds:.0f}s ({len(node_of_client)} of {num_clients} did). "
+                f"clients {missing} never connected within {timeout_seconds:.0f}s ({len(node_of_client)} of {num_clients} did{silent}). "
                 "Start one SuperNode per client (partition-id 0..K-1); in simulation set num-supernodes to "
                 "federation.num_clients (flwr run . --federation-config \"num-supernodes=K\")."
             )
         if time.monotonic() >= next_notice:
-            log.info("waiting for clients %s to connect (%d of %d connected)", missing, len(node_of_client), num_clients)
+            log.info("waiting for clients %s (%d of %d known, %d questions outstanding)", missing, len(node_of_client),
+                     num_clients, len(asked))
             next_notice = time.monotonic() + 10.0
-        time.sleep(1.0)
-    return node_of_client
+        time.sleep(0.5)
 
 
-def send_in_waves(grid: Grid, messages: Iterable[Message], max_in_flight: int, timeout: float) -> list[Message]:
-    """Every message's reply (or error), at most `max_in_flight` messages out at once (0 = all at once); each
-    wave is built only when it is sent. The round's timeout is one deadline for all the waves."""
+def send_in_waves(grid: Grid, messages: Iterable[Message], max_in_flight: int, timeout: float) -> list[tuple[Message, int]]:
+    """Every message's reply (or error) with the node the message went to (an error Flower sends for a node that
+    went away comes from the SuperLink, not from that node), at most `max_in_flight` messages out at once (0 =
+    all at once); each wave is built only when it is sent. The round's timeout is one deadline for all the waves."""
     deadline = time.monotonic() + timeout
     pending, replies = iter(messages), []
     while wave := list(itertools.islice(pending, max_in_flight or None)):
-        replies.extend(grid.send_and_receive(wave, timeout=max(deadline - time.monotonic(), 0.0)))
+        answers = grid.send_and_receive(wave, timeout=max(deadline - time.monotonic(), 0.0))
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in wave}  # ids exist once pushed
+        replies.extend((r, sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)) for r in answers)
     return replies
 
 
@@ -98,8 +116,8 @@ class FlowerTransport:
         # Built as they are sent (send_in_waves): a message holds copies of its instruction's tensors.
         sent = (self.message(message, "train") for message in messages)
         replies = TrainReplies()
-        for reply in send_in_waves(self.grid, sent, self.max_in_flight, self.timeout):
-            client = self.client_of_node.get(reply.metadata.src_node_id)
+        for reply, node in send_in_waves(self.grid, sent, self.max_in_flight, self.timeout):
+            client = self.client_of_node.get(node)
             if reply.has_error():
                 replies.failures.append({"client": client, "reason": f"client error: {reply.error.reason}"})
                 log.warning("round %d: client %s failed: %s", round_, client, reply.error.reason)
