@@ -179,7 +179,7 @@ def test_the_federation_used_its_own_flower_home(deployment):
 
 @deployed
 def test_an_unregistered_supernode_is_refused(deployment):
-    """Flower 1.41: the SuperLink answers the unknown key's ActivateNode with HTTP 412 (code 2004); the SuperNode
+    """Flower 1.41 and 1.42: the SuperLink answers the unknown key's ActivateNode with HTTP 412 (code 2004); the SuperNode
     exits (Flower's exit code 305, process status 1) and never becomes a node of the federation."""
     assert deployment.intruder_exit not in (None, 0)
     refused = processes.log_tail(deployment.intruder.log, 40)

@@ -144,15 +144,16 @@ def up(config: ExperimentConfig, state: Path, *, timeout: float = STARTUP_TIMEOU
 
 
 def sharing_one_machine(config: ExperimentConfig) -> ExperimentConfig:
-    """Every SuperNode of this federation trains on this machine's cores: send as many train messages at once
-    as a simulation here would train clients (engine.max_in_flight = 0 means all at once, right for nodes on
-    their own devices). More at once would add no speed, only memory: ten SmolLM2 clients training together
-    filled 24 GiB. Waves do not change the results (tests/test_flower_simulation.py)."""
+    """Every SuperNode of this federation trains on this machine's cores: send only as many train messages at
+    once as clients fit on them side by side (cores / engine.client_cpus, what a simulation here runs in
+    parallel). engine.max_in_flight = 0 means all at once, right for nodes on their own devices; here more at
+    once only adds memory and thread contention: ten SmolLM2 clients training together filled 24 GiB, and two
+    on two cores took 3.7x a simulation's round. Waves do not change the results (tests/test_flower_simulation.py)."""
     if config.engine.max_in_flight:
         return config
     from ..flower.simulation import simulated_workers
 
-    in_flight = 2 * simulated_workers(config)
+    in_flight = simulated_workers(config)
     log.info("all SuperNodes share this machine: train messages go out %d at a time (engine.max_in_flight)", in_flight)
     return dataclasses.replace(config, engine=dataclasses.replace(config.engine, max_in_flight=in_flight))
 
@@ -259,7 +260,7 @@ def restart_exited_clients(layout: Layout, federation: Federation, *, during: st
                 continue
             if kind == "supernode" and k < len(federation.node_ids):
                 # The SuperLink refuses to activate a node it still counts as online; a killed node's status
-                # turns offline only once its heartbeats are overdue (about a minute in Flower 1.41).
+                # turns offline only once its heartbeats are overdue (about a minute in Flower 1.42).
                 if online is None:
                     online = {int(n["node-id"]) for n in list_nodes(layout) if n.get("status") == "online"}
                 if federation.node_ids[k] in online:

@@ -1,6 +1,6 @@
 """SecAgg+ around a round's train messages: Flower's own workflow and client mod, unchanged.
 
-Flower 1.41 ships SecAgg+ for its legacy API only:
+Flower 1.41 and 1.42 ship SecAgg+ for their legacy API only:
 - `SecAggPlusWorkflow.__call__` (flwr/server/workflow/secure_aggregation/secaggplus_workflow.py) requires a
   `LegacyContext`. Its setup stage samples clients through the legacy `Strategy.configure_fit(round,
   Parameters, ClientManager)` and keeps `fitins_to_recorddict(FitIns)` as each client's train message; its
