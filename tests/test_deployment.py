@@ -137,13 +137,20 @@ def deployment(tmp_path_factory):
         processes.wait_until(lambda: processes.exit_code(intruder) is not None, timeout=REFUSAL_SECONDS,
                           what="the unregistered SuperNode to give up")
         nodes = flower_cli.list_nodes(layout)
+        # The SuperLink dies while the SuperNodes wait between runs: the next submission starts it again.
+        for pid in processes.family(federation.superlink):
+            os.kill(pid, signal.SIGKILL)
+        after_restart = lifecycle.submit(tiny_config(folder / "data", "rounds=1", "engine.connect_timeout=120"),
+                                         folder / "after-restart", state, timeout=RUN_SECONDS, echo=False)
+        federation = lifecycle.Federation.load(layout.root)
         family = [pid for p in [*federation.processes(), intruder] for pid in processes.family(p)]
     finally:
         stopped = lifecycle.down(state)
         if intruder is not None:
             processes.stop(intruder)  # it has exited, but the SuperExec it started may still be retrying
     return SimpleNamespace(config=config, layout=layout, federation=federation, results=results, out=out, nodes=nodes,
-                           intruder=intruder, intruder_exit=processes.exit_code(intruder), family=family, stopped=stopped)
+                           after_restart=after_restart, intruder=intruder, intruder_exit=processes.exit_code(intruder),
+                           family=family, stopped=stopped)
 
 
 @deployed
@@ -161,12 +168,20 @@ def test_two_aflora_rounds_on_three_authenticated_supernodes(deployment):
 
 
 @deployed
-def test_each_client_worker_loaded_the_model_once_for_the_run(deployment):
-    """Flower starts a ClientApp process per message (3 rounds of train and evaluate here); the model is loaded
-    once per node, in its client worker, as in simulation."""
+def test_each_client_worker_loaded_the_model_once_per_run(deployment):
+    """Flower starts a ClientApp process per message (3 rounds, then 1); the model is loaded once per node and
+    run, in its client worker, as in simulation."""
     for worker in deployment.federation.workers:
         built = [line for line in Path(worker.log).read_text().splitlines() if "client runtime built" in line]
-        assert len(built) == 1, f"{worker.name}: {built}"
+        assert len(built) == 2, f"{worker.name}: {built}"
+
+
+@deployed
+def test_a_superlink_killed_between_runs_is_started_again_for_the_next(deployment):
+    assert deployment.federation.restarts == {"superlink": 1}
+    assert Path(f"{deployment.federation.superlink.log}.1").is_file()  # the killed one's log, kept
+    run = deployment.after_restart
+    assert [r["round"] for r in run["rounds"]] == [1] and set(run["rounds"][0]["clients"]) == {0, 1, 2}
 
 
 @deployed
@@ -222,8 +237,10 @@ def _newest_run_log(layout: Layout, after: set[Path]) -> Path | None:
 @pytest.fixture(scope="module")
 def ten_nodes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ten-nodes")
+    # All ten train messages at once: tiny clients need little memory, and one at a time (the default on a shared
+    # machine) makes every round ten message transits of ~5 s.
     ten = (f"federation.num_clients={TEN}", "federation.client_ranks=[8,8,6,6,4,4,2,2,2,2]", "engine.connect_timeout=180",
-           "engine.round_timeout=120")
+           "engine.round_timeout=120", f"engine.max_in_flight={TEN}")
     config = tiny_config(folder / "data", *ten, "rounds=3")
     state = folder / "state"
     layout = Layout(state.resolve())

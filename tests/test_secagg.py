@@ -176,6 +176,16 @@ class InlineGrid:
                 replies.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=message))
         return replies
 
+    def push_messages(self, messages):  # answered at once; pull_messages hands the answers out
+        self.answered = getattr(self, "answered", {})
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{len(self.answered)}"
+            self.answered[message.metadata.message_id] = self.send_and_receive([message])[0]
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        return [self.answered.pop(i) for i in list(message_ids) if i in self.answered]
+
 
 def test_secaggplus_with_a_dropout_matches_plain_aggregation_of_the_same_uploads(tmp_path, monkeypatch):
     """Flower's SecAgg+ end to end: round 2 loses client 1 after its weight was sent; every round's B_global

@@ -21,6 +21,7 @@ from .flower_cli import (
     flwr,
     flwr_json,
     list_nodes,
+    port_is_free,
     register_node,
     start_client_worker,
     start_superlink,
@@ -122,6 +123,7 @@ def up(config: ExperimentConfig, state: Path, *, timeout: float = STARTUP_TIMEOU
     port = free_port()
     address = f"127.0.0.1:{port}"
     write_flower_home(layout, address)
+    layout.superlink_database.unlink(missing_ok=True)  # a new federation: keys and node ids of an old one are void
     log.info("starting the SuperLink on %s (TLS, SuperNode authentication)", address)
     federation = Federation(root=str(layout.root), address=address, partitions=partitions,
                             superlink=start_superlink(layout, port, timeout=timeout))
@@ -171,9 +173,13 @@ def submit(config: ExperimentConfig, out: Path, state: Path, *, timeout: float =
     """`flwr run` one experiment on the federation that is up in `state`; wait for it; its results.json."""
     layout = Layout(state.resolve())
     federation = Federation.load(layout.root)
-    if federation is None or not is_running(federation.superlink):
-        raise FederationError(f"no federation is up in {layout.root}; start one with `aflora federation up --state {state}`"
-                              + (" (its SuperLink has exited: `aflora federation down` clears what is left)" if federation else ""))
+    if federation is None:
+        raise FederationError(f"no federation is up in {layout.root}; start one with `aflora federation up --state {state}`")
+    if not is_running(federation.superlink):
+        if not any(is_running(node) for node in federation.supernodes):
+            raise FederationError(f"the federation in {layout.root} has stopped (its SuperLink and SuperNodes have exited); "
+                                  f"start a new one with `aflora federation up --state {state}`")
+        restart_superlink(layout, federation)
     restart_exited_clients(layout, federation, during="the submission")
     if config.federation.num_clients != federation.partitions:
         raise FederationError(f"the experiment has federation.num_clients={config.federation.num_clients}, but the federation "
@@ -245,6 +251,22 @@ def _wait_for_run(layout: Layout, federation: Federation, run_id: int, echoed: L
         time.sleep(3.0)
 
 
+def restart_superlink(layout: Layout, federation: Federation) -> None:
+    """Start an exited SuperLink again on its port, from its database, while its SuperNodes wait: they keep
+    retrying and reconnect under their registered keys. A run it was serving is lost (its ServerApp ran inside it)."""
+    log.warning("the SuperLink (%s) has exited; starting it again from %s. The end of its log (%s):\n%s",
+                federation.address, layout.superlink_database, federation.superlink.log,
+                log_tail(federation.superlink.log, 8))
+    Path(federation.superlink.log).replace(f"{federation.superlink.log}.{federation.restarts.get('superlink', 0) + 1}")
+    port = int(federation.address.rsplit(":", 1)[1])
+    wait_until(lambda: port_is_free(port), timeout=60.0, poll_seconds=1.0, what=f"port {port} to be released",
+               hint="the SuperNodes know the SuperLink by this port; stop whatever holds it")
+    federation.superlink = start_superlink(layout, port)
+    federation.restarts["superlink"] = federation.restarts.get("superlink", 0) + 1
+    federation.save()
+    wait_nodes_online(layout, federation)
+
+
 MAX_RESTARTS = 3  # per client process of a federation: a node that keeps dying is a fault to report, not to hide
 
 
@@ -311,7 +333,7 @@ def run_once(config: ExperimentConfig, out: Path, state: Path, *, timeout: float
     """`submit` to the federation that is up in `state`, or to a new one that is stopped afterwards."""
     refuse_finished_run(out, overwrite)
     federation = Federation.load(state.resolve())
-    if federation is not None and is_running(federation.superlink):
+    if federation is not None and any(is_running(p) for p in [federation.superlink, *federation.supernodes]):
         return submit(config, out, state, timeout=timeout, echo=echo, overwrite=overwrite)
     up(config, state)
     try:

@@ -119,12 +119,11 @@ def write_experiment(config: ExperimentConfig, path: Path) -> Path:
 
 
 def start_superlink(layout: Layout, port: int, *, timeout: float = STARTUP_TIMEOUT_SECONDS) -> Process:
-    """`flower-superlink` with TLS and SuperNode authentication on 127.0.0.1:<port>; returns once it accepts
-    connections."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        if probe.connect_ex(("127.0.0.1", port)) == 0:  # else a stranger's listener would pass for our SuperLink
-            raise FederationError(f"port {port} on 127.0.0.1 is already taken by another process; stop it, or let "
-                                  "`aflora federation up` pick a free port again")
+    """`flower-superlink` with TLS and SuperNode authentication on 127.0.0.1:<port>, its state in the state folder's
+    database (so a restarted SuperLink still knows the registered nodes); returns once it accepts connections."""
+    if not port_is_free(port):  # else a stranger's listener would pass for our SuperLink in `accepting` below
+        raise FederationError(f"port {port} on 127.0.0.1 is already taken by another process; stop it, or let "
+                              "`aflora federation up` pick a free port again")
     certs = layout.certs.resolve()
     cmd = [
         executable("flower-superlink"),
@@ -133,6 +132,7 @@ def start_superlink(layout: Layout, port: int, *, timeout: float = STARTUP_TIMEO
         "--ssl-keyfile", str(certs / "server.key"),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
+        "--database", str(layout.superlink_database.resolve()),  # registered keys and runs outlive a restart
         "--host", "127.0.0.1", "--port", str(port),
     ]
     process = spawn("superlink", cmd, layout.logs / "superlink.log", flower_env(layout))
@@ -150,6 +150,19 @@ def start_superlink(layout: Layout, port: int, *, timeout: float = STARTUP_TIMEO
         stop(process)
         raise
     return process
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:<port> now. Bound, not connected to: a connect to a free port
+    on 127.0.0.1 can meet itself (TCP self-connect). A killed server's connections hold its port for a moment
+    (FIN-WAIT-2) even with SO_REUSEADDR."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def register_node(layout: Layout, public_key: Path) -> int:

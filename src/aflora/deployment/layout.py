@@ -44,6 +44,10 @@ class Layout:
         return self.root / STATE_FILE
 
     @property
+    def superlink_database(self) -> Path:
+        return self.root / "superlink.db"
+
+    @property
     def experiment(self) -> Path:
         return self.root / EXPERIMENT_FILE
 

@@ -86,8 +86,8 @@ def send_in_waves(grid: Grid, messages: Iterable[Message], max_in_flight: int, t
     pending, replies = iter(messages), []
     while wave := list(itertools.islice(pending, max_in_flight or None)):
         answers = grid.send_and_receive(wave, timeout=max(deadline - time.monotonic(), 0.0))
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in wave}  # ids exist once pushed
-        replies.extend((r, sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)) for r in answers)
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in wave if m.metadata.message_id}  # set once pushed
+        replies.extend((r, sent_to.get(r.metadata.reply_to_message_id) or r.metadata.src_node_id) for r in answers)
     return replies
 
 
