@@ -37,11 +37,20 @@ REPO = Path(__file__).resolve().parents[1]
         ("aflora.ddr=yes", "aflora.ddr must be of type bool"),
         ("hetlora.keep_ratio=1.5", r"hetlora.keep_ratio must lie in \(0, 1\)"),
         ("rounds", "is not of the form key=value"),
+        ("data.final_eval_size=most", r'final_eval_size must be a number of test rows \(e.g. 2000\), "all" or "eval_size", got \'most\''),
+        ("data.final_eval_size=0", "data.final_eval_size must be a number of test rows"),
     ],
 )
 def test_bad_config_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_final_eval_size_takes_a_number_all_or_eval_size():
+    rows = {value: load_config(None, ["data.eval_size=300", f"data.final_eval_size={value}"]).data.final_eval_rows()
+            for value in ("2000", '"all"', '"ALL"', '"eval_size"')}
+    assert rows == {"2000": 2000, '"all"': 0, '"ALL"': 0, '"eval_size"': 300}
+    assert load_config(None).data.final_eval_rows() == 200  # the default: the per-round rows again
 
 
 def test_malformed_and_missing_config_files(tmp_path):

@@ -10,13 +10,15 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from aflora.cli import main
 from aflora.compare import Entry, compare_table, parse_entries, parse_entry, parse_seeds, plan_comparison
-from aflora.compare_table import COLUMNS, csv_columns, summarize, write_csv, write_markdown, write_plots
+from aflora.compare_table import COLUMNS, csv_columns, markdown_table, summarize, write_csv, write_markdown, write_plots
 from aflora.config import ConfigError, load_config, parse_override
 from aflora.data import DataError
+from aflora.intervals import pack_bits, t_interval, wilson_interval
 from aflora.tomlwrite import toml_literal
 
 from helpers import write_tiny_config_toml
@@ -77,8 +79,16 @@ def test_toml_literal_parses_back_exactly(value):
 def fake_run(method: str, seed: int, *, accuracy: float | None, loss: float = 1.0, best: float | None = None,
              cost_pct: float = 0.1, uplink: list[int] = (MIB, MIB), round_seconds: list[float] = (1.0, 3.0),
              aggregation_seconds: list[float] = (0.01, 0.03), server_seconds: list[float | None] = (None, None),
-             errors: list[float | None] = (None, None), eval_uplink: int = 0, extra: dict | None = None) -> dict:
-    """A results.json dict with just the fields the table reads."""
+             errors: list[float | None] = (None, None), eval_uplink: int = 0, extra: dict | None = None,
+             correct: list[bool] | None = None, rows_id: str | None = None) -> dict:
+    """A results.json dict with just the fields the table reads. `correct`: the final evaluation's per-row outcomes
+    (the accuracy is then theirs); `rows_id` stands for the hash of the rows it scored (default: the seed's own)."""
+    final_eval = {"rows_sha256": rows_id or f"rows of seed {seed}", "rows": 200, "test_rows": 7600, "accuracy": accuracy,
+                  "loss": loss}
+    if correct is not None:
+        accuracy = sum(correct) / len(correct)
+        final_eval |= {"rows": len(correct), "accuracy": accuracy, "correct": pack_bits(correct),
+                       "accuracy_ci95": wilson_interval(sum(correct), len(correct)).as_list()}
     rounds = [
         {"round": i + 1, "accuracy": accuracy, "loss": loss, "uplink_bytes": {"0": up // 2, "1": up - up // 2},
          "round_seconds": rs, "aggregation_seconds": ag, "server_seconds": ss, "aggregation_error": er,
@@ -89,7 +99,8 @@ def fake_run(method: str, seed: int, *, accuracy: float | None, loss: float = 1.
         "method": method, "seed": seed, "initial": {"accuracy": None if accuracy is None else 0.25, "loss": 2.0},
         "rounds": rounds,
         "final": {"accuracy": accuracy, "loss": loss, "best_accuracy": best, "client_cost_pct": cost_pct,
-                  "uplink_bytes_total": sum(uplink)},
+                  "uplink_bytes_total": sum(uplink), "accuracy_ci95": final_eval.get("accuracy_ci95"), "eval_rows": final_eval["rows"]},
+        "final_eval": final_eval,
     }
 
 
@@ -145,19 +156,24 @@ def test_instruction_tasks_compare_final_loss():
     assert rows[0].stats["best_accuracy"].mean is None
 
 
-def test_extra_benchmarks_get_a_column_of_their_last_round(tmp_path):
+def test_extra_benchmarks_get_a_column_of_their_final_evaluation(tmp_path):
     runs = {
         "aflora": [fake_run("aflora", s, accuracy=None, extra={"mmlu/accuracy": [0.2, a]}) for s, a in ((0, 0.30), (1, 0.40))],
         "fedit": [fake_run("fedit", 0, accuracy=None)],  # scored no extra benchmark: blank, not 0
+        "flora": [fake_run("flora", 0, accuracy=None, extra={"mmlu/accuracy": [0.2, 0.3]})],
     }
+    # the final evaluation's score (on data.final_eval_size rows) wins over the last round's, with its Wilson interval
+    runs["flora"][0]["final_eval"]["extra"] = {"mmlu": {"accuracy": 0.25, "accuracy_ci95": [0.2, 0.3], "loss": 1.0}}
     rows = summarize(runs)
-    aflora, fedit = rows
+    aflora, fedit, flora = rows
     assert (aflora.stats["final_mmlu/accuracy"].mean, aflora.stats["final_mmlu/accuracy"].std) == pytest.approx(mean_std([0.30, 0.40]))
     assert fedit.stats["final_mmlu/accuracy"].mean is None
+    assert (flora.stats["final_mmlu/accuracy"].mean, flora.stats["final_mmlu/accuracy"].low) == (0.25, 0.2)
     md = write_markdown(rows, tmp_path / "comparison.md", header=[]).read_text()
     header = next(line for line in md.splitlines() if line.startswith("| entry | seeds"))
-    assert header.strip("|").split("|")[-1].strip() == "final mmlu/accuracy"
-    assert "| 0.3500 ± 0.0707 |" in md
+    assert header.strip("|").split("|")[-1].strip() == "final mmlu/accuracy [95 % CI]"
+    t = t_interval([0.30, 0.40])
+    assert f"| 0.3500 [{t.low:.4f}, {t.high:.4f}] |" in md and "| 0.2500 [0.2000, 0.3000] |" in md
     with write_csv(rows, tmp_path / "comparison.csv").open() as handle:
         records = list(csv.DictReader(handle))
     assert float(records[0]["final_mmlu/accuracy_mean"]) == pytest.approx(0.35)
@@ -172,11 +188,13 @@ def test_markdown_and_csv_have_one_row_per_label(runs, tmp_path):
     assert [line.split("|")[1].strip() for line in table[:3]] == ["`aflora`", "`fedit`", "`fedsa_lora`"]
     header = next(line for line in md.splitlines() if line.startswith("| entry | seeds"))
     titles = [t.strip() for t in header.strip("|").split("|")]
-    assert titles == ["entry", "seeds", "final accuracy", "best accuracy", "client cost %", "uplink MiB", "round s",
-                      "aggregation s", "server step s", "aggregation error", "eval-only uplink MiB"]
+    assert titles == ["entry", "seeds", "final accuracy [95 % CI]", "best accuracy [95 % CI]", "client cost %", "uplink MiB",
+                      "round s", "aggregation s", "server step s", "aggregation error", "eval-only uplink MiB"]
     cells = dict(zip(titles, (c.strip() for c in table[0].strip("|").split("|"))))
     mean, std = mean_std([0.70, 0.60, 0.65])
-    assert cells["final accuracy"] == f"{mean:.4f} ± {std:.4f}"
+    t = t_interval([0.70, 0.60, 0.65])  # mean ± 4.303 · std / √3
+    assert cells["final accuracy [95 % CI]"] == f"{mean:.4f} [{t.low:.4f}, {t.high:.4f}]"
+    assert cells["client cost %"] == "{:.4f} ± {:.4f}".format(*mean_std([0.20, 0.10, 0.15]))  # not an accuracy: ± std
     assert cells["seeds"] == "3"
     fedit = dict(zip(titles, (c.strip() for c in table[1].strip("|").split("|"))))
     assert fedit["aggregation error"] == "" and fedit["eval-only uplink MiB"] == "0.000 ± 0.000"
@@ -191,19 +209,123 @@ def test_markdown_and_csv_have_one_row_per_label(runs, tmp_path):
     assert [r["label"] for r in records] == ["aflora", "fedit", "fedsa_lora"]
     assert records[0]["seeds"] == "0 1 2" and float(records[0]["final_mean"]) == pytest.approx(mean)
     assert records[1]["aggregation_error_mean"] == "" and records[1]["aggregation_error_std"] == ""
+    assert float(records[0]["final_ci95_low"]) == pytest.approx(t.low) and float(records[0]["final_ci95_high"]) == pytest.approx(t.high)
+    assert records[0]["reference"] == records[0]["verdict"] == "" and records[0]["eval_rows"] == "200"
 
 
 def test_one_seed_shows_no_std_and_zero_eval_uplink_is_left_out(runs, tmp_path):
     rows = summarize({label: seeds[:1] for label, seeds in runs.items() if label != "fedsa_lora"})
     md = write_markdown(rows, tmp_path / "comparison.md", header=[]).read_text()
-    assert "±" not in md.split("Mean ±")[0]
+    assert "±" not in "\n".join(markdown_table(rows))
     assert "eval-only uplink" not in md and "per seed" not in md
-    assert "| `aflora` | 1 | 0.7000 | 0.7200 |" in md
+    assert "| `aflora` | 1 | 0.7000 | 0.7200 |" in md  # runs made before results.json had intervals: the values alone
 
 
-def test_overlay_plots_with_seed_bands(runs, tmp_path):
-    for path in write_plots(runs, tmp_path):
+def test_one_seed_shows_the_wilson_interval_of_its_final_evaluation(tmp_path):
+    correct = [True] * 150 + [False] * 50
+    rows = summarize({"fedit": [fake_run("fedit", 0, accuracy=None, correct=correct)]})
+    final = rows[0].stats["final"]
+    assert (final.mean, final.low, final.high) == (0.75, *wilson_interval(150, 200).as_list())
+    assert "| `fedit` | 1 | 0.7500 [0.6857, 0.8049] |" in write_markdown(rows, tmp_path / "c.md", header=[]).read_text()
+
+
+def test_overlay_and_pareto_plots_with_interval_bands(runs, tmp_path):
+    paths = write_plots(runs, summarize(runs), tmp_path)
+    assert [p.name for p in paths] == ["accuracy.png", "uplink.png", "pareto.png"]
+    for path in paths:
         assert path.stat().st_size > 1000
+
+
+def test_the_pareto_front_keeps_the_points_nothing_cheaper_beats():
+    from aflora.plots import ParetoPoint, pareto_front
+
+    points = [ParetoPoint(name, cost, acc, None, None) for name, cost, acc in
+              [("a", 0.07, 0.76), ("b", 0.17, 0.79), ("c", 0.17, 0.78), ("d", 0.41, 0.80), ("e", 0.69, 0.77)]]
+    assert [p.label for p in pareto_front(points)] == ["a", "b", "d"]
+    assert [p.label for p in pareto_front(points, higher_is_better=False)] == ["a"]  # a loss: lower is better
+
+
+# ---------------------------------------------------------------------------- paired differences to a reference
+def one_seed(label: str, correct, seed: int = 0) -> list[dict]:
+    return [fake_run(label, seed, accuracy=None, correct=list(map(bool, correct)), rows_id="the same 2000 rows")]
+
+
+def test_with_one_seed_the_difference_is_a_paired_bootstrap_over_the_shared_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    reference = rng.random(2000) < 0.70
+    runs = {
+        "aflora": one_seed("aflora", reference),
+        "better": one_seed("better", reference | (rng.random(2000) < 0.15)),  # right wherever aflora is, and on more rows
+        "worse": one_seed("worse", reference & (rng.random(2000) < 0.9)),
+        "twin": one_seed("twin", reference),
+    }
+    rows = {row.label: row for row in summarize(runs, "aflora")}
+    assert (rows["aflora"].verdict, rows["aflora"].difference) == ("reference", None)
+    assert [rows[label].verdict for label in ("better", "worse", "twin")] == ["ahead", "behind", "level"]
+    better = rows["better"]
+    assert better.difference.estimate == pytest.approx(better.stats["final"].mean - rows["aflora"].stats["final"].mean)
+    assert better.difference.low > 0 and better.paired_on == "2000 rows of seed 0, bootstrap"
+
+    table = markdown_table(list(rows.values()))
+    titles = [t.strip() for t in table[0].strip("|").split("|")]
+    assert titles[2:5] == ["final accuracy [95 % CI]", "Δ accuracy vs `aflora` [95 % CI]", "vs `aflora`"]
+    d = better.difference
+    assert f"| {d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | ahead |" in table[3] and "| — | reference |" in table[2]
+    md = write_markdown(list(rows.values()), tmp_path / "comparison.md", header=[]).read_text()
+    assert "`better`: 2000 rows of seed 0, bootstrap" in md and "excludes 0" in md
+    with write_csv(list(rows.values()), tmp_path / "comparison.csv").open() as handle:
+        records = {r["label"]: r for r in csv.DictReader(handle)}
+    assert records["better"]["reference"] == "aflora" and records["better"]["verdict"] == "ahead"
+    assert float(records["better"]["difference_ci95_low"]) == pytest.approx(d.low)
+
+
+def test_over_seeds_the_difference_is_the_t_interval_of_the_per_seed_differences():
+    runs = {"aflora": [fake_run("aflora", s, accuracy=a) for s, a in ((0, 0.70), (1, 0.60), (2, 0.65))],
+            "fedit": [fake_run("fedit", s, accuracy=a) for s, a in ((0, 0.75), (1, 0.66), (2, 0.69))]}
+    row = summarize(runs, "aflora")[1]
+    t = t_interval([0.05, 0.06, 0.04])
+    assert (row.difference.estimate, row.difference.low, row.difference.high) == pytest.approx((t.estimate, t.low, t.high))
+    assert (row.verdict, row.paired_on) == ("ahead", "3 seeds, t")  # the seeds' spread of 0.05 cancels in the pairs
+    runs["fedit"].append(fake_run("fedit", 3, accuracy=0.9))
+    assert summarize(runs, "aflora")[1].paired_on == "3 seeds, t, 1 unpaired seed(s) left out"
+    losses = {"fedit": [fake_run("fedit", s, accuracy=None, loss=v) for s, v in ((0, 2.0), (1, 2.2))],
+              "flora": [fake_run("flora", s, accuracy=None, loss=v) for s, v in ((0, 1.5), (1, 1.71))]}
+    assert summarize(losses, "fedit")[1].verdict == "ahead"  # a lower loss in both seeds, by about the same
+    single = {"fedit": [fake_run("fedit", 0, accuracy=None, loss=2.0)], "flora": [fake_run("flora", 0, accuracy=None, loss=1.5)]}
+    row = summarize(single, "fedit")[1]
+    assert (row.difference, row.verdict) == (None, "") and "no per-row outcomes" in row.paired_on
+
+
+def test_runs_scored_on_different_rows_are_never_paired():
+    runs = {"aflora": [fake_run("aflora", 0, accuracy=0.7, rows_id="200 rows")],
+            "fedit": [fake_run("fedit", 0, accuracy=0.8, rows_id="2000 rows")]}
+    summarize(runs)  # without a reference nothing is paired
+    with pytest.raises(ConfigError, match=r"cannot pair `fedit` seed 0 with the reference `aflora` seed 0: their final "
+                                          r"evaluations scored different test rows .*data.final_eval_size"):
+        summarize(runs, "aflora")
+    del runs["fedit"][0]["final_eval"]
+    with pytest.raises(ConfigError, match=r"results.json of \['fedit'\] records no final evaluation .*--overwrite"):
+        summarize(runs, "aflora")
+    with pytest.raises(ConfigError, match=r"`fedit` \(seeds \[1\]\) shares no seed with the reference `aflora` \(seeds \[0\]\)"):
+        summarize({"aflora": runs["aflora"], "fedit": [fake_run("fedit", 1, accuracy=0.8)]}, "aflora")
+
+
+def test_the_tables_intervals_cover_known_answers_on_synthetic_runs():
+    """Through summarize, as `aflora compare` computes them: on synthetic runs with known accuracies (0.70 and 0.65,
+    on shared rows), one seed's Wilson interval and the paired Δ cover the truth about 95 % of the time; over 3 seeds
+    whose true accuracy moves with the seed, so does the t-interval of the mean."""
+    rng = np.random.default_rng(21)
+    wilson, paired, over_seeds = [], [], []
+    for _ in range(300):
+        kind = rng.choice(4, size=500, p=[0.60, 0.10, 0.05, 0.25])
+        rows = summarize({"ref": one_seed("ref", (kind == 0) | (kind == 2)), "entry": one_seed("entry", (kind == 0) | (kind == 1))}, "ref")
+        wilson.append(rows[1].stats["final"].low <= 0.70 <= rows[1].stats["final"].high)
+        paired.append(rows[1].difference.low <= 0.05 <= rows[1].difference.high)
+        seeds = [fake_run("m", s, accuracy=None, correct=rng.random(300) < 0.70 + rng.normal(0, 0.02)) for s in range(3)]
+        final = summarize({"m": seeds})[0].stats["final"]
+        over_seeds.append(final.low <= 0.70 <= final.high)
+    for hits in (wilson, paired, over_seeds):
+        assert 0.92 <= sum(hits) / len(hits) <= 0.98
 
 
 # ---------------------------------------------------------------------------- validation before any run
@@ -270,12 +392,15 @@ def test_cli_fails_fast_naming_the_entry(tiny_toml, tmp_path, monkeypatch, capsy
 # ---------------------------------------------------------------------------- published experiments as files
 REPO = Path(__file__).resolve().parents[1]
 # Each file is configs/default.toml plus the --set lines docs/reproduction.md gave before the experiments became files.
+# The published studies score 2,000 test rows in the final evaluation (the default re-scores the per-round rows).
+FINAL = "data.final_eval_size=2000"
 EXPERIMENTS = {
-    "table2_ag_news.toml": ([], "aflora,fedit,ffa_lora,fedsa_lora,flora,flexlora,hetlora,legend"),
-    "table1_financial.toml": (['data.dataset="fingpt_sentiment"', 'data.partition="iid"'], "aflora,fedit,flora,flexlora,hetlora,legend"),
-    "fig3_ablations.toml": ([], "aflora,aflora:ddr=false,aflora:server_tuning=false,aflora:rank_aware_weights=false"),
+    "table2_ag_news.toml": ([FINAL], "aflora,fedit,ffa_lora,fedsa_lora,flora,flexlora,hetlora,legend"),
+    "table1_financial.toml": (['data.dataset="fingpt_sentiment"', 'data.partition="iid"', FINAL],
+                              "aflora,fedit,flora,flexlora,hetlora,legend"),
+    "fig3_ablations.toml": ([FINAL], "aflora,aflora:ddr=false,aflora:server_tuning=false,aflora:rank_aware_weights=false"),
     "fig4_dolly.toml": (['data.dataset="dolly"', 'data.partition="fedit_epsilon"', "data.epsilon=0.2", "federation.sample_fraction=0.2",
-                         'data.extra_eval=["mmlu"]', "data.eval_size=100"], "aflora,fedit,flexlora"),
+                         'data.extra_eval=["mmlu"]', "data.eval_size=100", FINAL], "aflora,fedit,flexlora"),
 }
 
 
@@ -284,27 +409,28 @@ def test_each_published_experiment_is_a_file_with_its_entries_and_seeds(name):
     sets, methods = EXPERIMENTS[name]
     path = REPO / "configs" / name
     assert load_config(path).to_dict() == load_config(REPO / "configs" / "default.toml", sets).to_dict()
-    assert compare_table(path) == (methods, "0,1,2")
+    assert compare_table(path) == (methods, "0,1,2", "aflora")
     parse_entries(methods)  # every entry is valid
 
 
 def test_every_config_file_loads():
     for path in sorted((REPO / "configs").glob("*.toml")):
         load_config(path)
-        entries, seeds = compare_table(path)
+        entries, seeds, reference = compare_table(path)
         if entries:
-            parse_entries(entries), parse_seeds(seeds or "0")
+            assert reference is None or reference in [e.label for e in parse_entries(entries)]
+            parse_seeds(seeds or "0")
 
 
 def test_compare_table_is_checked_and_optional(tiny_toml, tmp_path):
-    assert compare_table(tiny_toml) == (None, None) and compare_table(None) == (None, None)
+    assert compare_table(tiny_toml) == (None, None, None) and compare_table(None) == (None, None, None)
     base = tiny_toml.read_text()
     path = tmp_path / "experiment.toml"
-    path.write_text(base + '\n[compare]\nmethods = ["fedit", "aflora:ddr=false"]\n')
-    assert compare_table(path) == ("fedit,aflora:ddr=false", None)
+    path.write_text(base + '\n[compare]\nmethods = ["fedit", "aflora:ddr=false"]\nreference = "fedit"\n')
+    assert compare_table(path) == ("fedit,aflora:ddr=false", None, "fedit")
     assert load_config(path).method == load_config(tiny_toml).method  # `aflora run` reads the same file
     for bad, message in [('methods = "fedit"', "methods must be a non-empty list"), ("seeds = [0, 1.5]", "seeds must be"),
-                         ('method = ["fedit"]', "takes only methods and seeds")]:
+                         ('method = ["fedit"]', "takes only methods, seeds and reference"), ("reference = 1", "reference must name")]:
         path.write_text(base + f"\n[compare]\n{bad}\n")
         with pytest.raises(ConfigError, match=message):
             compare_table(path)
@@ -312,23 +438,30 @@ def test_compare_table_is_checked_and_optional(tiny_toml, tmp_path):
 
 def test_cli_takes_entries_and_seeds_from_the_config(tiny_toml, tmp_path, monkeypatch):
     path = tmp_path / "experiment.toml"
-    path.write_text(tiny_toml.read_text() + '\n[compare]\nmethods = ["fedit", "ffa_lora"]\nseeds = [3, 4]\n')
+    path.write_text(tiny_toml.read_text() + '\n[compare]\nmethods = ["fedit", "ffa_lora"]\nseeds = [3, 4]\nreference = "ffa_lora"\n')
     planned = {}
 
     def fake_run(plan, *, command):
-        planned["runs"] = [(r.entry.label, r.seed) for r in plan.runs]
+        planned["runs"], planned["reference"] = [(r.entry.label, r.seed) for r in plan.runs], plan.reference
         return []
 
     monkeypatch.setattr("aflora.compare.run_comparison", fake_run)
-    for extra, expected in [([], [("fedit", 3), ("ffa_lora", 3), ("fedit", 4), ("ffa_lora", 4)]),
-                            (["--methods", "fedit", "--seeds", "0"], [("fedit", 0)])]:  # the command line wins
+    for extra, expected, reference in [
+        ([], [("fedit", 3), ("ffa_lora", 3), ("fedit", 4), ("ffa_lora", 4)], "ffa_lora"),
+        (["--methods", "fedit", "--seeds", "0"], [("fedit", 0)], None),  # the command line wins; the file's reference is not run
+        (["--seeds", "0", "--reference", "fedit"], [("fedit", 0), ("ffa_lora", 0)], "fedit"),
+    ]:
         monkeypatch.setattr(sys, "argv", ["aflora", "compare", "--config", str(path), "--out", str(tmp_path / "out"), *extra])
         main()
-        assert planned["runs"] == expected
-    monkeypatch.setattr(sys, "argv", ["aflora", "compare", "--config", str(tiny_toml), "--out", str(tmp_path / "out")])
-    with pytest.raises(SystemExit) as exit_:  # no --methods and no [compare] table: told how to give them
-        main()
-    assert exit_.value.code == 2
+        assert (planned["runs"], planned["reference"]) == (expected, reference)
+    for config, extra in [(tiny_toml, []),  # no --methods and no [compare] table: told how to give them
+                          (path, ["--reference", "flora"])]:  # not an entry
+        monkeypatch.setattr(sys, "argv", ["aflora", "compare", "--config", str(config), "--out", str(tmp_path / "out"), *extra])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == 2
+    with pytest.raises(ConfigError, match=r"--reference 'flora' is not one of the entries \['fedit'\]"):
+        plan_comparison(tiny_toml, [], parse_entries("fedit"), [0], tmp_path / "out", reference="flora")
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -342,7 +475,8 @@ def test_compare_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
     config = write_tiny_config_toml(tmp_path / "data")
     out = tmp_path / "cmp"
     entries = ["aflora", "fedit", "ffa_lora"]
-    argv = ["aflora", "compare", "--config", str(config), "--methods", ",".join(entries), "--seeds", "0", "--out", str(out)]
+    argv = ["aflora", "compare", "--config", str(config), "--methods", ",".join(entries), "--seeds", "0", "--out", str(out),
+            "--reference", "aflora"]
     monkeypatch.setattr(sys, "argv", argv)
     main()
 
@@ -350,6 +484,7 @@ def test_compare_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
         run = json.loads((out / label / "seed0" / "results.json").read_text())
         assert [r["round"] for r in run["rounds"]] == [1, 2]
         assert run["method"] == label and run["seed"] == 0
+        assert run["final_eval"]["rows"] == 32 and run["final"]["accuracy"] == run["final_eval"]["accuracy"]
         assert (out / label / "seed0" / "rounds.csv").is_file() and (out / label / "seed0" / "accuracy.png").is_file()
     with (out / "comparison.csv").open() as handle:
         assert [r["label"] for r in csv.DictReader(handle)] == entries
@@ -358,7 +493,9 @@ def test_compare_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
     assert "rounds: 2 · local steps: 2" in md and "CPUs" in md
     assert sum(line.startswith("| `") for line in md.splitlines()) == len(entries)
     assert "| `fedit` | 1 |" in capsys.readouterr().out  # the table is printed too
-    for plot in ("accuracy.png", "uplink.png"):
+    assert "| Δ accuracy vs `aflora` [95 % CI] | vs `aflora` |" in md and "`fedit`: 32 rows of seed 0, bootstrap" in md
+    assert "in the final evaluation: all" in md
+    for plot in ("accuracy.png", "uplink.png", "pareto.png"):
         assert (out / plot).stat().st_size > 1000
 
     stamps = {label: (out / label / "seed0" / "results.json").stat().st_mtime_ns for label in entries}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from aflora.config import load_config
+from aflora.intervals import unpack_bits
 from aflora.runtime import prepare_workload
 
 from helpers import run_inline
@@ -49,3 +52,9 @@ def test_dolly_round_trains_on_responses_and_scores_mmlu(data_dir):
     assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0
     assert metrics["mmlu/accuracy"] in {k / 12 for k in range(13)}
     assert server.method.round_merge() is not None  # the round's update was merged into the base
+
+    final = server.evaluate_final()  # the default final_eval_size: the per-round rows, extra benchmark included
+    assert final["accuracy"] is None and "correct" not in final and final["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
+    mmlu = final["extra"]["mmlu"]
+    assert mmlu["rows"] == 12 and mmlu["accuracy"] == pytest.approx(metrics["mmlu/accuracy"])
+    assert len(unpack_bits(mmlu["correct"], 12)) == 12 and mmlu["accuracy_ci95"][0] <= mmlu["accuracy"] <= mmlu["accuracy_ci95"][1]

@@ -77,3 +77,30 @@ def test_a_method_added_in_one_class_and_one_registration_runs_and_reports_its_o
     assert record.method_diagnostics["b_norm"] > 0 and record.aggregation_error > 0
     as_json = {"rounds": [{"method_diagnostics": record.method_diagnostics}]}
     assert _round_mean("b_norm")(as_json) == record.method_diagnostics["b_norm"]
+
+
+def test_the_final_evaluation_scores_data_final_eval_size_rows_once_after_the_last_round(tmp_path, caplog):
+    """Its accuracy is results.json's final one, with a Wilson interval and every row's outcome; with the default
+    ("eval_size") it scores the per-round rows again, so it agrees with the last round."""
+    from aflora.intervals import expand_indices, unpack_bits, wilson_interval
+
+    config = tiny_config(tmp_path)
+    server, transport = ServerRuntime(config), InProcessTransport(ClientRuntime(config))
+    record = empty_record(config)
+    run_rounds(server, transport, record, 1, 2)
+    record.finish(wall_seconds=1.0, final_ranks={})
+    final = record.final_eval
+    assert (final["rows"], final["test_rows"], final["row_indices"]) == (32, 32, "0-31")  # eval_size 0: every test row
+    correct = unpack_bits(final["correct"], final["rows"])
+    assert final["accuracy"] == sum(correct) / 32 == record.rounds[-1].accuracy == record.final["accuracy"]
+    assert record.final["accuracy_ci95"] == final["accuracy_ci95"] == wilson_interval(sum(correct), 32).as_list()
+    assert record.rounds[-1].accuracy_ci95 == final["accuracy_ci95"] and record.initial["accuracy_ci95"][0] <= record.initial["accuracy"]
+    assert record.final["eval_rows"] == 32 and final["extra"] == {}
+
+    larger = ServerRuntime(tiny_config(tmp_path / "b", "data.eval_size=8", 'data.final_eval_size="20"'))
+    assert len(larger.workload.test_rows) == 8
+    final = larger.evaluate_final()
+    assert final["rows"] == 20 and len(expand_indices(final["row_indices"])) == 20 and len(unpack_bits(final["correct"], 20)) == 20
+    with caplog.at_level("WARNING", logger="aflora.runtime.workload"):
+        assert ServerRuntime(tiny_config(tmp_path / "c", "data.final_eval_size=5000")).workload.final_test.indices == list(range(32))
+    assert "data.final_eval_size = 5000, but" in caplog.text and "all of them" in caplog.text

@@ -93,18 +93,24 @@ def compare(
     data_dir: DataDirOption = None,
     overwrite: Annotated[bool, typer.Option(
         help="Run again the runs whose results.json is already in --out (default: reuse them)")] = False,
+    reference: Annotated[str | None, typer.Option(
+        "--reference", help="An entry (e.g. aflora) every other one is compared with on the same seeds and test rows: the "
+                            "difference, its 95 % interval and ahead / level / behind (default: the config's [compare] reference)")] = None,
 ) -> None:
     """Run several methods (and ablations) × seeds on one identical experiment; write a comparison table and plots."""
     from .compare import compare_table, parse_entries, parse_seeds, plan_comparison, run_comparison
     from .compare_table import markdown_table
 
     configure_logging()
-    file_methods, file_seeds = compare_table(config)
-    methods, seeds = methods or file_methods, seeds or file_seeds or "0"
+    in_file = compare_table(config)
+    methods, seeds = methods or in_file.methods, seeds or in_file.seeds or "0"
     if methods is None:
         raise ConfigError("aflora compare needs the entries to run: pass --methods (e.g. --methods aflora,fedit), or use a "
                           "config whose [compare] table lists them (e.g. configs/table2_ag_news.toml)")
-    plan = plan_comparison(config, _overrides(set_, data_dir), parse_entries(methods), parse_seeds(seeds), out, overwrite=overwrite)
+    entries = parse_entries(methods)
+    if reference is None and in_file.reference in [e.label for e in entries]:  # unless --methods left the file's out
+        reference = in_file.reference
+    plan = plan_comparison(config, _overrides(set_, data_dir), entries, parse_seeds(seeds), out, overwrite=overwrite, reference=reference)
     configure_logging(plan.base.engine.verbose)
     rows = run_comparison(plan, command=shlex.join(["aflora", *sys.argv[1:]]))
     typer.echo("\n".join(markdown_table(rows)))

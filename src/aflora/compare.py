@@ -6,8 +6,9 @@ The flow, in order:
     parse_entries / parse_seeds   "aflora,fedit,aflora:ddr=false" and "0,1,2" -> entries and seeds
     plan_comparison               one config per (entry, seed), all validated (load_config + preflight) before any run
     run_comparison                simulate() each run into DIR/<label>/seed<k>/ (or reuse its results.json), then
-    summarize -> write_markdown / write_csv / plots   DIR/comparison.md, comparison.csv, accuracy.png, uplink.png
-                                  (the table half lives in compare_table.py)
+    summarize -> write_markdown / write_csv / plots   DIR/comparison.md, comparison.csv, accuracy.png, uplink.png,
+                                  pareto.png; with --reference, each entry's paired difference to that entry
+                                  (the table half lives in compare_table.py, the statistics in intervals.py)
 
 Every run shares the config except `method`, `seed` and the entry's own method options, so for one seed all entries
 see the same partitions, public set, evaluation rows, model and budgets. Parsing and the table are pure functions
@@ -24,7 +25,7 @@ import platform
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .compare_table import Row, summarize, write_csv, write_markdown, write_plots
 from .config import COMPARE, ExperimentConfig, flatten, load_config, parse_override
@@ -53,30 +54,40 @@ class Entry:
         return [f"method={toml_literal(self.method)}", *(f"{self.method}.{k}={toml_literal(v)}" for k, v in self.options.items())]
 
 
-def compare_table(config_path: Path | None) -> tuple[str | None, str | None]:
-    """(methods, seeds) of the config file's [compare] table, spelled as --methods / --seeds take them; None where
-    the file (or the table) does not set them. A published experiment keeps its entries and seeds there:
+class CompareSettings(NamedTuple):
+    """A config file's [compare] table, spelled as --methods / --seeds / --reference take them; None where unset."""
+
+    methods: str | None = None
+    seeds: str | None = None
+    reference: str | None = None
+
+
+def compare_table(config_path: Path | None) -> CompareSettings:
+    """The config file's [compare] table. A published experiment keeps its entries, seeds and reference there:
 
         [compare]
         methods = ["aflora", "fedit", "aflora:ddr=false"]
         seeds = [0, 1, 2]
+        reference = "aflora"    # each entry's paired difference to this one
     """
     if config_path is None or not Path(config_path).is_file():
-        return None, None  # load_config reports a missing file
+        return CompareSettings()  # load_config reports a missing file
     try:
         table = tomllib.loads(Path(config_path).read_text()).get(COMPARE, {})
     except tomllib.TOMLDecodeError:
-        return None, None  # load_config reports it, with the position
-    example = '[compare] methods = ["aflora", "fedit"], seeds = [0, 1, 2]'
-    if not isinstance(table, dict) or set(table) - {"methods", "seeds"}:
-        raise ConfigError(f"{config_path}: [compare] takes only methods and seeds, e.g. {example}; got {table!r}")
-    methods, seeds = table.get("methods"), table.get("seeds")
+        return CompareSettings()  # load_config reports it, with the position
+    example = '[compare] methods = ["aflora", "fedit"], seeds = [0, 1, 2], reference = "aflora"'
+    if not isinstance(table, dict) or set(table) - set(CompareSettings._fields):
+        raise ConfigError(f"{config_path}: [compare] takes only methods, seeds and reference, e.g. {example}; got {table!r}")
+    methods, seeds, reference = table.get("methods"), table.get("seeds"), table.get("reference")
     if methods is not None and not (isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods)):
         raise ConfigError(f"{config_path}: [compare] methods must be a non-empty list of entries (strings), e.g. {example}; "
                           f"got {methods!r}")
     if seeds is not None and not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
         raise ConfigError(f"{config_path}: [compare] seeds must be a non-empty list of integers, e.g. {example}; got {seeds!r}")
-    return (",".join(methods) if methods else None), (",".join(map(str, seeds)) if seeds else None)
+    if reference is not None and not (isinstance(reference, str) and reference):
+        raise ConfigError(f"{config_path}: [compare] reference must name one of the entries, e.g. {example}; got {reference!r}")
+    return CompareSettings(",".join(methods) if methods else None, ",".join(map(str, seeds)) if seeds else None, reference)
 
 
 def parse_entries(spec: str) -> list[Entry]:
@@ -151,6 +162,7 @@ class Plan:
     seeds: list[int]
     out: Path
     runs: list[PlannedRun]
+    reference: str | None = None  # the entry every other one is compared with, paired (--reference)
 
     @property
     def base(self) -> ExperimentConfig:
@@ -158,8 +170,12 @@ class Plan:
 
 
 def plan_comparison(config_path: Path | None, overrides: list[str], entries: list[Entry], seeds: list[int], out: Path,
-                    *, overwrite: bool = False) -> Plan:
+                    *, overwrite: bool = False, reference: str | None = None) -> Plan:
     """Resolve and check every run before the first starts: a typo in the last entry fails in a second."""
+    labels = [e.label for e in entries]
+    if reference is not None and reference not in labels:
+        raise ConfigError(f"--reference {reference!r} is not one of the entries {labels}; name one of them (e.g. --reference "
+                          f"{labels[0]}), or add it to --methods")
     for item in overrides:
         key, _ = parse_override(item)
         if key in ("method", "seed"):
@@ -179,7 +195,7 @@ def plan_comparison(config_path: Path | None, overrides: list[str], entries: lis
             else:
                 _preflight(config, where)
             runs.append(PlannedRun(entry, seed, config, run_dir, reuse))
-    return Plan(entries, seeds, Path(out), runs)
+    return Plan(entries, seeds, Path(out), runs, reference)
 
 
 def _preflight(config: ExperimentConfig, where: str) -> None:
@@ -225,10 +241,10 @@ def run_comparison(plan: Plan, *, command: str) -> list[Row]:
             log.info("%s -> %s", name, planned.out_dir)
             simulate(planned.config, planned.out_dir)
         runs[planned.entry.label].append(load_run(planned.out_dir))
-    rows = summarize(runs)
+    rows = summarize(runs, plan.reference)
     write_markdown(rows, plan.out / "comparison.md", header=describe(plan, command))
     write_csv(rows, plan.out / "comparison.csv")
-    write_plots(runs, plan.out)
+    write_plots(runs, rows, plan.out)
     return rows
 
 
@@ -240,7 +256,8 @@ def describe(plan: Plan, command: str) -> list[str]:
         f"Command: `{command}`",
         f"Seeds: {', '.join(map(str, plan.seeds))} · rounds: {base.rounds} · local steps: {base.train.local_steps} · "
         f"model: {base.model.name} · dataset: {base.data.dataset} · clients: {base.federation.num_clients} "
-        f"(sample fraction {base.federation.sample_fraction}) · partition: {base.data.partition}",
+        f"(sample fraction {base.federation.sample_fraction}) · partition: {base.data.partition} · test rows per round: "
+        f"{base.data.eval_size or 'all'}, in the final evaluation: {base.data.final_eval_rows() or 'all'}",
         f"Machine: {machine()}",
         f"Runs: {len(plan.runs)} in `{plan.out}/<label>/seed<k>/`"
         + (f", {reused} of them reused from an earlier invocation (same config)" if reused else ""),

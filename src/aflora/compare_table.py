@@ -1,8 +1,11 @@
-"""The table of `aflora compare`: columns, mean ± std over seeds, comparison.md / comparison.csv, overlay plots.
+"""The table of `aflora compare`: columns with 95 % intervals, paired differences to a reference entry,
+comparison.md / comparison.csv, overlay and Pareto plots.
 
 Everything here is a pure function of results.json dicts (label -> one per seed), so it is tested without
-running anything: :func:`summarize` makes one :class:`Row` per label, :func:`write_markdown` and :func:`write_csv`
-write it, :func:`write_plots` draws the runs' curves over each other.
+running anything: :func:`summarize` makes one :class:`Row` per label (and, given a reference, each row's paired
+difference to it: :func:`paired_difference`), :func:`write_markdown` and :func:`write_csv` write them,
+:func:`write_plots` draws the runs' curves over each other and final accuracy against client cost.
+The statistics themselves are aflora.intervals.
 """
 
 from __future__ import annotations
@@ -14,12 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+from .intervals import Interval, paired_bootstrap, t_interval, unpack_bits, verdict
+
 MIB = 2**20
 
 
 def _final_metric(run: dict[str, Any]) -> float | None:
     final = run["final"]
     return final["accuracy"] if final.get("accuracy") is not None else final.get("loss")
+
+
+def _final_interval(run: dict[str, Any]) -> list[float] | None:
+    return run["final"].get("accuracy_ci95")
 
 
 def _round_mean(key: str) -> Callable[[dict[str, Any]], float | None]:
@@ -36,16 +46,20 @@ def _round_mean(key: str) -> Callable[[dict[str, Any]], float | None]:
 
 @dataclass(frozen=True)
 class Column:
-    key: str  # comparison.csv writes <key>_mean and <key>_std
+    key: str  # comparison.csv writes <key>_mean, <key>_std, <key>_ci95_low and <key>_ci95_high
     title: str  # comparison.md header
     spec: str  # format of the numbers in comparison.md
     value: Callable[[dict[str, Any]], float | None]  # one run's number (None: not defined for this method)
     hide_zero: bool = False  # leave out of comparison.md when every row is 0
+    # An accuracy: comparison.md shows its 95 % interval, with one seed the run's own (Wilson, from results.json)
+    interval: Callable[[dict[str, Any]], list[float] | None] | None = None
 
 
+FINAL = Column("final", "final {metric} [95 % CI]", ".4f", _final_metric, interval=_final_interval)
 COLUMNS = [
-    Column("final", "final {metric}", ".4f", _final_metric),
-    Column("best_accuracy", "best accuracy", ".4f", lambda run: run["final"].get("best_accuracy")),
+    FINAL,
+    Column("best_accuracy", "best accuracy [95 % CI]", ".4f", lambda run: run["final"].get("best_accuracy"),
+           interval=lambda run: run["final"].get("best_accuracy_ci95")),
     Column("client_cost_pct", "client cost %", ".4f", lambda run: run["final"]["client_cost_pct"]),
     Column("uplink_mib", "uplink MiB", ".3f", lambda run: run["final"]["uplink_bytes_total"] / MIB),
     Column("round_seconds", "round s", ".2f", _round_mean("round_seconds")),
@@ -60,10 +74,22 @@ COLUMNS = [
 
 
 def extra_column(name: str) -> Column:
-    """A benchmark from data.extra_eval (e.g. "mmlu/accuracy"): its score in the run's last round."""
+    """A benchmark from data.extra_eval (e.g. "mmlu/accuracy"): its score in the final evaluation (in the last
+    round for runs made before aflora had one)."""
+    benchmark, _, score = name.partition("/")
+
+    def final(run: dict[str, Any]) -> dict[str, Any] | None:
+        return run.get("final_eval", {}).get("extra", {}).get(benchmark)
+
     def value(run: dict[str, Any]) -> float | None:
+        if final(run) is not None:
+            return final(run).get(score)
         return run["rounds"][-1].get("extra", {}).get(name) if run["rounds"] else None
-    return Column(f"final_{name}", f"final {name}", ".4f", value)
+
+    def interval(run: dict[str, Any]) -> list[float] | None:
+        return (final(run) or {}).get("accuracy_ci95")
+    return Column(f"final_{name}", f"final {name}" + (" [95 % CI]" if score == "accuracy" else ""), ".4f", value,
+                  interval=interval if score == "accuracy" else None)
 
 
 def extra_names(runs: list[dict[str, Any]]) -> list[str]:
@@ -83,17 +109,24 @@ def columns_of(rows: list[Row]) -> list[Column]:
 class Stat:
     mean: float | None
     std: float | None  # sample standard deviation over seeds; None with fewer than 2 values
+    low: float | None = None  # 95 % interval: t over seeds with 2 or more, else the run's own (Wilson) where it has one
+    high: float | None = None
 
     @classmethod
-    def of(cls, values: list[float | None]) -> Stat:
+    def of(cls, values: list[float | None], run_interval: list[float] | None = None) -> Stat:
         present = [v for v in values if v is not None]
         if not present:
             return cls(None, None)
-        return cls(statistics.fmean(present), statistics.stdev(present) if len(present) >= 2 else None)
+        if len(present) == 1:
+            return cls(present[0], None, *(run_interval or (None, None)))
+        interval = t_interval(present)
+        return cls(interval.estimate, statistics.stdev(present), interval.low, interval.high)
 
-    def format(self, spec: str) -> str:
+    def format(self, spec: str, *, interval: bool = False) -> str:
         if self.mean is None:
             return ""
+        if interval:
+            return f"{self.mean:{spec}}" + ("" if self.low is None else f" [{self.low:{spec}}, {self.high:{spec}}]")
         return f"{self.mean:{spec}}" if self.std is None else f"{self.mean:{spec}} ± {self.std:{spec}}"
 
 
@@ -103,13 +136,25 @@ class Row:
     method: str
     seeds: list[int]
     metric: str  # "accuracy", or "loss" where the task has no accuracy (instruction tuning)
-    stats: dict[str, Stat]  # column key -> mean ± std over seeds
+    stats: dict[str, Stat]  # column key -> mean, std and 95 % interval over seeds
     finals: list[float | None]  # the final metric per seed, in `seeds` order
     extra: list[str] = field(default_factory=list)  # extra benchmarks of the whole table, e.g. ["mmlu/accuracy"]
+    eval_rows: int | None = None  # test rows of the final evaluation (data.final_eval_size)
+    reference: str = ""  # the entry every row is compared with (--reference), if any
+    difference: Interval | None = None  # this entry's final metric minus the reference's, paired (None: not computable)
+    verdict: str = ""  # ahead / level / behind the reference ("reference" on its own row)
+    paired_on: str = ""  # what the difference was paired on, e.g. "3 seeds, t" or "2000 rows of seed 0, bootstrap"
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[Row]:
-    """label -> its runs' results.json dicts (one per seed) -> one row per label, in the given order."""
+def column_stat(column: Column, runs: list[dict[str, Any]]) -> Stat:
+    """Over the seeds' runs; with one seed, the run's own interval (Wilson) where the column has one."""
+    own = column.interval(runs[0]) if column.interval and len(runs) == 1 else None
+    return Stat.of([column.value(run) for run in runs], own)
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], reference: str | None = None) -> list[Row]:
+    """label -> its runs' results.json dicts (one per seed) -> one row per label, in the given order; with a
+    reference label, every other row also gets its paired difference to that entry."""
     rows = []
     extra = extra_names([run for seeds in runs.values() for run in seeds])
     columns = table_columns(extra)
@@ -118,9 +163,59 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[Row]:
             raise ValueError(f"no finished runs for {label!r}")
         metric = "accuracy" if all(run["final"].get("accuracy") is not None for run in seeds) else "loss"
         finals = [run["final"].get(metric) for run in seeds]  # one metric for every seed of a label
-        stats = {c.key: Stat.of([c.value(run) for run in seeds]) for c in columns} | {"final": Stat.of(finals)}
-        rows.append(Row(label, seeds[0]["method"], [run["seed"] for run in seeds], metric, stats, finals, extra))
+        stats = {c.key: column_stat(c, seeds) for c in columns}
+        if metric == "loss":  # a label whose seeds do not all have an accuracy compares the loss of every seed
+            stats["final"] = Stat.of(finals)
+        rows.append(Row(label, seeds[0]["method"], [run["seed"] for run in seeds], metric, stats, finals, extra,
+                        seeds[0]["final"].get("eval_rows")))
+    if reference is not None:
+        for row in rows:
+            row.reference = reference
+            if row.label == reference:
+                row.verdict = "reference"
+                continue
+            row.difference, row.paired_on = paired_difference(row.label, runs[row.label], reference, runs[reference], row.metric)
+            row.verdict = verdict(row.difference, higher_is_better=row.metric == "accuracy")
     return rows
+
+
+# ---------------------------------------------------------------------------- paired differences
+def paired_difference(label: str, entry: list[dict[str, Any]], reference: str, reference_runs: list[dict[str, Any]],
+                      metric: str) -> tuple[Interval | None, str]:
+    """The entry's final metric minus the reference's, on the same seeds and test rows, with a 95 % interval:
+    over 2 or more shared seeds, the t-interval of the per-seed differences; with one seed, the paired bootstrap
+    over its test rows (accuracy only: losses are not kept per row). Returns (interval, what it was paired on)."""
+    by_seed = {run["seed"]: run for run in reference_runs}
+    pairs = [(run, by_seed[run["seed"]]) for run in entry if run["seed"] in by_seed]
+    if not pairs:
+        raise ConfigError(f"`{label}` (seeds {[run['seed'] for run in entry]}) shares no seed with the reference `{reference}` "
+                          f"(seeds {sorted(by_seed)}); paired differences need both run with the same seeds")
+    for run, ref in pairs:
+        _check_same_rows(label, run, reference, ref)
+    left_out = f", {len(entry) - len(pairs)} unpaired seed(s) left out" if len(pairs) < len(entry) else ""
+    if len(pairs) >= 2:
+        return t_interval([run["final"][metric] - ref["final"][metric] for run, ref in pairs]), f"{len(pairs)} seeds, t{left_out}"
+    run, ref = pairs[0]
+    final, ref_final = run["final_eval"], ref["final_eval"]
+    if metric != "accuracy" or "correct" not in final or "correct" not in ref_final:
+        return None, f"seed {run['seed']} only: no per-row outcomes to pair{left_out}"
+    n = final["rows"]
+    return (paired_bootstrap(unpack_bits(final["correct"], n), unpack_bits(ref_final["correct"], n)),
+            f"{n} rows of seed {run['seed']}, bootstrap{left_out}")
+
+
+def _check_same_rows(label: str, run: dict[str, Any], reference: str, ref: dict[str, Any]) -> None:
+    """Refuses to pair runs whose final evaluations scored different test rows (or that cannot show theirs)."""
+    where = f"`{label}` seed {run['seed']} with the reference `{reference}` seed {ref['seed']}"
+    missing = [name for name, r in ((label, run), (reference, ref)) if "rows_sha256" not in r.get("final_eval", {})]
+    if missing:
+        raise ConfigError(f"cannot pair {where}: the results.json of {missing} records no final evaluation (a run made before "
+                          "aflora kept one); run it again with --overwrite, or leave out --reference")
+    a, b = run["final_eval"], ref["final_eval"]
+    if a["rows_sha256"] != b["rows_sha256"]:
+        raise ConfigError(f"cannot pair {where}: their final evaluations scored different test rows ({a['rows']} of "
+                          f"{a['test_rows']} vs {b['rows']} of {b['test_rows']}); give both runs the same data settings "
+                          "(dataset, data.eval_size, data.final_eval_size) and seed")
 
 
 def markdown_columns(rows: list[Row]) -> list[Column]:
@@ -135,12 +230,51 @@ def markdown_table(rows: list[Row]) -> list[str]:
     metrics = {row.metric for row in rows}
     metric = metrics.pop() if len(metrics) == 1 else "accuracy or loss"
     columns = markdown_columns(rows)
+    reference = rows[0].reference if rows else ""
+    after_final = 3  # entry, seeds, final: the paired difference goes next to what it compares
     titles = ["entry", "seeds", *(c.title.format(metric=metric) for c in columns)]
+    if reference:
+        titles[after_final:after_final] = [f"Δ {metric} vs `{reference}` [95 % CI]", f"vs `{reference}`"]
     lines = ["| " + " | ".join(titles) + " |", "|" + "|".join(["---"] + ["---:"] * (len(titles) - 1)) + "|"]
     for row in rows:
-        cells = [f"`{row.label}`", str(len(row.seeds)), *(row.stats[c.key].format(c.spec) for c in columns)]
+        numbers = [row.stats[c.key].format(c.spec, interval=c.interval is not None) for c in columns]
+        cells = [f"`{row.label}`", str(len(row.seeds)), *numbers]
+        if reference:
+            cells[after_final:after_final] = [format_difference(row), row.verdict]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def format_difference(row: Row) -> str:
+    d = row.difference
+    if d is None:
+        return "—" if row.verdict == "reference" else ""
+    return f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+
+
+def footnotes(rows: list[Row]) -> list[str]:
+    """What the numbers of comparison.md are, how each interval was computed."""
+    eval_rows = sorted({row.eval_rows for row in rows if row.eval_rows})
+    notes = [
+        "Accuracies: mean [95 % interval]; with one seed the Wilson interval over the run's test rows, with several the "
+        "t-interval over seeds (mean ± t·s/√n, which holds the test-row noise too: each seed samples its own rows). "
+        "Other columns: mean ± sample standard deviation over seeds (± only with 2 or more). Final is the global "
+        "model's final evaluation" + (f" on {' / '.join(map(str, eval_rows))} test rows" if eval_rows else "")
+        + " (data.final_eval_size); best is the best round on the per-round rows, chosen on the test rows and so "
+        "optimistic. Client cost % is the mean share of the base model's parameters a client trains per round; uplink "
+        "is the total client → server traffic; round s excludes evaluation; aggregation s and server step s are the "
+        "server's time per round to aggregate and for its own update (e.g. AFLoRA's A tuning, incl. the merge); "
+        "aggregation error is ‖ΔW_global − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖ per round, blank where the method does "
+        "not define it.",
+    ]
+    reference = rows[0].reference if rows else ""
+    if reference:
+        paired = "; ".join(f"`{row.label}`: {row.paired_on}" for row in rows if row.paired_on)
+        notes += ["", f"Δ is each entry's final metric minus `{reference}`'s on the same seeds and test rows, with a 95 % "
+                  "interval: over 2 or more seeds the t-interval of the per-seed differences, with one seed a paired "
+                  "bootstrap over the test rows (10,000 resamples, fixed seed). Ahead / behind only when the interval "
+                  "excludes 0 (for a loss, lower is ahead), else level. Paired on: " + paired + "."]
+    return notes
 
 
 def write_markdown(rows: list[Row], path: Path, *, header: list[str]) -> Path:
@@ -153,12 +287,7 @@ def write_markdown(rows: list[Row], path: Path, *, header: list[str]) -> Path:
         "",
         *markdown_table(rows),
         "",
-        "Mean ± sample standard deviation over seeds (± only with 2 or more seeds). Final and best are the global "
-        "model's; client cost % is the mean share of the base model's parameters a client trains per round; uplink "
-        "is the total client → server traffic; round s excludes evaluation; aggregation s and server step s are the "
-        "server's time per round to aggregate and for its own update (e.g. AFLoRA's A tuning, incl. the merge); "
-        "aggregation error is ‖ΔW_global − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖ per round, blank where the method does "
-        "not define it.",
+        *footnotes(rows),
     ]
     if len(seeds) > 1:
         lines += ["", f"Final {metric} per seed:", "",
@@ -172,24 +301,39 @@ def write_markdown(rows: list[Row], path: Path, *, header: list[str]) -> Path:
     return path
 
 
+STAT_PARTS = ("mean", "std", "ci95_low", "ci95_high")
+PAIRED = ["reference", "difference", "difference_ci95_low", "difference_ci95_high", "verdict", "paired_on"]
+
+
 def csv_columns(rows: list[Row] = ()) -> list[str]:
-    return ["label", "method", "seeds", "metric", *(f"{c.key}_{part}" for c in columns_of(list(rows)) for part in ("mean", "std"))]
+    return ["label", "method", "seeds", "metric", "eval_rows",
+            *(f"{c.key}_{part}" for c in columns_of(list(rows)) for part in STAT_PARTS), *PAIRED]
 
 
 def write_csv(rows: list[Row], path: Path) -> Path:
     """Every column for every row (blank where undefined), full precision; seeds as '0 1 2'."""
+    def cell(value: Any) -> str:
+        return "" if value is None else value if isinstance(value, str) else repr(value)
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(csv_columns(rows))
         for row in rows:
             numbers = [row.stats[c.key] for c in columns_of(rows)]
-            writer.writerow([row.label, row.method, " ".join(map(str, row.seeds)), row.metric,
-                             *("" if v is None else repr(v) for s in numbers for v in (s.mean, s.std))])
+            d = row.difference
+            paired = [row.reference, *((d.estimate, d.low, d.high) if d else (None,) * 3), row.verdict, row.paired_on]
+            writer.writerow([row.label, row.method, " ".join(map(str, row.seeds)), row.metric, cell(row.eval_rows),
+                             *(cell(v) for s in numbers for v in (s.mean, s.std, s.low, s.high)), *map(cell, paired)])
     return path
 
 
-def write_plots(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
-    from .plots import accuracy_figure, save_figure, uplink_figure
+def write_plots(runs: dict[str, list[dict[str, Any]]], rows: list[Row], out: Path) -> list[Path]:
+    """accuracy.png and uplink.png (the runs' curves over each other) and pareto.png (final metric vs client cost)."""
+    from .plots import ParetoPoint, accuracy_figure, pareto_figure, save_figure, uplink_figure
 
-    return [save_figure(accuracy_figure(runs), out / "accuracy.png"), save_figure(uplink_figure(runs), out / "uplink.png")]
+    points = [ParetoPoint(row.label, row.stats["client_cost_pct"].mean, row.stats["final"].mean, row.stats["final"].low,
+                          row.stats["final"].high) for row in rows if row.stats["final"].mean is not None]
+    metric = rows[0].metric if rows else "accuracy"
+    return [save_figure(accuracy_figure(runs), out / "accuracy.png"), save_figure(uplink_figure(runs), out / "uplink.png"),
+            save_figure(pareto_figure(points, metric), out / "pareto.png", integer_x=False)]

@@ -53,6 +53,10 @@ class DataConfig:
         "with the LM loss (out of domain, as the paper's 2% of Alpaca)", "")
     train_size: int = _help("Cap on the client training pool in rows after the public split (0 = all)", 0)
     eval_size: int = _help("Test rows evaluated each round, a seeded sample (0 = all)", 200)
+    final_eval_size: str = _help(
+        "Test rows of the final evaluation, once after the last round (the final accuracy, its interval and compare's "
+        "paired differences): a number (the published studies use 2000), \"all\", or \"eval_size\" (the per-round "
+        "rows again, no extra cost). A test set with fewer rows is used whole, and the log says so", "eval_size")
     max_length: int = _help("Maximum tokens per example (long prompts lose their middle)", 128)
     objective: str = _help("'auto' (class_ce for classification, lm for instructions), 'class_ce' or 'lm'", "auto")
     local_test_fraction: float = _help(
@@ -63,6 +67,13 @@ class DataConfig:
         "text_column, label_column, label_words, test_path, instruction",
         factory=dict,
     )
+
+    def final_eval_rows(self) -> int | None:
+        """final_eval_size as a row count, 0 meaning every test row (as for eval_size); None if it is not one."""
+        size = self.final_eval_size.strip().lower()
+        if size in ("eval_size", "all"):
+            return self.eval_size if size == "eval_size" else 0
+        return int(size) if size.isdigit() and int(size) > 0 else None
 
 
 @dataclass
@@ -325,6 +336,8 @@ def validate(config: ExperimentConfig) -> None:
         (0.0 <= data.public_fraction < 1.0, f"data.public_fraction must lie in [0, 1), got {data.public_fraction}"),
         (0.0 <= data.local_test_fraction < 1.0, f"data.local_test_fraction must lie in [0, 1), got {data.local_test_fraction}"),
         (data.public_size >= 0 and data.eval_size >= 0 and data.train_size >= 0, "data sizes must be ≥ 0"),
+        (data.final_eval_rows() is not None,
+         f"data.final_eval_size must be a number of test rows (e.g. 2000), \"all\" or \"eval_size\", got {data.final_eval_size!r}"),
         (data.objective in ("auto", "class_ce", "lm"), f"data.objective must be auto, class_ce or lm, got {data.objective!r}"),
         (config.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {config.model.precision!r}"),
         (bool(config.model.target_modules), "model.target_modules must name at least one layer"),

@@ -124,8 +124,13 @@ def training_batches(examples: Sequence[Encoded], batch_size: int, pad_id: int, 
         yield collate([examples[i] for i in chosen], pad_id)
 
 
+def evaluation_order(examples: Sequence[Encoded]) -> list[int]:
+    """The positions of `examples` by length: batches of similar length waste less padding."""
+    return sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+
+
 def evaluation_batches(examples: Sequence[Encoded], batch_size: int, pad_id: int) -> Iterator[Batch]:
-    """Batches of similar length (less padding); order does not change any metric."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    """Batches in `evaluation_order`; no metric depends on the order, per-row outcomes are put back in place."""
+    order = evaluation_order(examples)
     for start in range(0, len(order), batch_size):
         yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)

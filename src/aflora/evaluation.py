@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .encoding import Encoded, evaluation_batches
+from .encoding import Encoded, evaluation_batches, evaluation_order
 from .lora.factors import Adapter
 from .lora.host import AdapterHost
 from .training import autocast_context, class_logits, lm_loss
 
 
-def evaluate_classification(
+@dataclass
+class ClassificationOutcomes:
+    """Per test row, in the order given: whether the label word scored highest, and its cross-entropy."""
+
+    correct: list[bool]
+    loss: list[float]
+
+    def metrics(self) -> dict[str, float]:
+        n = max(len(self.correct), 1)
+        return {"accuracy": sum(self.correct) / n, "loss": sum(self.loss) / n, "num_examples": len(self.correct)}
+
+
+def score_classification(
     host: AdapterHost,
     examples: Sequence[Encoded],
     *,
@@ -22,17 +35,19 @@ def evaluate_classification(
     pad_id: int,
     adapter: Adapter | None = None,
     autocast_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Accuracy = argmax over the label words' logits; loss = cross-entropy over those logits."""
-    correct, loss_sum = 0, 0.0
+) -> ClassificationOutcomes:
+    """Correct = argmax over the label words' logits; loss = cross-entropy over those logits; row by row."""
+    correct, losses = [False] * len(examples), [0.0] * len(examples)
+    positions = iter(evaluation_order(examples))
     with _installed(host, adapter), host.frozen():
         for batch in evaluation_batches(examples, batch_size, pad_id):
             with autocast_context(host.model, autocast_dtype):
-                logits = class_logits(host.model, batch, label_token_ids)
-            correct += int((logits.argmax(dim=-1).cpu() == batch.labels).sum())
-            loss_sum += float(F.cross_entropy(logits.cpu(), batch.labels, reduction="sum"))
-    n = max(len(examples), 1)
-    return {"accuracy": correct / n, "loss": loss_sum / n, "num_examples": len(examples)}
+                logits = class_logits(host.model, batch, label_token_ids).cpu()
+            hits = (logits.argmax(dim=-1) == batch.labels).tolist()
+            for hit, loss in zip(hits, F.cross_entropy(logits, batch.labels, reduction="none").tolist()):
+                position = next(positions)
+                correct[position], losses[position] = hit, loss
+    return ClassificationOutcomes(correct, losses)
 
 
 def evaluate_lm_loss(

@@ -69,8 +69,11 @@ def print_summary(record: RunRecord, console: Console | None = None) -> None:
                       f"{sum(r.uplink_bytes.values()) / 2**20:.2f}", f"{r.round_seconds:.1f}")
     console.print(table)
     final = record.final
+    interval = final.get("accuracy_ci95") if metric == "accuracy" else None
+    scored = (f" (95 % interval {interval[0]:.4f}–{interval[1]:.4f})" if interval else "") + \
+        (f" on {final['eval_rows']} test rows" if final.get("eval_rows") else "")
     console.print(
-        f"final {metric} {_fmt(final.get(metric))} | client cost {final['client_cost_pct']:.4f}% of "
+        f"final {metric} {_fmt(final.get(metric))}{scored} | client cost {final['client_cost_pct']:.4f}% of "
         f"{record.base_params:,} parameters | uplink {final['uplink_bytes_total'] / 2**20:.2f} MiB | "
         f"final ranks {[round(v, 1) for v in final['ranks'].values()]} | {final['wall_seconds']:.0f} s"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import platform
 from dataclasses import asdict, dataclass, field
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .costs import client_cost_pct, payload_bytes, payload_params
+from .intervals import compress_indices, pack_bits, wilson_interval
 from .methods import Upload
 
 
@@ -43,6 +45,7 @@ class RoundRecord:
     dp_epsilon: float | None = None  # ... and the cumulative ε at privacy.delta after it
     train_seconds: dict[str, float] = field(default_factory=dict)  # client -> its local training time (engine overhead = the rest)
     update_norm: dict[str, float] = field(default_factory=dict)  # client-level DP: client -> its upload's L2 norm before clipping
+    accuracy_ci95: list[float] | None = None  # Wilson 95 % interval of `accuracy` over the round's test rows
 
 
 def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], *, round_seconds: float, eval_seconds: float,
@@ -53,6 +56,7 @@ def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], 
     return RoundRecord(
         round=round_,
         accuracy=metrics.get("accuracy"),
+        accuracy_ci95=accuracy_interval(metrics),
         loss=metrics["loss"],
         clients=[u.client_id for u in uploads],
         ranks={key(u): round(sum(u.ranks.values()) / max(len(u.ranks), 1), 3) for u in uploads},
@@ -77,6 +81,32 @@ def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], 
 RECORD_FIELDS = {f.name for f in dataclasses.fields(RoundRecord)}
 
 
+def accuracy_interval(metrics: dict[str, Any]) -> list[float] | None:
+    """The Wilson 95 % interval of metrics' accuracy over its num_examples rows; None where there is no accuracy."""
+    n = int(metrics.get("num_examples") or 0)
+    if metrics.get("accuracy") is None or not n:
+        return None
+    return wilson_interval(round(metrics["accuracy"] * n), n).as_list()
+
+
+def final_eval_record(indices: list[int], rows: list[dict], available: int, metrics: dict[str, Any],
+                      correct: list[bool] | None) -> dict[str, Any]:
+    """results.json's final_eval for one test set: what was scored, the scores, and (for classification) each row
+    right or wrong, so `aflora compare` can pair two methods row by row (rows_sha256 says the rows were the same)."""
+    record = {
+        "rows": len(rows),
+        "test_rows": available,
+        "row_indices": compress_indices(indices),
+        "rows_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest(),
+        "accuracy": metrics.get("accuracy"),
+        "accuracy_ci95": accuracy_interval(metrics),
+        "loss": metrics["loss"],
+    }
+    if correct is not None:
+        record["correct"] = pack_bits(correct)
+    return record
+
+
 @dataclass
 class RunRecord:
     method: str
@@ -90,15 +120,22 @@ class RunRecord:
     rounds: list[RoundRecord] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
+    # The global model after the last round on data.final_eval_size rows (final_eval_record), extra benchmarks under "extra"
+    final_eval: dict[str, Any] = field(default_factory=dict)
 
     def finish(self, *, wall_seconds: float, final_ranks: dict[int, dict[str, int]]) -> None:
         trained = [n for r in self.rounds for n in r.trained_params.values()]
         uplink = [n for r in self.rounds for n in r.uplink_params.values()]
         last = self.rounds[-1] if self.rounds else None
+        scored = self.final_eval or (asdict(last) if last else self.initial)  # a record without final evaluation: its last round
+        best = max((r for r in self.rounds if r.accuracy is not None), key=lambda r: r.accuracy, default=None)
         self.final = {
-            "accuracy": last.accuracy if last else self.initial.get("accuracy"),
-            "loss": last.loss if last else self.initial.get("loss"),
-            "best_accuracy": max((r.accuracy for r in self.rounds if r.accuracy is not None), default=None),
+            "accuracy": scored.get("accuracy"),
+            "accuracy_ci95": scored.get("accuracy_ci95"),
+            "eval_rows": scored.get("rows"),
+            "loss": scored.get("loss"),
+            "best_accuracy": best.accuracy if best else None,
+            "best_accuracy_ci95": best.accuracy_ci95 if best else None,
             "personalized_accuracy": last.personalized.get("accuracy") if last else None,
             "dp_epsilon": last.dp_epsilon if last else None,
             "client_cost_pct": client_cost_pct(trained, self.base_params),

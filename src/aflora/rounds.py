@@ -10,7 +10,8 @@
       7. the round's record  a RoundRecord, returned (with the accepted uploads and the server's diagnostics)
 
     run_rounds(...)  round 0 (the base model, when starting), then run_round for each round, appending each
-                     record to the RunRecord and calling on_round_end (the checkpoint) after it
+                     record to the RunRecord and calling on_round_end (the checkpoint) after it; last, the final
+                     evaluation on data.final_eval_size test rows (results.json's final accuracy and its interval)
 
 The server's half is aflora.runtime.server, the method's math aflora.methods. How messages reach clients
 is a `Transport`: `InProcessTransport` below (one ClientRuntime in this process: tests, quick checks) or
@@ -30,7 +31,7 @@ import torch
 
 from .base_sync import BaseSync
 from .methods import Instruction, Upload
-from .results import RoundRecord, RunRecord, round_record
+from .results import RoundRecord, RunRecord, accuracy_interval, round_record
 from .runtime.client import ClientRuntime
 from .runtime.server import ClientMessage, ServerRuntime
 from .secure_aggregation import SecureSum, fold_upload
@@ -76,11 +77,12 @@ def run_rounds(server: ServerRuntime, transport: Transport, record: RunRecord, f
     (record.initial); a resumed run starts after its checkpoint's round."""
     if first_round == 1:
         metrics, eval_seconds = evaluate_globally(server, 0)
-        record.initial = dict(metrics, eval_seconds=eval_seconds)
+        record.initial = dict(metrics, eval_seconds=eval_seconds, accuracy_ci95=accuracy_interval(metrics))
     for round_ in range(first_round, last_round + 1):
         record.rounds.append(run_round(server, transport, round_).record)
         if on_round_end is not None:
             on_round_end(round_)
+    record.final_eval = evaluate_finally(server)
 
 
 def run_round(server: ServerRuntime, transport: Transport, round_: int) -> RoundResult:
@@ -117,6 +119,19 @@ def evaluate_globally(server: ServerRuntime, round_: int) -> tuple[dict[str, flo
     eval_seconds = time.perf_counter() - started
     log.info("round %d: %s (evaluated in %.1fs)", round_, format_metrics(metrics), eval_seconds)
     return metrics, eval_seconds
+
+
+def evaluate_finally(server: ServerRuntime) -> dict[str, Any]:
+    """Once, after the last round: the global model on data.final_eval_size test rows (often more than per round)."""
+    started = time.perf_counter()
+    final = server.evaluate_final()
+    final["eval_seconds"] = time.perf_counter() - started
+    scores = f"loss {final['loss']:.4f}"
+    if final["accuracy"] is not None:
+        low, high = final["accuracy_ci95"]
+        scores = f"accuracy {final['accuracy']:.4f} (95 % interval {low:.4f}–{high:.4f}), {scores}"
+    log.info("final evaluation on %d of %d test rows: %s (%.1fs)", final["rows"], final["test_rows"], scores, final["eval_seconds"])
+    return final
 
 
 def weighted_means(results: list[dict[str, float]]) -> dict[str, float]:

@@ -9,7 +9,7 @@ import torch
 
 from ..budgets import LocalWorkload
 from ..encoding import Encoded, PromptEncoder, training_batches
-from ..evaluation import evaluate_classification, evaluate_lm_loss
+from ..evaluation import ClassificationOutcomes, evaluate_lm_loss, score_classification
 from ..lora.factors import Adapter
 from ..lora.host import AdapterHost
 from ..methods import FederatedMethod, TrainSpec, method_class
@@ -72,12 +72,19 @@ class ModelSide:
         return "class_ce" if self.encoder.label_token_ids else "lm"
 
     def evaluate(self, examples: list[Encoded], adapter: Adapter | None, encoder: PromptEncoder | None = None) -> dict[str, float]:
+        """Accuracy and loss where the task has label words (`encoder`'s, else this side's), else the LM loss."""
         encoder = encoder or self.encoder
-        common = dict(batch_size=self.workload.config.train.eval_batch_size, pad_id=self.pad_id, adapter=adapter,
-                      autocast_dtype=self.autocast)
         if encoder.label_token_ids:
-            return evaluate_classification(self.host, examples, label_token_ids=encoder.label_token_ids, **common)
-        return evaluate_lm_loss(self.host, examples, **common)
+            return self.score_rows(examples, adapter, encoder).metrics()
+        return evaluate_lm_loss(self.host, examples, **self._evaluation_settings(adapter))
+
+    def score_rows(self, examples: list[Encoded], adapter: Adapter | None, encoder: PromptEncoder) -> ClassificationOutcomes:
+        """Each example right or wrong (and its loss), in order: what paired comparisons between methods need."""
+        return score_classification(self.host, examples, label_token_ids=encoder.label_token_ids, **self._evaluation_settings(adapter))
+
+    def _evaluation_settings(self, adapter: Adapter | None) -> dict:
+        return dict(batch_size=self.workload.config.train.eval_batch_size, pad_id=self.pad_id, adapter=adapter,
+                    autocast_dtype=self.autocast)
 
     def train(self, spec: TrainSpec, examples: list[Encoded], *, steps: int, batch_size: int, optim: OptimConfig, seed: int,
               on_step=None, objective: str | None = None):

@@ -10,6 +10,7 @@ import logging
 import random
 import time
 from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -21,10 +22,11 @@ from ..lora.factors import Adapter
 from ..methods import Instruction, TrainSpec, Upload
 from ..methods.base import hash_seed, validate_upload
 from ..privacy import PrivacyLedger, clip_upload, noise_std
+from ..results import final_eval_record
 from ..secure_aggregation import SecureSum, attach_weights, error_bound, validate_clear_upload
 from ..training import OptimConfig
 from .model_side import ModelSide
-from .workload import Workload, prepare_workload, round_half_up
+from .workload import EvalSet, Workload, prepare_workload, round_half_up
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +212,22 @@ class ServerRuntime:
             extra = self.side.evaluate(examples, adapter, encoder)
             metrics.update({f"{name}/accuracy": extra["accuracy"], f"{name}/loss": extra["loss"]})
         return metrics
+
+    def evaluate_final(self) -> dict[str, Any]:
+        """The global model on the final evaluation's rows (data.final_eval_size) of the task and of every extra
+        benchmark: scores, Wilson intervals and each row right or wrong (results.json's final_eval)."""
+        adapter = self.method.global_adapter()
+        final = self.score_final(self.workload.final_test, self.side.encoder, adapter)
+        final["extra"] = {name: self.score_final(eval_set, self.extra_eval_sets[name][0], adapter)
+                          for name, eval_set in self.workload.final_extra.items()}
+        return final
+
+    def score_final(self, eval_set: EvalSet, encoder: PromptEncoder, adapter: Adapter | None) -> dict[str, Any]:
+        if not encoder.label_token_ids:  # instruction tasks: the LM loss, no rows to pair
+            examples = [encoder.encode_lm(row) for row in eval_set.rows]
+            return final_eval_record(eval_set.indices, eval_set.rows, eval_set.available, self.side.evaluate(examples, adapter), None)
+        outcomes = self.side.score_rows([encoder.encode_classification(row) for row in eval_set.rows], adapter, encoder)
+        return final_eval_record(eval_set.indices, eval_set.rows, eval_set.available, outcomes.metrics(), outcomes.correct)
 
     def evaluation_messages(self, round_: int, client_ids: list[int]) -> list[ClientMessage]:
         """For personalized evaluation: what each client needs to assemble its current model."""

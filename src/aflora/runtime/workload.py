@@ -7,17 +7,29 @@ so simulated clients need no data from the server; a deployed node reads only it
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..budgets import DeviceBudget, ModelFootprint, ranks_from_budgets
-from ..config import ConfigError, ExperimentConfig
+from ..config import ConfigError, DataConfig, ExperimentConfig
 from ..data import DataError, DatasetBundle, load_bundle, partition, split_public
 from ..methods import ClientSpec, FederatedMethod, method_class
 from ..methods.base import hash_seed
 from ..models import resolve_model
 from ..shards import read_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSet:
+    """The rows a final evaluation scores: which ones (indices into the whole test set, sorted) and of how many."""
+
+    indices: list[int] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    available: int = 0  # rows in the whole test set
 
 
 @dataclass
@@ -32,6 +44,8 @@ class Workload:
     extra_eval: dict[str, DatasetBundle] = field(default_factory=dict)  # name -> bundle with sampled test rows
     client_test_rows: list[list[int]] = field(default_factory=list)  # each client's own held-out rows (may be empty)
     public_bundle: DatasetBundle | None = None  # data.public_dataset (public_rows index its train); None: `bundle`
+    final_test: EvalSet = field(default_factory=EvalSet)  # data.final_eval_size rows, scored once after the last round
+    final_extra: dict[str, EvalSet] = field(default_factory=dict)  # ... and of each extra benchmark
 
     @property
     def public_source(self) -> DatasetBundle:
@@ -100,13 +114,15 @@ def prepare_workload(config: ExperimentConfig) -> Workload:
         raise DataError(f"cannot partition {bundle.name} with data.partition={data.partition!r}: {err}") from None
     client_rows, client_test_rows = hold_out_local_tests(client_rows, data.local_test_fraction, seed)
     extra = {name: load_bundle(name, data_dir=data.data_dir or None) for name in data.extra_eval}
+    final_extra = {}
     for name, extra_bundle in extra.items():
         if not extra_bundle.task.label_words:
             raise DataError(f"data.extra_eval: {name} has no label words to score; "
                             "extra evaluations must be classification or multiple choice")
+        final_extra[name] = final_eval_set(extra_bundle.test, data, seed, name)
         extra_bundle.test = sample_rows(extra_bundle.test, data.eval_size, seed)
     return Workload(config, bundle, client_rows, public_rows, sample_rows(bundle.test, data.eval_size, seed), extra, client_test_rows,
-                    public_bundle)
+                    public_bundle, final_eval_set(bundle.test, data, seed, bundle.name), final_extra)
 
 
 def load_public_bundle(data) -> DatasetBundle | None:
@@ -147,11 +163,26 @@ def hold_out_local_tests(client_rows: list[list[int]], fraction: float, seed: in
     return train, test
 
 
+def sample_indices(total: int, size: int, seed: int) -> list[int]:
+    """A fixed, seeded subset of evaluation rows by index, sorted (all of them when size is 0 or larger than the set).
+    The same seed and size give the same rows, so data.final_eval_size = "eval_size" scores the per-round rows."""
+    if not size or size >= total:
+        return list(range(total))
+    return sorted(random.Random(hash_seed(seed, 2)).sample(range(total), size))
+
+
 def sample_rows(rows: list[dict], size: int, seed: int) -> list[dict]:
-    """A fixed, seeded subset of evaluation rows (all of them when size is 0 or larger than the set)."""
-    if not size or size >= len(rows):
-        return rows
-    return [rows[i] for i in sorted(random.Random(hash_seed(seed, 2)).sample(range(len(rows)), size))]
+    return [rows[i] for i in sample_indices(len(rows), size, seed)]
+
+
+def final_eval_set(rows: list[dict], data: DataConfig, seed: int, name: str) -> EvalSet:
+    """data.final_eval_size rows of a test set; all of them, said in the log, where it has fewer."""
+    wanted = data.final_eval_rows()
+    if wanted > len(rows):
+        log.warning("data.final_eval_size = %s, but %s has %d test rows: the final evaluation scores all of them",
+                    data.final_eval_size, name, len(rows))
+    indices = sample_indices(len(rows), wanted, seed)
+    return EvalSet(indices, [rows[i] for i in indices], len(rows))
 
 
 def preflight(config: ExperimentConfig) -> Workload:
