@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload: Workload | None = None,
-                   *, resume: bool = False, shared_disk: bool = False, max_in_flight: int | None = None) -> RunRecord:
-    """All rounds of one experiment (or the rounds left after the checkpoint in out_dir, with resume).
+                   *, resume: bool = False, checkpoint_file: str | None = None, shared_disk: bool = False,
+                   max_in_flight: int | None = None) -> RunRecord:
+    """All rounds of one experiment (or the rounds left after the checkpoint in out_dir, with resume: the latest,
+    or `checkpoint_file`, a file name in out_dir/checkpoint).
 
     With `shared_disk` (simulation: clients on this machine), every round's global update is also kept
     in out_dir/merges, where any worker process can catch up from. `max_in_flight` overrides
@@ -54,7 +56,7 @@ def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload
     )
     done = 0
     if resume:
-        state, saved = load_checkpoint(out_dir)
+        state, saved = load_checkpoint(out_dir, checkpoint_file)
         done = restore(runtime, state)
         if runtime.merge_store is not None:  # a fresh store for fresh workers
             for round_, update in runtime.merges.by_round.items():
