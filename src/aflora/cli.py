@@ -74,7 +74,7 @@ def run(
 
 def _resumed_experiment(path: Path, sets: list[str] | None, data_dir: Path | None):
     """The checkpointed run's own config, its folder and the checkpoint file to continue from (None: the latest);
-    only rounds (to extend), where data lives and engine.* may change."""
+    only rounds (to extend), where data lives, engine.* and tracking.* may change."""
     from .checkpoint import load_checkpoint
     from .config import config_from_tree, parse_override, set_dotted
     from .run_folder import CHECKPOINT_DIR, RESULTS_FILE, unfinished_replacement
@@ -88,8 +88,9 @@ def _resumed_experiment(path: Path, sets: list[str] | None, data_dir: Path | Non
     tree = record["config"]
     for item in _overrides(sets, data_dir):
         key, value = parse_override(item)
-        if key not in ("rounds", "data.data_dir") and not key.startswith("engine."):
-            raise ConfigError(f"--resume continues the same experiment: {key} cannot change (only rounds, data.data_dir, engine.*)")
+        if key not in ("rounds", "data.data_dir") and not key.startswith(("engine.", "tracking.")):
+            raise ConfigError(f"--resume continues the same experiment: {key} cannot change (only rounds, data.data_dir, engine.*, "
+                              "tracking.*)")
         set_dotted(tree, key, value)
     experiment = config_from_tree(tree)
     if experiment.rounds <= record["rounds"][-1]["round"] and (folder / RESULTS_FILE).exists():

@@ -38,7 +38,7 @@ from .values import coerce, tomllib
 log = logging.getLogger(__name__)
 
 # Settings that may differ between an earlier invocation and this one without changing what a run computes.
-IGNORED_FOR_REUSE = ("engine.", "data.data_dir", "model.cache_dir")
+IGNORED_FOR_REUSE = ("engine.", "data.data_dir", "model.cache_dir", "tracking.")
 
 
 # ---------------------------------------------------------------------------- what to run
