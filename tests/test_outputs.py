@@ -139,6 +139,7 @@ def test_mlflow_gets_the_same_metrics_through_the_hook_and_a_resume_continues_it
 def test_mlflow_for_real_when_installed(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses its file store otherwise (a database needs SQLAlchemy)
     trackers = open_trackers(["mlflow"], tmp_path / "run", config={"method": "aflora"}, project="aflora-test")
     trackers.log_round(0, {"global_model/accuracy": 0.25})
     trackers.log_round(1, {"global_model/accuracy": 0.5})
