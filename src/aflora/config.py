@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import METHODS, method_options
-from .tracking import backend_problems
+from .tracking import unknown_backends
 from .values import ConfigError, coerce, tomllib
 
 
@@ -343,7 +343,7 @@ def validate(config: ExperimentConfig) -> None:
     ]
     if config.secagg.enabled:
         checks += secagg_checks(config)
-    checks += [(False, problem) for problem in backend_problems(config.tracking.backends)]
+    checks += [(False, problem) for problem in unknown_backends(config.tracking.backends)]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -11,7 +11,7 @@ the trackers are views of it while it runs. `tracking.backends` chooses them:
 - "wandb": one W&B run in the project `tracking.project` ($WANDB_MODE=offline works without an account).
 
 MLflow and W&B are imported only when chosen; a chosen backend that is not installed fails before the run
-starts (config validation). The tag names below are the same in every backend.
+starts (preflight). The tag names below are the same in every backend.
 """
 
 from __future__ import annotations
@@ -35,16 +35,17 @@ BACKENDS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "mlflow":
 RUN_IDS_FILE = "tracking.json"  # in the run folder: the MLflow / W&B run ids, so that --resume continues the same runs
 
 
-def backend_problems(backends: list[str]) -> list[str]:
-    """What is wrong with a `tracking.backends` value: unknown names, backends whose package is missing."""
-    problems = []
-    for name in backends:
-        if name not in BACKENDS:
-            problems.append(f"tracking.backends has {name!r}; choose from {sorted(BACKENDS)} (or [] for none)")
-        elif importlib.util.find_spec(BACKENDS[name][0]) is None:
-            problems.append(f"tracking.backends has {name!r}, but its package {BACKENDS[name][0]!r} is not installed: "
-                            f"{BACKENDS[name][1]}, or leave {name!r} out of tracking.backends")
-    return problems
+def unknown_backends(backends: list[str]) -> list[str]:
+    """A `tracking.backends` value's unknown names, explained (config validation)."""
+    return [f"tracking.backends has {name!r}; choose from {sorted(BACKENDS)} (or [] for none)" for name in backends if name not in BACKENDS]
+
+
+def missing_backends(backends: list[str]) -> list[str]:
+    """Chosen backends whose package is not installed, explained. Checked when a run starts (preflight), not when a
+    config is read: a run logged to MLflow can still be exported or compared where MLflow is not installed."""
+    return [f"tracking.backends has {name!r}, but its package {BACKENDS[name][0]!r} is not installed: {BACKENDS[name][1]}, "
+            f"or leave {name!r} out of tracking.backends" for name in backends
+            if name in BACKENDS and importlib.util.find_spec(BACKENDS[name][0]) is None]
 
 
 # ---------------------------------------------------------------------------- what is logged
