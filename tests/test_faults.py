@@ -150,11 +150,14 @@ def test_an_aborted_run_resumes_to_the_same_result(tmp_path, uninterrupted):
         simulate(config, tmp_path / "out")
     state, record = load_checkpoint(tmp_path / "out")
     assert state["round"] == 2 and [r["round"] for r in record["rounds"]] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoint").glob("round_*.pt")) == ["round_1.pt", "round_2.pt"]
     # A kill after the checkpoint but before its readable copy: record.json is stale, and never read back.
     (tmp_path / "out" / "checkpoint" / "record.json").write_text("{}")
     healed = tiny_config(tmp_path / "data", "rounds=3", "federation.min_replies=3")
     simulate(healed, tmp_path / "out", resume=True)
     assert_same_run(uninterrupted, tmp_path / "out")
+    # the latest two checkpoints are kept, older ones deleted
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoint").glob("round_*.pt")) == ["round_2.pt", "round_3.pt"]
 
 
 @pytest.mark.flower
@@ -167,7 +170,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, uninterrupted):
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            if (out / "checkpoint" / "state.pt").exists() and load_checkpoint(out)[0]["round"] == 2:
+            if (out / "checkpoint" / "manifest.json").exists() and load_checkpoint(out)[0]["round"] == 2:
                 break
             time.sleep(0.2)
         assert process.poll() is None, "the run ended before it could be killed"

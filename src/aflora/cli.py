@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import ConfigError, DataError, FederationError, ModelError, RoundAborted
+from .errors import CheckpointError, ConfigError, DataError, FederationError, ModelError, OutputError, RoundAborted
 from .logs import configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -43,39 +43,62 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for results, plots and the adapter")] = Path("runs/latest"),
     set_: SetOption = None,
     data_dir: DataDirOption = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace the results already in --out")] = False,
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder from its last checkpoint")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the run (or anything else) in --out; the old run stays until the new one has finished")] = False,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue the run in this folder from its last checkpoint (or from a checkpoint file in its checkpoint/)")] = None,
 ) -> None:
     """Run one federated experiment on Flower's simulation engine (or resume one)."""
+    from .run_folder import abandon_replacement, finish_replacement, prepare_run_folder
+
+    checkpoint_file = None
     if resume is not None:
-        experiment, out = _resumed_experiment(resume, set_, data_dir)
+        experiment, out, checkpoint_file = _resumed_experiment(resume, set_, data_dir)
+        write_to = out
     else:
         experiment = _load_config(config, set_, data_dir)
-        if (out / "results.json").exists() and not overwrite:
-            raise ConfigError(f"{out} already holds a finished run (results.json); choose another --out or pass --overwrite")
+        write_to = prepare_run_folder(out, overwrite=overwrite)  # a folder beside --out when it replaces a run
     configure_logging(experiment.engine.verbose)
     from .flower.simulation import simulate  # Flower and Ray load only when a run starts
 
-    simulate(experiment, out, resume=resume is not None)
+    try:
+        simulate(experiment, write_to, resume=resume is not None, checkpoint_file=checkpoint_file)
+    except BaseException:
+        if resume is None and write_to != out and abandon_replacement(write_to):
+            err.print(escape(f"{out} still holds the previous run; the new one is in {write_to} "
+                             f"(continue it with `aflora run --resume {write_to}`, which then replaces {out})"))
+        raise
+    out = finish_replacement(write_to)
     err.print(f"[green]results, plots and adapter written to {escape(str(out))}[/green]")
 
 
-def _resumed_experiment(folder: Path, sets: list[str] | None, data_dir: Path | None):
-    """The checkpointed run's own config; only rounds (to extend) and where data lives may change."""
+def _resumed_experiment(path: Path, sets: list[str] | None, data_dir: Path | None):
+    """The checkpointed run's own config, its folder and the checkpoint file to continue from (None: the latest);
+    only rounds (to extend), where data lives, engine.* and tracking.* may change."""
     from .checkpoint import load_checkpoint
     from .config import config_from_tree, parse_override, set_dotted
+    from .run_folder import CHECKPOINT_DIR, RESULTS_FILE, unfinished_replacement
 
-    _, record = load_checkpoint(folder)
+    folder, checkpoint_file = path, None
+    if path.is_file():  # --resume runs/x/checkpoint/round_3.pt
+        if path.parent.name != CHECKPOINT_DIR:
+            raise ConfigError(f"--resume takes a run folder or a checkpoint file in its {CHECKPOINT_DIR}/ folder, got {path}")
+        folder, checkpoint_file = path.parent.parent, path.name
+    _, record = load_checkpoint(folder, checkpoint_file)
     tree = record["config"]
     for item in _overrides(sets, data_dir):
         key, value = parse_override(item)
-        if key not in ("rounds", "data.data_dir") and not key.startswith("engine."):
-            raise ConfigError(f"--resume continues the same experiment: {key} cannot change (only rounds, data.data_dir, engine.*)")
+        if key not in ("rounds", "data.data_dir") and not key.startswith(("engine.", "tracking.")):
+            raise ConfigError(f"--resume continues the same experiment: {key} cannot change (only rounds, data.data_dir, engine.*, "
+                              "tracking.*)")
         set_dotted(tree, key, value)
     experiment = config_from_tree(tree)
-    if experiment.rounds <= record["rounds"][-1]["round"] and (folder / "results.json").exists():
-        raise ConfigError(f"{folder} already finished all {experiment.rounds} rounds; pass --set rounds=N to extend it")
-    return experiment, folder
+    if experiment.rounds <= record["rounds"][-1]["round"] and (folder / RESULTS_FILE).exists():
+        replacement = unfinished_replacement(folder)
+        raise ConfigError(f"{folder} already finished all {experiment.rounds} rounds; pass --set rounds=N to extend it"
+                          + (f" (the unfinished run that will replace it is in {replacement}: --resume {replacement})"
+                             if replacement else ""))
+    return experiment, folder, checkpoint_file
 
 
 @app.command()
@@ -120,27 +143,33 @@ def compare(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Option("--run", help="--out folder of a finished run")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged model (safetensors)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged model (safetensors); new or empty")],
+    overwrite: Annotated[bool, typer.Option(help="Replace what --out holds (only once the merged model is written)")] = False,
 ) -> None:
     """Merge a run's global adapter into its base model and save a standalone model."""
     from .outputs import export_merged_model
 
     configure_logging()
-    export_merged_model(run_dir, out)
+    export_merged_model(run_dir, out, overwrite=overwrite)
     err.print(f"[green]merged model written to {escape(str(out))}[/green]")
 
 
 @app.command()
 def partition(
     config: ConfigOption = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for client_<k>.jsonl, task.json, manifest.json")] = Path("shards"),
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Folder for client_<k>.jsonl, task.json, manifest.json; new or empty")] = Path("shards"),
     set_: SetOption = None,
     data_dir: DataDirOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace what --out holds (only once every file is written)")] = False,
 ) -> None:
     """Write each client's rows to its own file, for SuperNodes that must see only their own data."""
     from .deployment.shards import write_shards
+    from .run_folder import written_aside
 
-    paths = write_shards(_load_config(config, set_, data_dir), out)
+    experiment = _load_config(config, set_, data_dir)
+    with written_aside(out, overwrite=overwrite, what="client data files") as folder:
+        paths = write_shards(experiment, folder)
     err.print(f"[green]{len(paths)} client files written to {escape(str(out))}[/green] "
               f"(SuperNode k: --node-config \"partition-id=k data-file={out}/client_k.jsonl\")")
 
@@ -245,7 +274,7 @@ def federation_worker(
 def main() -> None:
     try:
         app(standalone_mode=False)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as error:
+    except (ConfigError, DataError, ModelError, OutputError, CheckpointError, FileNotFoundError) as error:
         err.print("[red]error:[/red]", escape(str(error)))
         sys.exit(2)
     except RoundAborted as error:

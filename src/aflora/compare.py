@@ -32,13 +32,14 @@ from .config import COMPARE, ExperimentConfig, flatten, load_config, parse_overr
 from .errors import ConfigError, DataError, ModelError
 from .methods import METHODS, method_class, method_options
 from .results import load_run
+from .run_folder import finish_replacement, prepare_run_folder
 from .tomlwrite import toml_literal
 from .values import coerce, tomllib
 
 log = logging.getLogger(__name__)
 
 # Settings that may differ between an earlier invocation and this one without changing what a run computes.
-IGNORED_FOR_REUSE = ("engine.", "data.data_dir", "model.cache_dir")
+IGNORED_FOR_REUSE = ("engine.", "data.data_dir", "model.cache_dir", "tracking.")
 
 
 # ---------------------------------------------------------------------------- what to run
@@ -239,7 +240,9 @@ def run_comparison(plan: Plan, *, command: str) -> list[Row]:
             from .flower.simulation import simulate  # Flower and Ray load only when a run starts
 
             log.info("%s -> %s", name, planned.out_dir)
-            simulate(planned.config, planned.out_dir)
+            write_to = prepare_run_folder(planned.out_dir, overwrite=True)  # what is there is replaced whole, once this run finishes
+            simulate(planned.config, write_to)
+            finish_replacement(write_to)
         runs[planned.entry.label].append(load_run(planned.out_dir))
     rows = summarize(runs, plan.reference)
     write_markdown(rows, plan.out / "comparison.md", header=describe(plan, command))

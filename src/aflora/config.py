@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import METHODS, method_options
+from .tracking import unknown_backends
 from .values import ConfigError, coerce, tomllib
 
 
@@ -146,6 +147,14 @@ class EngineConfig:
 
 
 @dataclass
+class TrackingSection:
+    backends: list[str] = _help(
+        "Where every round's metrics go as the run goes (results.json is written regardless): 'tensorboard' (event files in the "
+        "run folder), 'mlflow', 'wandb' (need their packages); [] for none", factory=lambda: ["tensorboard"])
+    project: str = _help("The MLflow experiment / W&B project runs are logged under", "aflora")
+
+
+@dataclass
 class ExperimentConfig:
     method: str = _help(f"Federated method: one of {sorted(METHODS)}", "aflora")
     seed: int = _help("Seed for partitions, sampling, initialization and local shuffling", 0)
@@ -158,6 +167,7 @@ class ExperimentConfig:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     secagg: SecAggSection = field(default_factory=SecAggSection)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
     # Method hyperparameters, one table per method name ([aflora], ...); validated by that method.
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -174,7 +184,7 @@ class ExperimentConfig:
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "federation": FederationConfig,
     "train": TrainConfig, "server": ServerConfig, "privacy": PrivacySection, "secagg": SecAggSection,
-    "engine": EngineConfig,
+    "engine": EngineConfig, "tracking": TrackingSection,
 }
 TOP_LEVEL = ("method", "seed", "rounds")
 # [compare] (methods, seeds): what `aflora compare` runs from this file (aflora.compare.compare_table); not part of any one run.
@@ -346,6 +356,7 @@ def validate(config: ExperimentConfig) -> None:
     ]
     if config.secagg.enabled:
         checks += secagg_checks(config)
+    checks += [(False, problem) for problem in unknown_backends(config.tracking.backends)]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -6,7 +6,7 @@ what was expected and how to fix it. Keeping them here, free of torch, lets `afl
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "FederationError", "ModelError", "RoundAborted"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "FederationError", "ModelError", "OutputError", "RoundAborted"]
 
 
 class ConfigError(ValueError):
@@ -27,3 +27,11 @@ class FederationError(RuntimeError):
 
 class RoundAborted(RuntimeError):
     """Too few usable replies to aggregate a round; the run stops with its last checkpoint intact."""
+
+
+class OutputError(ValueError):
+    """An output folder that cannot be written without losing what it holds; the message names the way out."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or altered; the message names the intact one to continue from, if any."""

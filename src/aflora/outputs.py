@@ -14,6 +14,7 @@ from .lora.export import save_peft_adapter
 from .models import load_model
 from .plots import plot_run
 from .results import RunRecord, load_run
+from .run_folder import written_aside
 from .runtime.server import ServerRuntime
 
 log = logging.getLogger(__name__)
@@ -37,18 +38,19 @@ def write_outputs(out_dir: Path, record: RunRecord, runtime: ServerRuntime) -> N
     print_summary(record)
 
 
-def export_merged_model(run_dir: Path, out_dir: Path) -> None:
-    """Load a run's base model, apply its PEFT adapter with stock PEFT, merge and save (safetensors)."""
+def export_merged_model(run_dir: Path, out_dir: Path, *, overwrite: bool = False) -> None:
+    """Load a run's base model, apply its PEFT adapter with stock PEFT, merge and save (safetensors) into a new or
+    empty `out_dir` (with `overwrite`, replace what it holds once the model is written)."""
     run = load_run(run_dir)
-    adapter_dir = Path(run_dir) / "adapter"
+    adapter_dir = Path(run_dir) / ADAPTER_DIR
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} holds no PEFT adapter; was the run finished?")
     config = config_from_tree(run["config"])
-    model, tokenizer = load_model(config.model.name, cache_dir=config.model.cache_dir or None, seed=config.seed)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with written_aside(Path(out_dir), overwrite=overwrite, what="the merged model", source=Path(run_dir)) as folder:
+        model, tokenizer = load_model(config.model.name, cache_dir=config.model.cache_dir or None, seed=config.seed)
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
 
 def print_summary(record: RunRecord, console: Console | None = None) -> None:

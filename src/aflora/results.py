@@ -14,6 +14,7 @@ from typing import Any
 from .costs import client_cost_pct, payload_bytes, payload_params
 from .intervals import compress_indices, pack_bits, wilson_interval
 from .methods import Upload
+from .run_folder import RESULTS_FILE
 
 
 @dataclass
@@ -158,7 +159,7 @@ class RunRecord:
 
     def write(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(self.to_json(), indent=2))
+        (out_dir / RESULTS_FILE).write_text(json.dumps(self.to_json(), indent=2))
         write_rounds_csv(self.rounds, out_dir / "rounds.csv")
 
 
@@ -177,7 +178,7 @@ def write_rounds_csv(rounds: list[RoundRecord], path: Path) -> None:
 
 
 def load_run(out_dir: Path) -> dict[str, Any]:
-    path = Path(out_dir) / "results.json"
+    path = Path(out_dir) / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; point at the --out folder of a finished `aflora run`")
     return json.loads(path.read_text())

@@ -1,5 +1,5 @@
 """Flower ServerApp: build the server runtime from the run config, run aflora.rounds' loop with the Flower
-transport (messages through the Grid), checkpoint after every round, write the outputs.
+transport (messages through the Grid), track and checkpoint every round, write the outputs.
 `flwr run .` enters through `app`; `aflora run` through `run_federation`.
 """
 
@@ -14,21 +14,24 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..base_sync import MergeStore
 from ..checkpoint import load_checkpoint, restore, save_checkpoint
-from ..config import ExperimentConfig, config_from_flat
+from ..config import ExperimentConfig, config_from_flat, flatten
 from ..logs import configure_logging
 from ..outputs import write_outputs
 from ..results import RunRecord
 from ..rounds import run_rounds
 from ..runtime.server import ServerRuntime
 from ..runtime.workload import Workload, preflight
+from ..tracking import initial_metrics, open_trackers, round_metrics
 from .transport import FlowerTransport
 
 log = logging.getLogger(__name__)
 
 
 def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload: Workload | None = None,
-                   *, resume: bool = False, shared_disk: bool = False, max_in_flight: int | None = None) -> RunRecord:
-    """All rounds of one experiment (or the rounds left after the checkpoint in out_dir, with resume).
+                   *, resume: bool = False, checkpoint_file: str | None = None, shared_disk: bool = False,
+                   max_in_flight: int | None = None) -> RunRecord:
+    """All rounds of one experiment (or the rounds left after the checkpoint in out_dir, with resume: the latest,
+    or `checkpoint_file`, a file name in out_dir/checkpoint).
 
     With `shared_disk` (simulation: clients on this machine), every round's global update is also kept
     in out_dir/merges, where any worker process can catch up from. `max_in_flight` overrides
@@ -54,7 +57,7 @@ def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload
     )
     done = 0
     if resume:
-        state, saved = load_checkpoint(out_dir)
+        state, saved = load_checkpoint(out_dir, checkpoint_file)
         done = restore(runtime, state)
         if runtime.merge_store is not None:  # a fresh store for fresh workers
             for round_, update in runtime.merges.by_round.items():
@@ -63,14 +66,24 @@ def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload
         started -= record.final.get("wall_seconds_so_far", 0.0)
         log.info("resuming %s after round %d of %d", out_dir, done, config.rounds)
 
-    def checkpoint(round_: int) -> None:
+    def round_done(round_: int) -> None:
+        # Tracked before the checkpoint: a kill in between repeats the round on resume, which TensorBoard then shows
+        # once (purge_step); the other order would lose the round from the trackers.
+        if round_ == 1:
+            trackers.log_round(0, initial_metrics(record.initial))
+        trackers.log_round(round_, round_metrics(record.rounds[-1], record.base_params))
         record.final["wall_seconds_so_far"] = time.perf_counter() - started
         save_checkpoint(out_dir, round_, runtime, record)
 
     log.info("method %s, %d clients, ranks %s", config.method, config.federation.num_clients, config.federation.client_ranks)
     transport = FlowerTransport(grid, config, max_in_flight=config.engine.max_in_flight if max_in_flight is None else max_in_flight)
     transport.connect()
-    run_rounds(runtime, transport, record, done + 1, config.rounds, on_round_end=checkpoint)
+    trackers = open_trackers(config.tracking.backends, out_dir, config=flatten(config.to_dict()), project=config.tracking.project,
+                             first_round=done + 1)
+    try:
+        run_rounds(runtime, transport, record, done + 1, config.rounds, on_round_end=round_done)
+    finally:
+        trackers.close()
     record.finish(wall_seconds=time.perf_counter() - started, final_ranks=runtime.method.client_ranks())
     write_outputs(out_dir, record, runtime)
     return record

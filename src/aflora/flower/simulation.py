@@ -21,8 +21,10 @@ from .server_app import run_federation
 log = logging.getLogger(__name__)
 
 
-def simulate(config: ExperimentConfig, out_dir: Path, workload: Workload | None = None, *, resume: bool = False) -> RunRecord:
-    """Run the experiment with one virtual SuperNode per client; returns the run's record.
+def simulate(config: ExperimentConfig, out_dir: Path, workload: Workload | None = None, *, resume: bool = False,
+             checkpoint_file: str | None = None) -> RunRecord:
+    """Run the experiment with one virtual SuperNode per client; returns the run's record. With `resume`, continue
+    the run in out_dir from its latest checkpoint (or `checkpoint_file`, a file name in out_dir/checkpoint).
 
     Model spec, data and partitions are checked first (`preflight`), so bad input fails before Ray starts.
     """
@@ -38,7 +40,8 @@ def simulate(config: ExperimentConfig, out_dir: Path, workload: Workload | None 
         # With all of a round's train messages out at once, the server would hold every client's instruction
         # and reply (several copies each) while the workers take them one by one: memory grew with clients.
         in_flight = config.engine.max_in_flight or 2 * simulated_workers(config)
-        finished.append(run_federation(grid, config, out_dir, workload, resume=resume, shared_disk=True, max_in_flight=in_flight))
+        finished.append(run_federation(grid, config, out_dir, workload, resume=resume, checkpoint_file=checkpoint_file,
+                                       shared_disk=True, max_in_flight=in_flight))
 
     run_simulation(
         server_app=server_app,

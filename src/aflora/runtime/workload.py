@@ -19,6 +19,7 @@ from ..methods import ClientSpec, FederatedMethod, method_class
 from ..methods.base import hash_seed
 from ..models import resolve_model
 from ..shards import read_shard
+from ..tracking import missing_backends
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,9 @@ def final_eval_set(rows: list[dict], data: DataConfig, seed: int, name: str) -> 
 
 
 def preflight(config: ExperimentConfig) -> Workload:
-    """Everything checkable before a model or an engine starts: model spec, data, partitions, method needs."""
+    """Everything checkable before a model or an engine starts: trackers, model spec, data, partitions, method needs."""
+    for problem in missing_backends(config.tracking.backends):
+        raise ConfigError(problem)
     resolve_model(config.model.name)
     workload = prepare_workload(config)
     needs_public = method_class(config.method).needs_public_data(config.method_options())
