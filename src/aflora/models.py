@@ -17,6 +17,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .config import ATTENTION_BACKENDS
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,8 @@ def attention_implementation(choice: str) -> str:
     batches on SmolLM2), SDPA on GPUs."""
     if choice == "auto":
         return "sdpa" if torch.cuda.is_available() else "eager"
-    if choice not in ("eager", "sdpa"):
-        raise ModelError(f"model.attention must be auto, eager or sdpa, got {choice!r}")
+    if choice not in ATTENTION_BACKENDS:
+        raise ModelError(f"model.attention must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, got {choice!r}")
     return choice
 
 

@@ -14,7 +14,7 @@ from functools import cached_property
 import torch
 
 from ..base_sync import BaseMerges, BaseSync, MergeStore
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, clients_per_round
 from ..encoding import Encoded, PromptEncoder
 from ..errors import RoundAborted
 from ..lora.factors import Adapter
@@ -24,7 +24,7 @@ from ..privacy import PrivacyLedger, clip_upload, noise_std
 from ..secure_aggregation import SecureSum, attach_weights, error_bound, validate_clear_upload
 from ..training import OptimConfig
 from .model_side import ModelSide
-from .workload import Workload, prepare_workload, round_half_up
+from .workload import Workload, prepare_workload
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ class ServerRuntime:
 
     def sample_clients(self, round_: int) -> list[int]:
         fed = self.config.federation
-        count = max(1, round_half_up(fed.sample_fraction * fed.num_clients))
-        return sorted(random.Random(hash_seed(self.config.seed, round_, 3)).sample(range(fed.num_clients), count))
+        return sorted(random.Random(hash_seed(self.config.seed, round_, 3)).sample(range(fed.num_clients), clients_per_round(fed)))
 
     def instructions(self, round_: int) -> list[ClientMessage]:
         """Each sampled client's instruction and the base-model merges it has not received yet."""
