@@ -65,8 +65,9 @@ class DataConfig:
         "Share of each client's rows held out as its own test set; > 0 adds per-client (personalized) evaluation every round", 0.0)
     extra_eval: list[str] = _help("Other registered benchmarks scored every round, e.g. [\"mmlu\"] for instruction tuning", factory=list)
     options: dict[str, Any] = _help(
-        "Dataset-specific options: fpb_agree (50|66|75|All), mmlu_subjects, holdout_per_category; for a local file: "
-        "text_column, label_column, label_words, test_path, instruction",
+        "Dataset-specific options, typed like every key (`aflora list` describes each dataset's): fpb_agree, mmlu_subjects, "
+        "holdout_per_category, holdout_seed; for a local file: label_words, test_path, text_column, label_column, "
+        "instruction, encoding",
         factory=dict,
     )
 
@@ -219,10 +220,11 @@ def parse_override(item: str) -> tuple[str, Any]:
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node = tree
     *parents, leaf = key.split(".")
-    for part in parents:
+    for depth, part in enumerate(parents, start=1):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"cannot set {key}: {part} is a value, not a table")
+            path = ".".join(parents[:depth])
+            raise ConfigError(f"cannot set {key}: {path} is a single value, not a table: set it as {path}=<value>")
     node[leaf] = value
 
 
@@ -244,6 +246,40 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+@dataclass(frozen=True)
+class KeyHelp:
+    """One settable key, as `aflora config --explain` shows it."""
+
+    key: str
+    value: Any
+    type: str
+    help: str
+
+
+def describe_keys(config: ExperimentConfig) -> list[KeyHelp]:
+    """Every key this config can set, with its value here, its type and its help: the top-level keys, each section's
+    fields, then every method's options (the values in effect, whether the config sets them or not)."""
+    def rows(prefix: str, cls: type, values: Any) -> list[KeyHelp]:
+        hints = typing.get_type_hints(cls)
+        return [KeyHelp(f"{prefix}{f.name}", getattr(values, f.name), _type_name(hints[f.name]), f.metadata.get("help", ""))
+                for f in dataclasses.fields(cls) if f.name in hints and (prefix or f.name in TOP_LEVEL)]
+
+    described = rows("", ExperimentConfig, config)
+    for section, cls in SECTIONS.items():
+        described += rows(f"{section}.", cls, getattr(config, section))
+    for name in sorted(METHODS):
+        options = method_options(name, config.methods.get(name, {}))
+        described += rows(f"{name}.", type(options), options)
+    return described
+
+
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if not args:
+        return "any" if hint is Any else getattr(hint, "__name__", str(hint))
+    return f"{typing.get_origin(hint).__name__}[{', '.join(_type_name(arg) for arg in args)}]"
 
 
 def config_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
