@@ -25,6 +25,7 @@ from aflora.data import (
     sentiment_task,
     topic_classification_task,
 )
+from aflora.hub import OFFLINE_VARIABLES
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("AFLORA_TEST_DATA_DIR") or REPO.parent / "shared" / "data")
@@ -227,7 +228,25 @@ def fake_hub(monkeypatch):
         return splits_by_id[hub_id]
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr("aflora.hub.hub_unreachable_reason", lambda: None)  # this hub always answers
+    for name in OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     return splits_by_id, calls
+
+
+def test_an_unreachable_hub_fails_at_once_without_asking(monkeypatch):
+    """Offline, `datasets` would retry for ~25 s per dataset: the reachability check answers first."""
+    import datasets
+
+    def never(*args, **kwargs):
+        raise AssertionError("the hub must not be asked when it cannot be reached")
+
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    monkeypatch.setattr("aflora.hub.hub_unreachable_reason", lambda: "huggingface.co:443 cannot be reached (test)")
+    for name in OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(DataError, match="cannot be reached .test.*HF_HUB_OFFLINE=1.*--data-dir"):
+        load_bundle("ag_news", data_dir=None)
 
 
 def test_hub_failure_says_what_was_tried_and_how_to_fix(fake_hub, tmp_path):
@@ -310,10 +329,38 @@ def test_local_file_bundle_errors(tmp_path):
             label_words=words,
             test_path=str(train),
         )
-    with pytest.raises(DataError, match="needs label_words"):
+    with pytest.raises(DataError, match="needs data.options.label_words"):
         load_bundle(str(train), data_dir=None, test_path=str(train))
-    with pytest.raises(DataError, match="pass test_path"):
+    with pytest.raises(DataError, match="set data.options.test_path"):
         load_bundle(str(train), data_dir=None, label_words=words)
+
+
+def test_local_file_advice_works_when_followed(tmp_path):
+    """What the errors of a local file advise (data.options.encoding, data.test_dataset) is accepted and works."""
+    train = tmp_path / "latin.csv"
+    train.write_bytes("text,label\nSepp\xe4l\xe4 up,positive\nfalls,negative\n".encode("latin-1"))
+    words = ["negative", "neutral", "positive"]
+    with pytest.raises(DataError, match='set data.options.encoding = "latin-1"'):
+        load_bundle(str(train), data_dir=None, label_words=words, test_path=str(train))
+    bundle = load_bundle(str(train), data_dir=None, label_words=words, test_path=str(train), encoding="latin-1")
+    assert bundle.train[0] == {"text": "Seppälä up", "label": 2}
+    if REAL_DATA.is_dir():  # no test_path: the test rows come from data.test_dataset
+        on_fpb = load_bundle(str(train), data_dir=REAL_DATA, test_name="fpb", label_words=words, encoding="latin-1",
+                             fpb_agree="All")
+        assert len(on_fpb.test) == 2264 and on_fpb.train == bundle.train
+
+
+def test_list_options_read_alike_and_text_rows_must_hold_text(tmp_path, caplog):
+    """data.options.label_words=a,b reads as model.target_modules=a,b does; empty texts are skipped with a warning;
+    label words that only differ in case are refused (labels match ignoring case)."""
+    train = write_labelled_csv(tmp_path / "train.csv", [("good", "positive"), ("", "negative"), ("  ", "0"), ("bad", "0")])
+    bundle = load_bundle(str(train), data_dir=None, text_column="sentence", label_column="sentiment",
+                         label_words="negative,positive", test_path=str(train))
+    assert bundle.task.label_words == ("negative", "positive") and [r["text"] for r in bundle.train] == ["good", "bad"]
+    assert "skipped 2 of 4 rows with an empty 'sentence' (rows 2, 3)" in caplog.text
+    with pytest.raises(DataError, match="repeated words .'Positive', 'positive'"):
+        load_bundle(str(train), data_dir=None, text_column="sentence", label_column="sentiment",
+                    label_words=["negative", "positive", "Positive"], test_path=str(train))
 
 
 def test_unknown_name_lists_the_registered_ones():

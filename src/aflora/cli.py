@@ -37,10 +37,27 @@ def _load_config(config: Path | None, sets: list[str] | None, data_dir: Path | N
     return load_config(config, _overrides(sets, data_dir))
 
 
+def _check_out(out: Path, option: str = "--out") -> None:
+    """Refuse an output folder that cannot be written before any work starts (not after round 1)."""
+    from .folders import unwritable_folder_reason
+
+    problem = unwritable_folder_reason(out)
+    if problem:
+        raise ConfigError(f"{option} {out}: {problem}; choose a folder path (it is created if missing)")
+
+
+def _preflight(experiment):
+    """Model layers, data and partitions checked before an engine, a federation or a model starts; the workload."""
+    from .runtime.workload import preflight
+
+    return preflight(experiment)
+
+
 @app.command()
 def run(
     config: ConfigOption = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for results, plots and the adapter")] = Path("runs/latest"),
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Output folder for results, plots and the adapter", show_default="runs/latest")] = None,
     set_: SetOption = None,
     data_dir: DataDirOption = None,
     overwrite: Annotated[bool, typer.Option(
@@ -53,16 +70,20 @@ def run(
 
     checkpoint_file = None
     if resume is not None:
+        _refuse_ignored_beside_resume(resume, config=config, out=out, overwrite=overwrite)
         experiment, out, checkpoint_file = _resumed_experiment(resume, set_, data_dir)
-        write_to = out
     else:
+        out = out or Path("runs/latest")
         experiment = _load_config(config, set_, data_dir)
-        write_to = prepare_run_folder(out, overwrite=overwrite)  # a folder beside --out when it replaces a run
+    _check_out(out, "--resume" if resume is not None else "--out")
     configure_logging(experiment.engine.verbose)
+    workload = _preflight(experiment)
     from .flower.simulation import simulate  # Flower and Ray load only when a run starts
 
+    # Where it writes only once everything is checked: a replacement folder beside --out when it replaces a run.
+    write_to = out if resume is not None else prepare_run_folder(out, overwrite=overwrite)
     try:
-        simulate(experiment, write_to, resume=resume is not None, checkpoint_file=checkpoint_file)
+        simulate(experiment, write_to, workload, resume=resume is not None, checkpoint_file=checkpoint_file)
     except BaseException:
         if resume is None and write_to != out and abandon_replacement(write_to):
             err.print(escape(f"{out} still holds the previous run; the new one is in {write_to} "
@@ -70,6 +91,16 @@ def run(
         raise
     out = finish_replacement(write_to)
     err.print(f"[green]results, plots and adapter written to {escape(str(out))}[/green]")
+
+
+def _refuse_ignored_beside_resume(folder: Path, *, config: Path | None, out: Path | None, overwrite: bool) -> None:
+    """--resume continues a run in place with its own config: options that would be ignored are refused instead."""
+    ignored = [name for name, given in (("--config", config is not None), ("--overwrite", overwrite),
+                                        ("--out", out is not None and out.absolute() != folder.absolute())) if given]
+    if ignored:
+        raise ConfigError(f"--resume {folder} continues that run in its folder with the config saved in its checkpoint, so "
+                          f"{' and '.join(ignored)} would be ignored: drop {'them' if len(ignored) > 1 else 'it'} (change rounds, "
+                          "data.data_dir or engine.* with --set), or start a new run without --resume")
 
 
 def _resumed_experiment(path: Path, sets: list[str] | None, data_dir: Path | None):
@@ -84,6 +115,8 @@ def _resumed_experiment(path: Path, sets: list[str] | None, data_dir: Path | Non
         if path.parent.name != CHECKPOINT_DIR:
             raise ConfigError(f"--resume takes a run folder or a checkpoint file in its {CHECKPOINT_DIR}/ folder, got {path}")
         folder, checkpoint_file = path.parent.parent, path.name
+    elif not path.is_dir():
+        raise ConfigError(f"--resume {path}: no such folder; pass the --out folder of a run that finished at least one round")
     _, record = load_checkpoint(folder, checkpoint_file)
     tree = record["config"]
     for item in _overrides(sets, data_dir):
@@ -93,7 +126,11 @@ def _resumed_experiment(path: Path, sets: list[str] | None, data_dir: Path | Non
                               "tracking.*)")
         set_dotted(tree, key, value)
     experiment = config_from_tree(tree)
-    if experiment.rounds <= record["rounds"][-1]["round"] and (folder / RESULTS_FILE).exists():
+    done = record["rounds"][-1]["round"] if record["rounds"] else 0
+    if experiment.rounds < done:
+        raise ConfigError(f"--resume {folder}: its checkpoint already holds {done} rounds, more than rounds = {experiment.rounds}; "
+                          f"pass --set rounds=N with N > {done} to extend it")
+    if experiment.rounds == done and (folder / RESULTS_FILE).exists():
         replacement = unfinished_replacement(folder)
         raise ConfigError(f"{folder} already finished all {experiment.rounds} rounds; pass --set rounds=N to extend it"
                           + (f" (the unfinished run that will replace it is in {replacement}: --resume {replacement})"
@@ -130,6 +167,7 @@ def compare(
     if methods is None:
         raise ConfigError("aflora compare needs the entries to run: pass --methods (e.g. --methods aflora,fedit), or use a "
                           "config whose [compare] table lists them (e.g. configs/table2_ag_news.toml)")
+    _check_out(out)
     entries = parse_entries(methods)
     if reference is None and in_file.reference in [e.label for e in entries]:  # unless --methods left the file's out
         reference = in_file.reference
@@ -150,6 +188,7 @@ def export(
     from .outputs import export_merged_model
 
     configure_logging()
+    _check_out(out)
     export_merged_model(run_dir, out, overwrite=overwrite)
     err.print(f"[green]merged model written to {escape(str(out))}[/green]")
 
@@ -168,6 +207,7 @@ def partition(
     from .run_folder import written_aside
 
     experiment = _load_config(config, set_, data_dir)
+    _check_out(out)
     with written_aside(out, overwrite=overwrite, what="client data files") as folder:
         paths = write_shards(experiment, folder)
     err.print(f"[green]{len(paths)} client files written to {escape(str(out))}[/green] "
@@ -175,12 +215,59 @@ def partition(
 
 
 @app.command("config")
-def show_config(config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None) -> None:
+def show_config(
+    keys: Annotated[list[str] | None, typer.Argument(
+        help="Show only these keys or tables, e.g. train aflora.beta (default: all)", show_default=False)] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Every key with its type and help, every method's options included (set or not)")] = False,
+) -> None:
     """Print the resolved experiment configuration (after overrides) as TOML-like key = value lines."""
-    from .config import flatten
+    from .config import describe_keys, flatten
 
-    for key, value in flatten(_load_config(config, set_, data_dir).to_dict()).items():
-        typer.echo(f"{key} = {value!r}")
+    experiment = _load_config(config, set_, data_dir)
+    if explain:
+        rows = [(row.key, f"{row.key} = {row.value!r}  ({row.type})\n    {row.help}") for row in describe_keys(experiment)]
+    else:
+        rows = [(key, f"{key} = {value!r}") for key, value in flatten(experiment.to_dict()).items()]
+    wanted = [key.strip().strip(".") for key in keys or []]
+    unmatched = [key for key in wanted if not any(_under(row_key, key) for row_key, _ in rows)]
+    if unmatched:
+        hint = "" if explain else " (a method's options show with --explain even when the config does not set them)"
+        raise ConfigError(f"no config key is or starts with {', '.join(map(repr, unmatched))}{hint}; "
+                          "`aflora config --explain` lists every key")
+    for key, line in rows:
+        if not wanted or any(_under(key, prefix) for prefix in wanted):
+            typer.echo(line)
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+@app.command("list")
+def list_choices() -> None:
+    """The methods, datasets (with aliases and options) and partition schemes a config can name."""
+    from .data.partition import PARTITION_SCHEMES
+    from .data.readers.local_file import FILE_OPTIONS
+    from .data.registry import registered_datasets
+    from .methods import METHODS
+
+    lines = ["methods (method = ..., options: `aflora config --explain <method>`):"]
+    lines += [f"  {name:<12} {cls.summary}" for name, cls in sorted(METHODS.items())]
+    lines += ["", "datasets (data.dataset = ..., data.test_dataset, data.extra_eval; options: data.options.<key>):"]
+    for dataset in registered_datasets():
+        lines.append(f"  {dataset.name:<12} {dataset.summary}")
+        if dataset.aliases:
+            lines.append(f"  {'':<12}   aliases: {', '.join(dataset.aliases)}")
+        lines += [f"  {'':<12}   option {key}: {option.help}" for key, option in dataset.options.items()]
+    lines.append(f"  {'<file>':<12} a local csv/tsv/jsonl/json/parquet file of text and labels")
+    lines += [f"  {'':<12}   option {key}: {option.help}" for key, option in FILE_OPTIONS.items()]
+    lines += ["", "partition schemes (data.partition = ...):"]
+    lines += [f"  {name:<12} {summary}" for name, summary in PARTITION_SCHEMES.items()]
+    typer.echo("\n".join(lines))
 
 
 federation_app = typer.Typer(no_args_is_help=True, help=(
@@ -215,7 +302,10 @@ def federation_up(
     """Start a SuperLink and one SuperNode per client (federation.num_clients) and leave them running."""
     from . import deployment
 
-    federation = _federation_call(deployment.up, _load_config(config, set_, data_dir), state)
+    experiment = _load_config(config, set_, data_dir)
+    _check_out(state, "--state")
+    _preflight(experiment)
+    federation = _federation_call(deployment.up, experiment, state)
     err.print("[green]federation up[/green]:", escape(
         f"SuperLink {federation.address}, {federation.partitions} SuperNodes. "
         f"Submit runs with `aflora federation run --state {state} --config ... --out ...`; "
@@ -237,8 +327,11 @@ def federation_run(
     """`flwr run` one experiment on the federation that is up in --state (else on a new one, stopped afterwards)."""
     from . import deployment
 
-    _federation_call(deployment.run_once, _load_config(config, set_, data_dir), out, state, timeout=timeout,
-                     overwrite=overwrite)
+    experiment = _load_config(config, set_, data_dir)
+    _check_out(out)
+    _check_out(state, "--state")
+    _preflight(experiment)
+    _federation_call(deployment.run_once, experiment, out, state, timeout=timeout, overwrite=overwrite)
     err.print(f"[green]results, plots and adapter written to {escape(str(out))}[/green]")
 
 
@@ -271,9 +364,11 @@ def federation_worker(
     serve(socket)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The `aflora` command (`argv`: its arguments, default sys.argv[1:]); a user's error ends it with exit code 2
+    and one message, never a traceback."""
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False)
     except (ConfigError, DataError, ModelError, OutputError, CheckpointError, FileNotFoundError) as error:
         err.print("[red]error:[/red]", escape(str(error)))
         sys.exit(2)

@@ -13,9 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.partition import PARTITION_SCHEMES
 from .methods import METHODS, method_options
 from .tracking import unknown_backends
 from .values import ConfigError, coerce, tomllib
+
+PRECISIONS = ("auto", "bf16", "fp32")
+ATTENTION_BACKENDS = ("auto", "eager", "sdpa")  # what aflora.models.attention_implementation can give transformers
+OBJECTIVES = ("auto", "class_ce", "lm")
+MIN_MAX_LENGTH = 16  # tokens: the chat template's own tokens leave nothing of the text below this
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -42,7 +48,7 @@ class DataConfig:
         "local file", "ag_news")
     test_dataset: str = _help("Take the test rows from another dataset of the same task (e.g. financial_phrasebank)", "")
     data_dir: str = _help("Folder with local copies of the datasets (else $AFLORA_DATA_DIR, else the hub)", "")
-    partition: str = _help("iid | dirichlet | k_labels | fedit_epsilon | presplit", "k_labels")
+    partition: str = _help(f"{' | '.join(PARTITION_SCHEMES)} (`aflora list` describes each)", "k_labels")
     labels_per_client: int = _help("k for the k_labels partition (paper, AG News: 2)", 2)
     dirichlet_alpha: float = _help("Concentration of the dirichlet partition (smaller = more skewed)", 0.5)
     epsilon: float = _help("Heterogeneity of the fedit_epsilon partition (smaller = more heterogeneous)", 0.5)
@@ -58,14 +64,15 @@ class DataConfig:
         "Test rows of the final evaluation, once after the last round (the final accuracy, its interval and compare's "
         "paired differences): a number (the published studies use 2000), \"all\", or \"eval_size\" (the per-round "
         "rows again, no extra cost). A test set with fewer rows is used whole, and the log says so", "eval_size")
-    max_length: int = _help("Maximum tokens per example (long prompts lose their middle)", 128)
+    max_length: int = _help(f"Maximum tokens per example (long prompts lose their middle; at least {MIN_MAX_LENGTH})", 128)
     objective: str = _help("'auto' (class_ce for classification, lm for instructions), 'class_ce' or 'lm'", "auto")
     local_test_fraction: float = _help(
         "Share of each client's rows held out as its own test set; > 0 adds per-client (personalized) evaluation every round", 0.0)
     extra_eval: list[str] = _help("Other registered benchmarks scored every round, e.g. [\"mmlu\"] for instruction tuning", factory=list)
     options: dict[str, Any] = _help(
-        "Dataset-specific options: fpb_agree (50|66|75|All), mmlu_subjects, holdout_per_category; for a local file: "
-        "text_column, label_column, label_words, test_path, instruction",
+        "Dataset-specific options, typed like every key (`aflora list` describes each dataset's): fpb_agree, mmlu_subjects, "
+        "holdout_per_category, holdout_seed; for a local file: label_words, test_path, text_column, label_column, "
+        "instruction, encoding",
         factory=dict,
     )
 
@@ -195,23 +202,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a TOML experiment file (or the defaults), apply `key=value` overrides, validate."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass --config with a TOML file (see configs/)")
-        try:
-            tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path} is not valid TOML: {err}") from err
+        tree = read_config_file(Path(path))
     for item in overrides or []:
         key, value = parse_override(item)
         set_dotted(tree, key, value)
     return config_from_tree(tree)
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML tree of an experiment file, or a ConfigError that says why it cannot be read."""
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; pass the TOML file itself (e.g. configs/default.toml)")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with a TOML file (see configs/)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); TOML files are UTF-8: "
+                          "save it again as UTF-8") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. rounds=5 or aflora.beta=0.5)")
     key, raw = (part.strip() for part in item.split("=", 1))
+    if not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key or key part; write key=value with a dotted key "
+                          "(e.g. train.lr=0.001); `aflora config --explain` lists every key")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -222,10 +241,11 @@ def parse_override(item: str) -> tuple[str, Any]:
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node = tree
     *parents, leaf = key.split(".")
-    for part in parents:
+    for depth, part in enumerate(parents, start=1):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"cannot set {key}: {part} is a value, not a table")
+            path = ".".join(parents[:depth])
+            raise ConfigError(f"cannot set {key}: {path} is a single value, not a table: set it as {path}=<value>")
     node[leaf] = value
 
 
@@ -233,7 +253,7 @@ def config_from_flat(flat: dict[str, Any]) -> ExperimentConfig:
     """Flower's run-config: keys like 'model.name'; 'config-file' names a TOML file to start from."""
     flat = dict(flat)
     base_file = flat.pop("config-file", "")
-    tree = tomllib.loads(Path(base_file).read_text()) if base_file else {}
+    tree = read_config_file(Path(base_file)) if base_file else {}
     for key, value in flat.items():
         set_dotted(tree, key, value)
     return config_from_tree(tree)
@@ -249,6 +269,40 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+@dataclass(frozen=True)
+class KeyHelp:
+    """One settable key, as `aflora config --explain` shows it."""
+
+    key: str
+    value: Any
+    type: str
+    help: str
+
+
+def describe_keys(config: ExperimentConfig) -> list[KeyHelp]:
+    """Every key this config can set, with its value here, its type and its help: the top-level keys, each section's
+    fields, then every method's options (the values in effect, whether the config sets them or not)."""
+    def rows(prefix: str, cls: type, values: Any) -> list[KeyHelp]:
+        hints = typing.get_type_hints(cls)
+        return [KeyHelp(f"{prefix}{f.name}", getattr(values, f.name), _type_name(hints[f.name]), f.metadata.get("help", ""))
+                for f in dataclasses.fields(cls) if f.name in hints and (prefix or f.name in TOP_LEVEL)]
+
+    described = rows("", ExperimentConfig, config)
+    for section, cls in SECTIONS.items():
+        described += rows(f"{section}.", cls, getattr(config, section))
+    for name in sorted(METHODS):
+        options = method_options(name, config.methods.get(name, {}))
+        described += rows(f"{name}.", type(options), options)
+    return described
+
+
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if not args:
+        return "any" if hint is Any else getattr(hint, "__name__", str(hint))
+    return f"{typing.get_origin(hint).__name__}[{', '.join(_type_name(arg) for arg in args)}]"
+
+
 def config_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
     tree = dict(tree)
     tree.pop(COMPARE, None)
@@ -257,9 +311,13 @@ def config_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
     top.update({name: coerce(tree.pop(name), hints[name], name) for name in TOP_LEVEL if name in tree})
     methods = {}
     for key, value in tree.items():
-        if key not in METHODS or not isinstance(value, dict):
+        if key not in METHODS:
             known = sorted([*TOP_LEVEL, *SECTIONS, *METHODS, COMPARE])
-            raise ConfigError(f"unknown config key {key!r}; top-level keys and tables are {known}")
+            raise ConfigError(f"unknown config key {key!r}; top-level keys and tables are {known} "
+                              "(`aflora config --explain` describes each)")
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{key}] must be a table of {key}'s options (e.g. {key}.<option>=value), got {value!r}; "
+                              f"`aflora config --explain {key}` lists them")
         methods[key] = value
     config = ExperimentConfig(**top, methods=methods)
     validate(config)
@@ -284,7 +342,7 @@ def secagg_checks(config: ExperimentConfig) -> list[tuple[bool, str]]:
     """SecAgg+ settings Flower would refuse (or silently get wrong), named by their config field."""
     secagg, fed = config.secagg, config.federation
     supported = sorted(n for n, c in METHODS.items() if c.supports_secure_aggregation)
-    sampled = max(1, int(fed.sample_fraction * fed.num_clients + 0.5))
+    sampled = clients_per_round(fed)
     shares, threshold = secagg.num_shares, secagg.reconstruction_threshold
     return [
         (config.method in supported,
@@ -306,12 +364,24 @@ def secagg_checks(config: ExperimentConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def clients_per_round(fed: FederationConfig) -> int:
+    """How many clients every round samples: federation.sample_fraction of them, rounded half up, at least one."""
+    return max(1, int(fed.sample_fraction * fed.num_clients + 0.5))
+
+
 def validate(config: ExperimentConfig) -> None:
     """Check ranges and cross-field consistency; every message names the field and what is expected."""
-    fed, data, train = config.federation, config.data, config.train
+    fed, data, train, engine = config.federation, config.data, config.train, config.engine
     if config.method not in METHODS:
         raise ConfigError(f"unknown method {config.method!r}; available methods are {sorted(METHODS)}")
+    for name, table in config.methods.items():  # first: the checks below read the method's options
+        try:
+            method_options(name, table)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+    per_round = clients_per_round(fed)
     checks = [
+        (config.seed >= 0, f"seed must be ≥ 0 (numpy's generators take no negative seeds), got {config.seed}"),
         (config.rounds >= 1, f"rounds must be ≥ 1, got {config.rounds}"),
         (fed.num_clients >= 1, f"federation.num_clients must be ≥ 1, got {fed.num_clients}"),
         (
@@ -322,7 +392,11 @@ def validate(config: ExperimentConfig) -> None:
         (all(r >= 1 for r in fed.client_ranks), f"federation.client_ranks must all be ≥ 1, got {fed.client_ranks}"),
         (0.0 < fed.sample_fraction <= 1.0, f"federation.sample_fraction must lie in (0, 1], got {fed.sample_fraction}"),
         (1 <= fed.min_replies <= fed.num_clients, f"federation.min_replies must lie in [1, num_clients], got {fed.min_replies}"),
-        (config.engine.round_timeout > 0 and config.engine.connect_timeout > 0, "engine timeouts must be > 0 seconds"),
+        (fed.min_replies <= per_round,
+         f"federation.min_replies = {fed.min_replies} can never be reached: each round samples {per_round} of "
+         f"{fed.num_clients} clients (federation.sample_fraction = {fed.sample_fraction:g}); lower federation.min_replies "
+         f"to at most {per_round} or raise federation.sample_fraction"),
+        (engine.round_timeout > 0 and engine.connect_timeout > 0, "engine timeouts must be > 0 seconds"),
         (config.privacy.clip_norm >= 0 and config.privacy.noise_multiplier >= 0,
          "privacy.clip_norm and privacy.noise_multiplier must be ≥ 0"),
         (0 < config.privacy.delta < 1, f"privacy.delta must lie in (0, 1), got {config.privacy.delta}"),
@@ -340,19 +414,36 @@ def validate(config: ExperimentConfig) -> None:
         (all(v > 0 for v in [*fed.memory_mb, *fed.uplink_mb, *fed.compute_speed]), "federation budgets must all be > 0"),
         (train.local_steps >= 1, f"train.local_steps must be ≥ 1, got {train.local_steps}"),
         (train.batch_size >= 1, f"train.batch_size must be ≥ 1, got {train.batch_size}"),
+        (train.eval_batch_size >= 1, f"train.eval_batch_size must be ≥ 1, got {train.eval_batch_size}"),
         (train.lr > 0, f"train.lr must be > 0, got {train.lr}"),
+        (train.weight_decay >= 0, f"train.weight_decay must be ≥ 0, got {train.weight_decay}"),
+        (train.max_grad_norm >= 0, f"train.max_grad_norm must be ≥ 0 (0 = no clipping), got {train.max_grad_norm}"),
         (config.server.steps >= 0, f"server.steps must be ≥ 0, got {config.server.steps}"),
         (config.server.lr > 0, f"server.lr must be > 0, got {config.server.lr}"),
+        (config.server.batch_size >= 1, f"server.batch_size must be ≥ 1, got {config.server.batch_size}"),
+        (data.partition in PARTITION_SCHEMES,
+         f"data.partition must be one of {', '.join(PARTITION_SCHEMES)}, got {data.partition!r} (`aflora list` describes them)"),
+        (data.labels_per_client >= 1, f"data.labels_per_client must be ≥ 1, got {data.labels_per_client}"),
+        (data.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0 (e.g. 0.1 strong skew, 100 near IID), got {data.dirichlet_alpha}"),
+        (data.epsilon > 0, f"data.epsilon must be > 0 (FedIT's Dolly split uses 0.5), got {data.epsilon}"),
         (0.0 <= data.public_fraction < 1.0, f"data.public_fraction must lie in [0, 1), got {data.public_fraction}"),
         (0.0 <= data.local_test_fraction < 1.0, f"data.local_test_fraction must lie in [0, 1), got {data.local_test_fraction}"),
         (data.public_size >= 0 and data.eval_size >= 0 and data.train_size >= 0, "data sizes must be ≥ 0"),
         (data.final_eval_rows() is not None,
          f"data.final_eval_size must be a number of test rows (e.g. 2000), \"all\" or \"eval_size\", got {data.final_eval_size!r}"),
-        (data.objective in ("auto", "class_ce", "lm"), f"data.objective must be auto, class_ce or lm, got {data.objective!r}"),
-        (config.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {config.model.precision!r}"),
+        (data.max_length >= MIN_MAX_LENGTH, f"data.max_length must be at least {MIN_MAX_LENGTH} tokens, got {data.max_length}"),
+        (data.objective in OBJECTIVES, f"data.objective must be {', '.join(OBJECTIVES[:-1])} or {OBJECTIVES[-1]}, got {data.objective!r}"),
+        (config.model.precision in PRECISIONS, f"model.precision must be auto, bf16 or fp32, got {config.model.precision!r}"),
+        (config.model.attention in ATTENTION_BACKENDS,
+         f"model.attention must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, got {config.model.attention!r}"),
         (bool(config.model.target_modules), "model.target_modules must name at least one layer"),
-        (config.engine.client_cpus >= 1, f"engine.client_cpus must be ≥ 1, got {config.engine.client_cpus}"),
-        (config.engine.max_in_flight >= 0, f"engine.max_in_flight must be ≥ 0 (0 = automatic), got {config.engine.max_in_flight}"),
+        (engine.client_cpus >= 1, f"engine.client_cpus must be ≥ 1, got {engine.client_cpus}"),
+        (engine.threads >= 0, f"engine.threads must be ≥ 0 (0 = torch's default), got {engine.threads}"),
+        (engine.max_in_flight >= 0, f"engine.max_in_flight must be ≥ 0 (0 = automatic), got {engine.max_in_flight}"),
+        (all(0 <= c < fed.num_clients for c in engine.fail_clients),
+         f"engine.fail_clients must name clients 0 to {fed.num_clients - 1} (federation.num_clients = {fed.num_clients}), "
+         f"got {engine.fail_clients}"),
+        (engine.fail_from_round >= 1, f"engine.fail_from_round must be ≥ 1 (rounds count from 1), got {engine.fail_from_round}"),
     ]
     if config.secagg.enabled:
         checks += secagg_checks(config)
@@ -360,8 +451,3 @@ def validate(config: ExperimentConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    for name, table in config.methods.items():
-        try:
-            method_options(name, table)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(str(err)) from None

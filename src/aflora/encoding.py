@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .config import MIN_MAX_LENGTH
 from .data import Task
 
 IGNORE_INDEX = -100
@@ -41,8 +42,8 @@ class PromptEncoder:
     """Turns a task's records into token ids for one tokenizer."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, task: Task, max_length: int) -> None:
-        if max_length < 16:
-            raise ValueError(f"data.max_length must be at least 16 tokens, got {max_length}")
+        if max_length < MIN_MAX_LENGTH:
+            raise ValueError(f"data.max_length must be at least {MIN_MAX_LENGTH} tokens, got {max_length}")
         self.tokenizer = tokenizer
         self.task = task
         self.max_length = max_length

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import hub
+from .config import ATTENTION_BACKENDS
 from .errors import ModelError
+from .folders import unwritable_folder_reason
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +102,11 @@ def load_model(
     if source.gguf_file:
         model, tokenizer = _load_gguf_cached(source, Path(cache_dir) if cache_dir else default_cache_dir(), attn)
     else:
+        cache_only = hub.use_cache_only() and not Path(source.location).is_dir()  # a hub id that cannot be asked
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.location)
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, attn_implementation=attn)
+            tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=cache_only)
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, attn_implementation=attn,
+                                                         local_files_only=cache_only)
         except OSError as err:
             raise ModelError(
                 f"could not load model {source.location!r}: {err}. Offline? Use a local folder, a .gguf file or '{SMOLLM2}'."
@@ -114,16 +119,69 @@ def attention_implementation(choice: str) -> str:
     batches on SmolLM2), SDPA on GPUs."""
     if choice == "auto":
         return "sdpa" if torch.cuda.is_available() else "eager"
-    if choice not in ("eager", "sdpa"):
-        raise ModelError(f"model.attention must be auto, eager or sdpa, got {choice!r}")
+    if choice not in ATTENTION_BACKENDS:
+        raise ModelError(f"model.attention must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, got {choice!r}")
     return choice
+
+
+def model_skeleton(name: str, *, cache_dir: str | os.PathLike | None = None) -> PreTrainedModel:
+    """The model's modules without weights, built on the meta device from its config alone: which layers it has,
+    known before any weights are read (a hub id needs only its config.json). Errors say why it cannot be read."""
+    source = resolve_model(name)
+    config = _tiny_config(source.tiny, build_byte_tokenizer()) if source.tiny else _model_config(source, cache_dir)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        raise ModelError(f"model {source.label!r} is not a causal language model transformers can build: {err}") from None
+
+
+def _model_config(source: ModelSource, cache_dir: str | os.PathLike | None) -> PretrainedConfig:
+    if not source.gguf_file and not Path(source.location).is_dir():
+        return _hub_config(source.location)
+    try:
+        if source.gguf_file:
+            cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+            problem = unwritable_folder_reason(cache_root)
+            if problem:
+                raise ModelError(f"model.cache_dir: {problem}; the de-quantized copy of a .gguf model goes there. "
+                                 "Set model.cache_dir (or $AFLORA_CACHE_DIR) to a folder you can write")
+            cached = _gguf_cache_folder(Path(source.location) / source.gguf_file, cache_root)
+            if (cached / "config.json").is_file():
+                return AutoConfig.from_pretrained(cached)
+            return AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+        return AutoConfig.from_pretrained(source.location)
+    except (OSError, ValueError) as err:
+        if isinstance(err, ModelError):
+            raise
+        raise ModelError(f"cannot read the configuration of model {source.label!r}: {err}") from None
+
+
+def _hub_config(repo_id: str) -> PretrainedConfig:
+    """A hub model's config: from the cache when the hub cannot answer (no ~25 s of retries), else from the hub."""
+    cache_only = hub.use_cache_only()
+    try:
+        return AutoConfig.from_pretrained(repo_id, local_files_only=cache_only)
+    except (OSError, ValueError) as err:
+        if cache_only:
+            why = "HF_HUB_OFFLINE is set" if hub.offline_mode() else f"the hub at {hub.hub_unreachable_reason()}"
+            raise ModelError(f"model.name {repo_id!r} is a hub id, but {why} and the Hugging Face cache holds no copy of it; "
+                             f"use a local model folder, a .gguf file or '{SMOLLM2}'") from None
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"model.name {repo_id!r}: no such model can be read from the hub ({first_line}); check the id, "
+                         "e.g. 'HuggingFaceTB/SmolLM2-135M-Instruct'") from None
+
+
+def _gguf_cache_folder(gguf_path: Path, cache_dir: Path) -> Path:
+    """Where the safetensors copy of a .gguf file lives: one per file path, size and modification time."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir / "models" / f"{gguf_path.stem}-{key}"
 
 
 def _load_gguf_cached(source: ModelSource, cache_dir: Path, attn: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     gguf_path = Path(source.location) / source.gguf_file
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    cached = cache_dir / "models" / f"{gguf_path.stem}-{key}"
+    cached = _gguf_cache_folder(gguf_path, cache_dir)
     cached.parent.mkdir(parents=True, exist_ok=True)
     # The server and the client workers start together: one converts, the others wait and read the copy.
     with FileLock(str(cached) + ".lock"):
@@ -178,24 +236,28 @@ def build_byte_tokenizer() -> PreTrainedTokenizerBase:
 
 def build_tiny_model(kind: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A randomly initialised 2-block model (llama: q/k/v/o Linear; gpt2: Conv1D) with the byte tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
     tokenizer = build_byte_tokenizer()
+    config = _tiny_config(kind, tokenizer)
     torch.manual_seed(seed)
+    model = LlamaForCausalLM(config) if kind == "tiny-llama" else GPT2LMHeadModel(config)
+    return _prepare(model.float(), tokenizer)
+
+
+def _tiny_config(kind: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    from transformers import GPT2Config, LlamaConfig
+
     vocab = len(tokenizer)
     if kind == "tiny-llama":
-        config = LlamaConfig(
+        return LlamaConfig(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
         )
-        model = LlamaForCausalLM(config)
-    elif kind == "tiny-gpt2":
-        config = GPT2Config(
+    if kind == "tiny-gpt2":
+        return GPT2Config(
             vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512, pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         )
-        model = GPT2LMHeadModel(config)
-    else:
-        raise ModelError(f"unknown tiny model {kind!r}; expected one of {list(TINY_MODELS)}")
-    return _prepare(model.float(), tokenizer)
+    raise ModelError(f"unknown tiny model {kind!r}; expected one of {list(TINY_MODELS)}")

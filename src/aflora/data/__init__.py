@@ -16,7 +16,7 @@ from aflora.data.partition import (
     split_public,
 )
 from aflora.data.readers.dolly import hold_out_per_category
-from aflora.data.registry import load_bundle, registered_names
+from aflora.data.registry import is_registered, load_bundle, registered_names
 from aflora.data.sources import DATA_DIR_ENV, DataError, read_table, resolve_data_dir
 from aflora.data.tasks import (
     AG_NEWS_LABEL_WORDS,
@@ -50,6 +50,7 @@ __all__ = [
     "format_multiple_choice",
     "hold_out_per_category",
     "instruction_task",
+    "is_registered",
     "load_bundle",
     "multiple_choice_task",
     "partition",

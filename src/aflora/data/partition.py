@@ -42,7 +42,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-PARTITION_SCHEMES = ("iid", "dirichlet", "k_labels", "fedit_epsilon", "presplit")
+# name -> what it does and which data.* keys steer it (`aflora list` prints these)
+PARTITION_SCHEMES = {
+    "iid": "a shuffled, near-equal split",
+    "dirichlet": "label skew: every class cut over the clients with proportions ~ Dir(data.dirichlet_alpha)",
+    "k_labels": "pathological label skew: each client holds exactly data.labels_per_client classes",
+    "fedit_epsilon": "category skew of instruction data, FedIT's way, with concentration data.epsilon",
+    "presplit": "the client split that ships with the data (Dolly's FLoRA 10-client files)",
+}
 MAX_DIRICHLET_DRAWS = 1000  # redraws before giving up on a min_size that the setting cannot reach
 
 

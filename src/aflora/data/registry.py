@@ -33,10 +33,11 @@ from types import ModuleType
 
 from aflora.data.bundle import DatasetBundle
 from aflora.data.readers import ag_news, dolly, financial_phrasebank, mmlu, twitter_financial
-from aflora.data.readers.common import HubUnavailable
+from aflora.data.readers.common import DatasetOption, HubUnavailable
 from aflora.data.readers.local_file import FILE_OPTIONS, load_file
 from aflora.data.sources import DATA_DIR_ENV, resolve_data_dir
-from aflora.errors import DataError
+from aflora.errors import ConfigError, DataError
+from aflora.values import coerce
 
 # ---------------------------------------------------------------------------------------------------
 # public entry point
@@ -52,8 +53,8 @@ def load_bundle(name: str, *, data_dir: Path | None, test_name: str | None = Non
     """
     data_dir = resolve_data_dir(data_dir)
     test_dataset = _registered(test_name) if test_name is not None else None
-    _check_options(name, _accepted_options(name), test_dataset, options)
-    bundle = _load_any(name, data_dir, options)
+    options = _typed_options(name, _accepted_options(name), test_dataset, options)
+    bundle = _load_any(name, data_dir, options, test_elsewhere=test_dataset is not None)
     if test_dataset is None:
         return bundle
     return _with_test_from(bundle, test_dataset.load(data_dir, _options_for(test_dataset.options, options)))
@@ -64,6 +65,11 @@ def registered_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def registered_datasets() -> list[RegisteredDataset]:
+    """The registered datasets with their aliases, summaries and options (what `aflora list` shows)."""
+    return list(_DATASETS)
+
+
 # ---------------------------------------------------------------------------------------------------
 # registry
 
@@ -72,8 +78,9 @@ def registered_names() -> list[str]:
 class RegisteredDataset:
     name: str
     aliases: tuple[str, ...]
-    options: tuple[str, ...]  # keyword options this dataset understands
+    options: dict[str, DatasetOption]  # the keys of data.options this dataset understands
     load: Callable[[Path | None, dict], DatasetBundle]
+    summary: str = ""
 
 
 def _local_then_hub(folder: str, reader: ModuleType) -> Callable[[Path | None, dict], DatasetBundle]:
@@ -103,7 +110,8 @@ def _registered(name: str) -> RegisteredDataset:
     return _REGISTRY[canonical]
 
 
-def _is_registered(name: str) -> bool:
+def is_registered(name: str) -> bool:
+    """Whether `name` is a registered dataset or one of its aliases (not a file path)."""
     return name.strip().lower() in _ALIASES
 
 
@@ -116,30 +124,37 @@ def _unknown_dataset(name: str) -> DataError:
     )
 
 
-def _accepted_options(name: str) -> tuple[str, ...]:
-    if _is_registered(name):
+def _accepted_options(name: str) -> dict[str, DatasetOption]:
+    if is_registered(name):
         return _registered(name).options
     if Path(name).expanduser().is_file():
         return FILE_OPTIONS
     raise _unknown_dataset(name)
 
 
-def _load_any(name: str, data_dir: Path | None, options: dict) -> DatasetBundle:
-    if _is_registered(name):
+def _load_any(name: str, data_dir: Path | None, options: dict, *, test_elsewhere: bool) -> DatasetBundle:
+    if is_registered(name):
         dataset = _registered(name)
         return dataset.load(data_dir, _options_for(dataset.options, options))
-    return load_file(Path(name).expanduser(), _options_for(FILE_OPTIONS, options))
+    return load_file(Path(name).expanduser(), _options_for(FILE_OPTIONS, options), test_elsewhere=test_elsewhere)
 
 
-def _check_options(name: str, accepted: Iterable[str], test_dataset: RegisteredDataset | None, options: dict) -> None:
-    accepted = set(accepted) | set(test_dataset.options if test_dataset else ())
-    unknown = sorted(set(options) - accepted)
+def _typed_options(name: str, accepted: dict[str, DatasetOption], test_dataset: RegisteredDataset | None,
+                   options: dict) -> dict:
+    """`options` checked against what the dataset (and the test dataset) understand, each coerced to its type the
+    way every config value is (so `data.options.label_words=a,b` reads as `model.target_modules=a,b` does)."""
+    accepted = {**accepted, **(test_dataset.options if test_dataset else {})}
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise DataError(
             f"option(s) {', '.join(unknown)} are not understood by dataset {name!r}"
             + (f" or test dataset {test_dataset.name!r}" if test_dataset else "")
-            + f". Accepted options: {', '.join(sorted(accepted)) or 'none'}."
+            + f". Accepted options: {', '.join(sorted(accepted)) or 'none'} (`aflora list` describes them)."
         )
+    try:
+        return {key: coerce(value, accepted[key].type, f"data.options.{key}") for key, value in options.items()}
+    except ConfigError as error:
+        raise DataError(str(error)) from None
 
 
 def _options_for(accepted: Iterable[str], options: dict) -> dict:
@@ -176,28 +191,38 @@ def _fingpt_sentiment(data_dir: Path | None, options: dict) -> DatasetBundle:
 
 # ---------------------------------------------------------------------------------------------------
 
+FPB_AGREE = DatasetOption(str, "Annotator agreement of the sentences kept: 50, 66, 75 or All (default 50)")
+
 _DATASETS = (
-    RegisteredDataset("ag_news", ("fancyzhx/ag_news",), (), _local_then_hub("ag_news", ag_news)),
+    RegisteredDataset("ag_news", ("fancyzhx/ag_news",), {}, _local_then_hub("ag_news", ag_news),
+                      "news topics, 4 classes (World, Sports, Business, Technology)"),
     RegisteredDataset(
         "financial_phrasebank",
         ("fpb", financial_phrasebank.HUB_ID),
-        ("fpb_agree",),
+        {"fpb_agree": FPB_AGREE},
         _local_then_hub("financial_phrasebank", financial_phrasebank),
+        "financial sentiment, 3 classes; an evaluation set (train = test)",
     ),
     RegisteredDataset(
         "twitter_financial_news_sentiment",
         ("tfns", twitter_financial.HUB_ID),
-        (),
+        {},
         _local_then_hub("twitter_financial_news_sentiment", twitter_financial),
+        "financial tweets' sentiment, 3 classes",
     ),
-    RegisteredDataset("fingpt_sentiment", ("fingpt-sentiment",), ("fpb_agree",), _fingpt_sentiment),
+    RegisteredDataset("fingpt_sentiment", ("fingpt-sentiment",), {"fpb_agree": FPB_AGREE}, _fingpt_sentiment,
+                      "train on twitter_financial_news_sentiment, test on financial_phrasebank"),
     RegisteredDataset(
         "dolly",
         (dolly.HUB_ID, "dolly_15k", "databricks-dolly-15k"),
-        ("holdout_per_category", "holdout_seed"),
+        {"holdout_per_category": DatasetOption(int, "Test rows held out per category when the FLoRA client split is "
+                                                    "absent (default 10)"),
+         "holdout_seed": DatasetOption(int, "Seed of that hold-out (default 42)")},
         _local_then_hub("dolly_15k", dolly),
+        "instruction following (Dolly-15k), 8 categories; the FLoRA 10-client split where present",
     ),
-    RegisteredDataset("mmlu", (mmlu.HUB_ID,), ("mmlu_subjects",), _local_then_hub("mmlu", mmlu)),
+    RegisteredDataset("mmlu", (mmlu.HUB_ID,), {"mmlu_subjects": DatasetOption(list[str], "Subjects kept (default: all)")},
+                      _local_then_hub("mmlu", mmlu), "4-choice questions of 57 subjects; a benchmark (data.extra_eval)"),
 )
 _REGISTRY: dict[str, RegisteredDataset] = {dataset.name: dataset for dataset in _DATASETS}
 _ALIASES: dict[str, str] = {

@@ -7,6 +7,7 @@ what was expected and how to fix it.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import json
@@ -32,7 +33,7 @@ def resolve_data_dir(explicit: str | os.PathLike | None) -> Path | None:
     so a typo never turns into a download (or an offline failure that hides the real cause).
     """
     if explicit is not None and str(explicit) != "":
-        return _existing_dir(Path(explicit).expanduser(), origin="--data-dir")
+        return _existing_dir(Path(explicit).expanduser(), origin="--data-dir or data.data_dir")
     from_env = os.environ.get(DATA_DIR_ENV, "").strip()
     if from_env:
         return _existing_dir(Path(from_env).expanduser(), origin=f"${DATA_DIR_ENV}")
@@ -44,16 +45,19 @@ def _existing_dir(path: Path, *, origin: str) -> Path:
         raise DataError(
             f"data directory {str(path)!r} (from {origin}) does not exist or is not a directory. "
             f"Expected a folder holding one sub-folder per dataset (e.g. ag_news/, dolly_15k/). "
-            f"Fix the path passed with --data-dir or in ${DATA_DIR_ENV}, or unset both to load from the hub."
+            f"Fix the path (--data-dir, data.data_dir or ${DATA_DIR_ENV}), or unset it to load from the hub."
         )
     return path
 
 
-def read_table(path: str | os.PathLike, *, columns: list[str] | None = None, encoding: str = "utf-8") -> list[dict]:
+def read_table(path: str | os.PathLike, *, columns: list[str] | None = None, encoding: str = "utf-8",
+               how_to_fix: str = "save it as UTF-8") -> list[dict]:
     """Read a local csv / tsv / jsonl / json (a list of objects) / parquet file into a list of dicts.
 
     ``.gz`` may follow the text formats. ``columns`` names the columns of a *headerless* csv/tsv (the
-    official AG News files have no header); without it the first line is the header.
+    official AG News files have no header); without it the first line is the header. ``how_to_fix`` ends
+    the message of a file that is not ``encoding`` text: how the caller's user passes another encoding.
+    A file without rows is an error: every table here is read to be used.
     """
     path = Path(path)
     file_format = table_format(path)
@@ -62,6 +66,10 @@ def read_table(path: str | os.PathLike, *, columns: list[str] | None = None, enc
             f"no file at {str(path)!r}. Expected an existing table in one of the formats "
             f"{', '.join(SUPPORTED_EXTENSIONS)}; check the path (and --data-dir / ${DATA_DIR_ENV})."
         )
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"{encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252).") from None
     if columns is not None and file_format not in ("csv", "tsv"):
         raise DataError(
             f"columns= names the columns of a headerless csv/tsv file, but {path.name!r} is {file_format}, "
@@ -69,18 +77,25 @@ def read_table(path: str | os.PathLike, *, columns: list[str] | None = None, enc
         )
     try:
         if file_format == "parquet":
-            return _read_parquet(path)
-        with _open_text(path, encoding) as stream:
-            if file_format in ("csv", "tsv"):
-                return _read_delimited(stream, path, delimiter="," if file_format == "csv" else "\t", columns=columns)
-            if file_format == "jsonl":
-                return _read_jsonl(stream, path)
-            return _read_json_list(stream, path)
+            rows = _read_parquet(path)
+        else:
+            with _open_text(path, encoding) as stream:
+                if file_format in ("csv", "tsv"):
+                    rows = _read_delimited(stream, path, delimiter="," if file_format == "csv" else "\t", columns=columns)
+                elif file_format == "jsonl":
+                    rows = _read_jsonl(stream, path)
+                else:
+                    rows = _read_json_list(stream, path)
     except UnicodeDecodeError as error:
         raise DataError(
-            f"{str(path)!r} is not valid {encoding} text ({error.reason} at byte {error.start}). "
-            f"Pass the file's real encoding, e.g. encoding='latin-1'."
-        ) from error
+            f"{str(path)!r} is not valid {encoding} text ({error.reason} at byte {error.start}): {how_to_fix}."
+        ) from None
+    except (OSError, EOFError) as error:  # a truncated .gz, a file that vanished or cannot be read
+        raise DataError(f"cannot read {str(path)!r}: {error}. Check that the file is complete and readable.") from None
+    if not rows:
+        what = "a header line but no rows" if file_format in ("csv", "tsv") and columns is None else "no rows"
+        raise DataError(f"{str(path)!r} has {what}; expected at least one row of data.")
+    return rows
 
 
 def table_format(path: Path) -> str:
@@ -163,10 +178,13 @@ def _read_parquet(path: Path) -> list[dict]:
     # pyarrow is the fastest way; pandas and datasets both sit on it but may be what is installed
     try:
         import pyarrow.parquet as parquet
-
-        return parquet.read_table(path).to_pylist()
     except ImportError:
         pass
+    else:
+        try:
+            return parquet.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow.ArrowInvalid and kin: not a parquet file, or a damaged one
+            raise DataError(f"{str(path)!r} is not a readable parquet file ({error}); check the file or its extension.") from None
     try:
         import pandas
 

@@ -23,6 +23,7 @@ from .diagonal import CoreLoraConfig, CoreLoraLinear, core_lora_config
 from .factors import FACTORS, Adapter, ModuleFactors, check_factor_names
 
 ADAPTER_NAME = "aflora"
+ADAPTABLE_LAYERS = (nn.Linear, Conv1D)  # the layer types LoRA factors attach to
 
 
 def find_target_modules(model: nn.Module, target_modules: Sequence[str], layers: Collection[int] | None = None) -> list[str]:
@@ -33,16 +34,20 @@ def find_target_modules(model: nn.Module, target_modules: Sequence[str], layers:
     wanted = set(target_modules)
     names = []
     for name, module in model.named_modules():
-        targeted = isinstance(module, (nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] in wanted
+        targeted = isinstance(module, ADAPTABLE_LAYERS) and name.rsplit(".", 1)[-1] in wanted
         if targeted and (layers is None or block_index(name) in layers):
             names.append(name)
     if not names:
-        linear_kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
         raise ValueError(
             f"none of the target modules {list(target_modules)} is a Linear layer of this model; "
-            f"its Linear layers are named {linear_kinds}. Set model.target_modules to some of those."
+            f"its Linear layers are named {adaptable_layer_names(model)}. Set model.target_modules to some of those."
         )
     return names
+
+
+def adaptable_layer_names(model: nn.Module) -> list[str]:
+    """The names model.target_modules can use: last name parts of the Linear (and GPT-2 Conv1D) layers."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, ADAPTABLE_LAYERS)})
 
 
 def block_index(module_name: str) -> int | None:

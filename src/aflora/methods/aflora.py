@@ -127,6 +127,7 @@ def unit_norm_penalty(gamma: float) -> Penalty:
 
 class AFLoRA(FederatedMethod):
     name = "aflora"
+    summary = "AFLoRA (Zhou et al. 2025): diagonal LoRA, dynamic rank pruning, server-tuned shared A, rank-aware zero-padded aggregation"
     options_class = AFLoRAOptions
     trained_factors = frozenset({"B", "lam"})
     uploaded_factors = frozenset({"B"})

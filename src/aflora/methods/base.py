@@ -105,6 +105,7 @@ class FederatedMethod(ABC):
     """One federated LoRA method. Server-side state lives on the instance; client-side calls are pure."""
 
     name: ClassVar[str]
+    summary: ClassVar[str] = ""  # one line: the paper and what sets the method apart (`aflora list` shows it)
     options_class: ClassVar[type]
     # Which factors a client trains and uploads: drives budget-derived ranks (aflora.budgets) before any model is
     # loaded, at the parameter counts aflora.lora.factors.FACTORS gives each factor.

@@ -69,6 +69,7 @@ def orthonormal_factors(shapes: dict[str, tuple[int, int]], rank: int, seed: int
 
 class FedSB(SharedLoRA):
     name = "fed_sb"
+    summary = "Fed-SB (Singhal et al. 2025): B and A frozen and shared, clients train and average only the r × r R"
     options_class = FedSBOptions
     trained_factors = frozenset({"R"})
     uploaded_factors = frozenset({"R"})

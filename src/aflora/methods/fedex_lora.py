@@ -43,6 +43,7 @@ class FedExLoRAOptions(SharedLoRAOptions):
 
 class FedExLoRA(FedIT):
     name = "fedex_lora"
+    summary = "FedEx-LoRA (Singhal et al. 2025): FedIT's averages, made exact by merging their error into the base"
     options_class = FedExLoRAOptions
     exact_aggregation = True  # B̄Ā plus the residual merged into the base is Σ p_k B_k A_k
 

@@ -31,6 +31,7 @@ def svd_truncation(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int
 
 class FlexLoRA(FederatedMethod):
     name = "flexlora"
+    summary = "FlexLoRA (Bai et al. 2024): average the full products, give each client its rank by SVD truncation"
     options_class = LoRAScaling  # its defaults are FlexLoRA's: lora_alpha 16, 'fixed'
     trained_factors = frozenset({"A", "B"})
     uploaded_factors = frozenset({"A", "B"})

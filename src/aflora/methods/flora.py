@@ -31,6 +31,7 @@ class FLoRAOptions(LoRAScaling):
 
 class FLoRA(FederatedMethod):
     name = "flora"
+    summary = "FLoRA (Wang et al. 2024): heterogeneous ranks aggregated exactly by stacking, merged into the base"
     options_class = FLoRAOptions
     trained_factors = frozenset({"A", "B"})
     uploaded_factors = frozenset({"A", "B"})

@@ -79,6 +79,7 @@ def truncate_by_energy(stacked: ModuleFactors, threshold: float) -> tuple[Module
 
 class FLoRIST(FLoRA):
     name = "florist"
+    summary = "FLoRIST (Ramesh et al. 2025): FLoRA's stacking, truncated by singular-value energy"
     options_class = FLoRISTOptions
     exact_aggregation = True  # the stack is exact (measured); its truncation is reported apart (truncation_loss)
 

@@ -87,6 +87,7 @@ def tail_penalty(weight: float, start: int, scaling: float) -> Penalty:
 
 class HetLoRA(FederatedMethod):
     name = "hetlora"
+    summary = "HETLoRA (Cho et al. 2024): zero-padded heterogeneous ranks, rank self-pruning, sparsity weights"
     options_class = HetLoRAOptions
     trained_factors = frozenset({"A", "B"})
     uploaded_factors = frozenset({"A", "B"})

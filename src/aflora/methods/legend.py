@@ -34,6 +34,7 @@ from .legend_configuration import LORA_FACTORS, CostModel, DeviceConfig, LEGENDO
 
 class LEGEND(FederatedMethod):
     name = "legend"
+    summary = "LEGEND (Liu et al. 2025): LoRA depth and ranks per device from its budgets, layer-wise aggregation"
     options_class = LEGENDOptions
     trained_factors = LORA_FACTORS
     uploaded_factors = LORA_FACTORS

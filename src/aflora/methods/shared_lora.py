@@ -126,6 +126,7 @@ class SharedLoRA(FederatedMethod):
 
 class FedIT(SharedLoRA):
     name = "fedit"
+    summary = "FedIT (Zhang et al. 2024): one rank for every client, FedAvg of A and B"
     trained_factors = frozenset({"A", "B"})
     uploaded_factors = frozenset({"A", "B"})
     exact_aggregation = False  # the product of averages is not the average of products (Eq. 5)
@@ -133,6 +134,7 @@ class FedIT(SharedLoRA):
 
 class FFALoRA(SharedLoRA):
     name = "ffa_lora"
+    summary = "FFA-LoRA (Sun et al. 2024): A frozen at its shared random start, clients train and average B"
     trained_factors = frozenset({"B"})
     uploaded_factors = frozenset({"B"})
     exact_aggregation = True  # A is shared and frozen: (Σ p_k B_k)·A = Σ p_k B_k A
@@ -140,6 +142,7 @@ class FFALoRA(SharedLoRA):
 
 class FedSALoRA(SharedLoRA):
     name = "fedsa_lora"
+    summary = "FedSA-LoRA (Guo et al. 2025): A averaged, every client keeps its own B"
     trained_factors = frozenset({"A", "B"})
     uploaded_factors = frozenset({"A"})
     kept_factors = frozenset({"B"})

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..base_sync import BaseMerges, BaseSync, MergeStore
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, clients_per_round
 from ..encoding import Encoded, PromptEncoder
 from ..errors import RoundAborted
 from ..lora.factors import Adapter
@@ -26,7 +26,7 @@ from ..results import final_eval_record
 from ..secure_aggregation import SecureSum, attach_weights, error_bound, validate_clear_upload
 from ..training import OptimConfig
 from .model_side import ModelSide
-from .workload import EvalSet, Workload, prepare_workload, round_half_up
+from .workload import EvalSet, Workload, prepare_workload
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ class ServerRuntime:
 
     def sample_clients(self, round_: int) -> list[int]:
         fed = self.config.federation
-        count = max(1, round_half_up(fed.sample_fraction * fed.num_clients))
-        return sorted(random.Random(hash_seed(self.config.seed, round_, 3)).sample(range(fed.num_clients), count))
+        return sorted(random.Random(hash_seed(self.config.seed, round_, 3)).sample(range(fed.num_clients), clients_per_round(fed)))
 
     def instructions(self, round_: int) -> list[ClientMessage]:
         """Each sampled client's instruction and the base-model merges it has not received yet."""

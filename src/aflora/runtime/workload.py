@@ -14,10 +14,11 @@ from pathlib import Path
 
 from ..budgets import DeviceBudget, ModelFootprint, ranks_from_budgets
 from ..config import ConfigError, DataConfig, ExperimentConfig
-from ..data import DataError, DatasetBundle, load_bundle, partition, split_public
+from ..data import DataError, DatasetBundle, is_registered, load_bundle, partition, split_public
+from ..lora.host import adaptable_layer_names
 from ..methods import ClientSpec, FederatedMethod, method_class
 from ..methods.base import hash_seed
-from ..models import resolve_model
+from ..models import model_skeleton
 from ..shards import read_shard
 from ..tracking import missing_backends
 
@@ -89,10 +90,13 @@ def prepare_workload(config: ExperimentConfig) -> Workload:
     data, seed = config.data, config.seed
     bundle = load_bundle(data.dataset, data_dir=data.data_dir or None, test_name=data.test_dataset or None, **data.options)
     public_bundle = load_public_bundle(data)
-    if public_bundle is None:
-        public_rows, pool = split_public(len(bundle.train), fraction=data.public_fraction, size=data.public_size, seed=seed)
-    else:  # out of domain: the task's whole pool stays with the clients
-        public_rows, _ = split_public(len(public_bundle.train), fraction=data.public_fraction, size=data.public_size, seed=seed)
+    public_source = public_bundle or bundle
+    try:
+        public_rows, pool = split_public(len(public_source.train), fraction=data.public_fraction, size=data.public_size, seed=seed)
+    except ValueError as err:
+        raise DataError(f"data.public_size / data.public_fraction: {err} ({public_source.name} has {len(public_source.train)} "
+                        "training rows)") from None
+    if public_bundle is not None:  # out of domain: the task's whole pool stays with the clients
         pool = list(range(len(bundle.train)))
     if data.train_size and data.train_size < len(pool):
         pool = sorted(random.Random(hash_seed(seed, 1)).sample(pool, data.train_size))
@@ -130,6 +134,10 @@ def load_public_bundle(data) -> DatasetBundle | None:
     """The out-of-domain public dataset of data.public_dataset, or None for an in-domain public set."""
     if not data.public_dataset:
         return None
+    if not is_registered(data.public_dataset):
+        raise DataError(f"data.public_dataset = {data.public_dataset!r} is not a registered dataset; an out-of-domain public set "
+                        "must be registered instruction data (e.g. \"dolly\"; `aflora list`), or leave it empty for an "
+                        "in-domain slice")
     public = load_bundle(data.public_dataset, data_dir=data.data_dir or None)
     if public.task.kind != "instruction":
         raise DataError(f"data.public_dataset = {data.public_dataset!r} is a {public.task.kind} dataset; an out-of-domain "
@@ -187,10 +195,11 @@ def final_eval_set(rows: list[dict], data: DataConfig, seed: int, name: str) -> 
 
 
 def preflight(config: ExperimentConfig) -> Workload:
-    """Everything checkable before a model or an engine starts: trackers, model spec, data, partitions, method needs."""
+    """Everything checkable before a model or an engine starts: trackers, model spec and layers, data, partitions,
+    method needs."""
     for problem in missing_backends(config.tracking.backends):
         raise ConfigError(problem)
-    resolve_model(config.model.name)
+    check_target_modules(config)
     workload = prepare_workload(config)
     needs_public = method_class(config.method).needs_public_data(config.method_options())
     if needs_public and (not workload.public_rows or config.server.steps == 0):
@@ -200,6 +209,17 @@ def preflight(config: ExperimentConfig) -> Workload:
         )
     return workload
 
+
+def check_target_modules(config: ExperimentConfig) -> None:
+    """Every name in model.target_modules is a layer of the model (read from its config on the meta device: no
+    weights load), so a typo fails here, not after the engine started with one layer fewer than asked for."""
+    model = config.model
+    layers = adaptable_layer_names(model_skeleton(model.name, cache_dir=model.cache_dir or None))
+    unknown = [name for name in model.target_modules if name not in layers]
+    if unknown:
+        raise ConfigError(f"model.target_modules names {unknown}, which match no Linear layer of {model.name}; its Linear "
+                          f"layers are named {layers}: set model.target_modules to some of those (e.g. q_proj,v_proj for "
+                          "Llama-family models, c_attn,c_proj,c_fc for GPT-2)")
 
 
 def round_half_up(x: float) -> int:

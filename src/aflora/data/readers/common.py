@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+from aflora import hub
 from aflora.data.sources import DATA_DIR_ENV
 from aflora.errors import DataError
+
+
+@dataclass(frozen=True)
+class DatasetOption:
+    """One key of data.options a dataset understands: its type (checked like every config value) and its help."""
+
+    type: Any
+    help: str
 
 
 class HubUnavailable(Exception):
@@ -13,6 +24,11 @@ class HubUnavailable(Exception):
 
 
 def hub_splits(hub_id: str, config: str | None = None):
+    if not hub.offline_mode():  # offline mode reads the cache at once; an unanswering hub would be retried for ~25 s
+        unreachable = hub.hub_unreachable_reason()
+        if unreachable:
+            raise HubUnavailable(f"the hub at {unreachable}; if the dataset is in the Hugging Face cache, "
+                                 "HF_HUB_OFFLINE=1 reads it from there")
     try:
         import datasets
 

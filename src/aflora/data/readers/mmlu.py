@@ -25,11 +25,9 @@ def _mmlu_row(question: str, choices: Sequence[str], answer, subject: str, where
 
 def _wanted_subjects(options: dict, available: Iterable[str]) -> list[str]:
     available = sorted(set(available))
-    wanted = options.get("mmlu_subjects")
+    wanted = options.get("mmlu_subjects")  # a list: the registry coerces "a,b" as it does every list option
     if wanted is None:
         return available
-    if isinstance(wanted, str):
-        wanted = [subject.strip() for subject in wanted.split(",") if subject.strip()]
     unknown = sorted(set(wanted) - set(available))
     if unknown or not wanted:
         raise DataError(
