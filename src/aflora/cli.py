@@ -75,12 +75,14 @@ def run(
     else:
         out = out or Path("runs/latest")
         experiment = _load_config(config, set_, data_dir)
-    _check_out(out, "--resume" if resume is not None else "--out")
+        _check_out(out)
+        if not overwrite:
+            prepare_run_folder(out, overwrite=False)  # refuses a folder that holds anything (writes nothing), before slower checks
     configure_logging(experiment.engine.verbose)
     workload = _preflight(experiment)
     from .flower.simulation import simulate  # Flower and Ray load only when a run starts
 
-    # Where it writes only once everything is checked: a replacement folder beside --out when it replaces a run.
+    # Only now is anything written: with --overwrite, the folder beside --out that the new run goes to.
     write_to = out if resume is not None else prepare_run_folder(out, overwrite=overwrite)
     try:
         simulate(experiment, write_to, workload, resume=resume is not None, checkpoint_file=checkpoint_file)
@@ -93,14 +95,15 @@ def run(
     err.print(f"[green]results, plots and adapter written to {escape(str(out))}[/green]")
 
 
-def _refuse_ignored_beside_resume(folder: Path, *, config: Path | None, out: Path | None, overwrite: bool) -> None:
-    """--resume continues a run in place with its own config: options that would be ignored are refused instead."""
+def _refuse_ignored_beside_resume(resume: Path, *, config: Path | None, out: Path | None, overwrite: bool) -> None:
+    """--resume continues a run in its folder with its own config: options that would be ignored are refused instead."""
+    folder = resume.parent.parent if resume.is_file() else resume  # a checkpoint file sits in <folder>/checkpoint/
     ignored = [name for name, given in (("--config", config is not None), ("--overwrite", overwrite),
                                         ("--out", out is not None and out.absolute() != folder.absolute())) if given]
     if ignored:
-        raise ConfigError(f"--resume {folder} continues that run in its folder with the config saved in its checkpoint, so "
+        raise ConfigError(f"--resume {resume} continues that run in its folder with the config saved in its checkpoint, so "
                           f"{' and '.join(ignored)} would be ignored: drop {'them' if len(ignored) > 1 else 'it'} (change rounds, "
-                          "data.data_dir or engine.* with --set), or start a new run without --resume")
+                          "data.data_dir, engine.* or tracking.* with --set), or start a new run without --resume")
 
 
 def _resumed_experiment(path: Path, sets: list[str] | None, data_dir: Path | None):
@@ -110,13 +113,14 @@ def _resumed_experiment(path: Path, sets: list[str] | None, data_dir: Path | Non
     from .config import config_from_tree, parse_override, set_dotted
     from .run_folder import CHECKPOINT_DIR, RESULTS_FILE, unfinished_replacement
 
+    if not path.exists():
+        raise ConfigError(f"--resume {path}: no such folder or file; pass the --out folder of a run that finished at least one "
+                          f"round (or a checkpoint file in its {CHECKPOINT_DIR}/)")
     folder, checkpoint_file = path, None
     if path.is_file():  # --resume runs/x/checkpoint/round_3.pt
         if path.parent.name != CHECKPOINT_DIR:
             raise ConfigError(f"--resume takes a run folder or a checkpoint file in its {CHECKPOINT_DIR}/ folder, got {path}")
         folder, checkpoint_file = path.parent.parent, path.name
-    elif not path.is_dir():
-        raise ConfigError(f"--resume {path}: no such folder; pass the --out folder of a run that finished at least one round")
     _, record = load_checkpoint(folder, checkpoint_file)
     tree = record["config"]
     for item in _overrides(sets, data_dir):
@@ -128,7 +132,7 @@ def _resumed_experiment(path: Path, sets: list[str] | None, data_dir: Path | Non
     experiment = config_from_tree(tree)
     done = record["rounds"][-1]["round"] if record["rounds"] else 0
     if experiment.rounds < done:
-        raise ConfigError(f"--resume {folder}: its checkpoint already holds {done} rounds, more than rounds = {experiment.rounds}; "
+        raise ConfigError(f"--resume {path}: its checkpoint already holds {done} rounds, more than rounds = {experiment.rounds}; "
                           f"pass --set rounds=N with N > {done} to extend it")
     if experiment.rounds == done and (folder / RESULTS_FILE).exists():
         replacement = unfinished_replacement(folder)
