@@ -135,7 +135,10 @@ class SecAggSection:
 @dataclass
 class EngineConfig:
     client_cpus: int = _help("CPU cores each simulated client worker gets (workers = cores / client_cpus)", 2)
-    threads: int = _help("torch threads per process (0 = torch's default)", 0)
+    threads: int = _help(
+        "torch threads in every process of the run, server and clients (0 = engine.client_cpus). Fixed by the config, not "
+        "the machine, so a resumed run and a deployed federation compute the same bits as the simulation; keep it when resuming",
+        0)
     verbose: bool = _help("Flower's own INFO logs", False)
     connect_timeout: float = _help("Seconds the server waits for every client's SuperNode to connect", 300.0)
     round_timeout: float = _help("Seconds the server waits for a round's replies; late clients count as failed", 3600.0)
@@ -352,6 +355,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {config.model.precision!r}"),
         (bool(config.model.target_modules), "model.target_modules must name at least one layer"),
         (config.engine.client_cpus >= 1, f"engine.client_cpus must be ≥ 1, got {config.engine.client_cpus}"),
+        (config.engine.threads >= 0, f"engine.threads must be ≥ 0 (0 = engine.client_cpus), got {config.engine.threads}"),
         (config.engine.max_in_flight >= 0, f"engine.max_in_flight must be ≥ 0 (0 = automatic), got {config.engine.max_in_flight}"),
     ]
     if config.secagg.enabled:

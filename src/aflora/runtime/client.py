@@ -73,7 +73,7 @@ class ClientRuntime:
                     f"this client's base model lacks the global update of round {round_} (it has rounds "
                     f"{sorted(self.applied_rounds)}); give the SuperNode a persistent --node-config state-dir=<folder>"
                 )
-            self.side.host.merge_into_base(adapter)
+            self.side.merge(adapter)
             self.applied_rounds.add(round_)
 
     def train(self, instruction: Instruction, sync: BaseSync, local_state: dict[str, torch.Tensor] | None = None) -> Upload:
