@@ -147,6 +147,12 @@ class EngineConfig:
                                "federation, 2 × the workers in `aflora run`'s simulation", 0)
     fail_clients: list[int] = _help("Fault injection for rehearsals and tests: these clients raise instead of training", factory=list)
     fail_from_round: int = _help("...from this round on", 1)
+    crash_probability: float = _help(
+        "Fault injection: the chance that a sampled client raises instead of training, drawn per (seed, round, client), "
+        "so a resumed run injects the same faults", 0.0)
+    timeout_probability: float = _help(
+        "Fault injection: the chance that a sampled client stalls for engine.round_timeout seconds and then fails, so "
+        "that its answer comes after the server stopped waiting; drawn like crash_probability", 0.0)
 
 
 @dataclass
@@ -355,6 +361,10 @@ def validate(config: ExperimentConfig) -> None:
         (config.model.precision in ("auto", "bf16", "fp32"), f"model.precision must be auto, bf16 or fp32, got {config.model.precision!r}"),
         (bool(config.model.target_modules), "model.target_modules must name at least one layer"),
         (config.engine.client_cpus >= 1, f"engine.client_cpus must be ≥ 1, got {config.engine.client_cpus}"),
+        (min(config.engine.crash_probability, config.engine.timeout_probability) >= 0
+         and config.engine.crash_probability + config.engine.timeout_probability <= 1,
+         "engine.crash_probability and engine.timeout_probability must be ≥ 0 and add up to at most 1, got "
+         f"{config.engine.crash_probability} and {config.engine.timeout_probability}"),
         (config.engine.threads >= 0, f"engine.threads must be ≥ 0 (0 = engine.client_cpus), got {config.engine.threads}"),
         (config.engine.max_in_flight >= 0, f"engine.max_in_flight must be ≥ 0 (0 = automatic), got {config.engine.max_in_flight}"),
     ]
