@@ -37,8 +37,8 @@ def write_topic_dataset(folder: Path, *, train_per_label: int = 30, test_per_lab
     return write(folder / "train.csv", train_per_label), write(folder / "test.csv", test_per_label)
 
 
-def tiny_config(folder: Path, *overrides: str, model: str = "tiny-llama") -> ExperimentConfig:
-    train, test = write_topic_dataset(folder)
+def tiny_config(folder: Path, *overrides: str, model: str = "tiny-llama", train_per_label: int = 30) -> ExperimentConfig:
+    train, test = write_topic_dataset(folder, train_per_label=train_per_label)
     return load_config(None, [
         f'data.dataset="{train}"',
         f'data.options.test_path="{test}"',
@@ -73,12 +73,13 @@ def run_inline(config: ExperimentConfig) -> ServerRuntime:
     return server
 
 
-def write_tiny_config_toml(folder: Path, *overrides: str, model: str = "tiny-llama") -> Path:
+def write_tiny_config_toml(folder: Path, *overrides: str, model: str = "tiny-llama", train_per_label: int = 30) -> Path:
     """`tiny_config` as an experiment file, for tests that go through the CLI (`--config`)."""
     from aflora.config import flatten
     from aflora.tomlwrite import write_flat_toml
 
-    return write_flat_toml(flatten(tiny_config(folder, *overrides, model=model).to_dict()), folder / "tiny.toml")
+    config = tiny_config(folder, *overrides, model=model, train_per_label=train_per_label)
+    return write_flat_toml(flatten(config.to_dict()), folder / "tiny.toml")
 
 
 TIMING_FIELDS = {"train_seconds", "round_seconds", "eval_seconds", "aggregation_seconds", "server_seconds", "wall_seconds"}
