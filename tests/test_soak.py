@@ -7,8 +7,10 @@ the run the surviving replies make: an in-process reference (aflora.rounds with 
 the clients the Flower run recorded as failed, and only those, ends in the same global state, bit for bit, with
 the same record.
 
-CI runs the short version (20 clients × 4 rounds, killed after round 2); the full one (100 clients × 20 rounds,
-killed after round 10) is `slow`. docs/faults.md gives the full one's numbers.
+CI runs the short version (20 clients × 4 rounds, killed after round 2); the full one (100 clients × 20 rounds, 50
+sampled per round, killed after round 10) is `slow`; the README gives its numbers. Both use two simulation workers
+(engine.client_cpus = 1 on two cores): a stalled client holds one of them until the round's timeout, so a round
+with two stalled clients sends no one else (they are recorded as `not sent`).
 """
 
 from __future__ import annotations
