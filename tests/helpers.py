@@ -37,8 +37,8 @@ def write_topic_dataset(folder: Path, *, train_per_label: int = 30, test_per_lab
     return write(folder / "train.csv", train_per_label), write(folder / "test.csv", test_per_label)
 
 
-def tiny_config(folder: Path, *overrides: str, model: str = "tiny-llama") -> ExperimentConfig:
-    train, test = write_topic_dataset(folder)
+def tiny_config(folder: Path, *overrides: str, model: str = "tiny-llama", train_per_label: int = 30) -> ExperimentConfig:
+    train, test = write_topic_dataset(folder, train_per_label=train_per_label)
     return load_config(None, [
         f'data.dataset="{train}"',
         f'data.options.test_path="{test}"',
@@ -73,37 +73,32 @@ def run_inline(config: ExperimentConfig) -> ServerRuntime:
     return server
 
 
-def write_tiny_config_toml(folder: Path, *overrides: str, model: str = "tiny-llama") -> Path:
+def write_tiny_config_toml(folder: Path, *overrides: str, model: str = "tiny-llama", train_per_label: int = 30) -> Path:
     """`tiny_config` as an experiment file, for tests that go through the CLI (`--config`)."""
     from aflora.config import flatten
     from aflora.tomlwrite import write_flat_toml
 
-    return write_flat_toml(flatten(tiny_config(folder, *overrides, model=model).to_dict()), folder / "tiny.toml")
+    config = tiny_config(folder, *overrides, model=model, train_per_label=train_per_label)
+    return write_flat_toml(flatten(config.to_dict()), folder / "tiny.toml")
 
 
-TIMING_FIELDS = {"train_seconds", "round_seconds", "eval_seconds", "aggregation_seconds", "server_seconds"}
+TIMING_FIELDS = {"train_seconds", "round_seconds", "eval_seconds", "aggregation_seconds", "server_seconds", "wall_seconds"}
 
 
-def record_differences(a, b, *, path: str = "", rel: float = 1e-4, noise_floor: float = 1e-6) -> list[str]:
-    """Where two results.json records differ, timings aside: every non-float exactly, floats within `rel`.
+def record_differences(a, b, *, path: str = "") -> list[str]:
+    """Where two results.json records differ, timings aside: every other value exactly, floats to the last bit.
 
-    Why a tolerance: the same experiment run in two processes (a resumed run, a deployed federation) was seen,
-    rarely, to differ in the last float bits of the server-tuned A (~1e-5) and so in later losses. Anything
-    that changes what is computed (a lost state, a wrong client, a skipped merge) moves values far more.
-    Values that are themselves rounding residuals (aggregation_error, ~1e-8) have no stable bits: below
-    `noise_floor` they count as equal."""
-
-    def inner(x, y, where: str) -> list[str]:
-        return record_differences(x, y, path=where, rel=rel, noise_floor=noise_floor)
-
+    A resumed run and a deployed federation compute exactly what the uninterrupted simulation computes (every
+    process computes with the run's fixed thread count, aflora.runtime.model_side.pin_threads), so any difference,
+    however small, means something changed what was computed."""
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
             return [f"{path or 'record'}: keys {sorted(a.keys() ^ b.keys())} in only one"]
-        return [d for k in a if k not in TIMING_FIELDS for d in inner(a[k], b[k], f"{path}.{k}")]
+        return [d for k in a if k not in TIMING_FIELDS for d in record_differences(a[k], b[k], path=f"{path}.{k}")]
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: {len(a)} != {len(b)} items"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in inner(x, y, f"{path}[{i}]")]
-    if isinstance(a, float) and isinstance(b, float):
-        return [] if math.isclose(a, b, rel_tol=rel, abs_tol=noise_floor) else [f"{path}: {a!r} != {b!r}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in record_differences(x, y, path=f"{path}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return []
     return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} != {b!r}"]

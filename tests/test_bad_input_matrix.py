@@ -89,7 +89,9 @@ KINDS = [
     ("fault-injection-client-out-of-range", ["run", *TINY, "--set", "engine.fail_clients=[7]", *NEW],
      r"engine\.fail_clients must name clients 0 to 2 \(federation\.num_clients = 3\), got \[7\]"),
     ("fault-injection-round-zero", ["run", *TINY, "--set", "engine.fail_from_round=0", *NEW], r"engine\.fail_from_round must be ≥ 1"),
-    ("negative-threads", ["run", *TINY, "--set", "engine.threads=-1", *NEW], r"engine\.threads must be ≥ 0 \(0 = torch's default\)"),
+    ("negative-threads", ["run", *TINY, "--set", "engine.threads=-1", *NEW], r"engine\.threads must be ≥ 0 \(0 = engine\.client_cpus\)"),
+    ("fault-probabilities-over-one", ["run", *TINY, "--set", "engine.crash_probability=0.7", "--set",
+                                      "engine.timeout_probability=0.5", *NEW], r"add up to at most 1, got 0\.7 and 0\.5"),
     ("zero-client-cpus", ["run", *TINY, "--set", "engine.client_cpus=0", *NEW], r"engine\.client_cpus must be ≥ 1"),
     ("zero-round-timeout", ["run", *TINY, "--set", "engine.round_timeout=0", *NEW], r"engine timeouts must be > 0 seconds"),
     # ---- data settings

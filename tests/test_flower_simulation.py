@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from aflora.encoding import PromptEncoder
 from aflora.flower.simulation import simulate
-from aflora.flower.transport import send_in_waves
+from aflora.flower.transport import send_bounded
 from aflora.models import build_tiny_model
 from aflora.outputs import export_merged_model
 from aflora.results import load_run
@@ -113,43 +113,61 @@ def test_fedsa_lora_personal_models_are_scored_on_local_test_rows(tmp_path):
     assert set(run["rounds"][-1]["personalized"]) >= {"accuracy", "loss"}
 
 
-class CountingGrid:
-    """Replies to every message at once; notes each wave's size and how many messages existed when it was sent."""
+class FakeGrid:
+    """Answers every pushed message except those of `stalled` clients (never); notes, at each push, how many
+    messages were out and how many had been built."""
 
-    def __init__(self, built: list[int], delay: float = 0.0) -> None:
-        self.built, self.delay = built, delay
-        self.waves: list[tuple[int, int, float]] = []
+    def __init__(self, built: list[int], stalled: frozenset[int] = frozenset()) -> None:
+        self.built, self.stalled = built, stalled
+        self.out: dict[str, int] = {}
+        self.answered = 0
+        self.pushes: list[tuple[int, int, int]] = []  # (messages out after the push, built so far, answered so far)
 
-    def send_and_receive(self, messages, *, timeout):
-        messages = list(messages)
-        self.waves.append((len(messages), len(self.built), timeout))
-        time.sleep(self.delay)
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"id {m.i}", src_node_id=100 + m.i))
-                for m in messages]
+    def push_messages(self, messages):
+        for m in messages:
+            m.metadata.message_id = f"id {m.i}"
+            self.out[m.metadata.message_id] = m.i
+        self.pushes.append((len(self.out), len(self.built), self.answered))
+        return [f"id {m.i}" for m in messages]
+
+    def pull_messages(self, ids):
+        answered = [i for key in ids if (i := self.out.get(key)) is not None and i not in self.stalled]
+        for i in answered:
+            del self.out[f"id {i}"]
+        self.answered += len(answered)
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"id {i}", src_node_id=999)) for i in answered]
 
 
-def test_messages_go_out_in_waves_built_as_they_are_sent():
+def numbered_messages(count: int, built: list[int]):
+    for i in range(count):
+        built.append(i)
+        yield SimpleNamespace(i=i, metadata=SimpleNamespace(message_id="", dst_node_id=100 + i))
+
+
+def test_at_most_max_in_flight_messages_are_out_each_built_when_a_place_frees():
     built: list[int] = []
+    grid = FakeGrid(built)
+    replies = send_bounded(grid, numbered_messages(5, built), 2, timeout=10.0)
+    assert sorted((reply.metadata.reply_to_message_id, node) for reply, node in replies) == [(f"id {i}", 100 + i) for i in range(5)]
+    assert all(out <= 2 and existing <= answered + 2 for out, existing, answered in grid.pushes)
+    every = FakeGrid(built := [])
+    send_bounded(every, numbered_messages(5, built), 0, timeout=10.0)
+    assert every.pushes[0] == (5, 5, 0)  # 0: all at once
 
-    def messages():
-        for i in range(5):
-            built.append(i)
-            yield SimpleNamespace(i=i, metadata=SimpleNamespace(message_id=f"id {i}", dst_node_id=100 + i))
 
-    grid = CountingGrid(built, delay=0.05)
-    replies = send_in_waves(grid, messages(), 2, timeout=10.0)
-    assert [(reply.metadata.reply_to_message_id, node) for reply, node in replies] == [(f"id {i}", 100 + i) for i in range(5)]
-    assert [(n, existing) for n, existing, _ in grid.waves] == [(2, 2), (2, 4), (1, 5)]  # never more than a wave ahead
-    timeouts = [t for _, _, t in grid.waves]
-    assert timeouts[0] <= 10.0 and all(later <= earlier - 0.04 for earlier, later in zip(timeouts, timeouts[1:]))  # one deadline
-    every = CountingGrid([])
-    send_in_waves(every, (SimpleNamespace(i=i, metadata=SimpleNamespace(message_id=f"id {i}", dst_node_id=i)) for i in range(5)), 0,
-                  timeout=10.0)
-    assert [n for n, _, _ in every.waves] == [5]
+def test_a_stalled_client_holds_one_place_and_the_deadline_stops_the_rest():
+    built: list[int] = []
+    started = time.monotonic()
+    replies = send_bounded(FakeGrid(built, stalled=frozenset({1})), numbered_messages(6, built), 2, timeout=0.5)
+    assert 0.5 <= time.monotonic() - started < 5
+    assert sorted(reply.metadata.reply_to_message_id for reply, _ in replies) == [f"id {i}" for i in (0, 2, 3, 4, 5)]
+    built = []  # every place stalled: what was not sent by the deadline is never built, let alone sent
+    replies = send_bounded(FakeGrid(built, stalled=frozenset({0, 1})), numbered_messages(6, built), 2, timeout=0.3)
+    assert replies == [] and built == [0, 1]
 
 
 def test_waves_do_not_change_the_result(finished_run, tmp_path):
-    """The module's run sent 2 messages at a time (2 × its one worker); all 3 at once gives the same rounds."""
+    """The module's run had 2 messages out at a time (2 × its one worker); all 3 at once gives the same rounds."""
     config, _, out = finished_run
     simulate(tiny_config(tmp_path / "data", "rounds=2", "aflora.beta=1.0", "engine.max_in_flight=3"), tmp_path / "out")
     timing = {"round_seconds", "eval_seconds", "aggregation_seconds", "server_seconds", "train_seconds"}

@@ -145,7 +145,7 @@ def restore(runtime: Any, state: dict[str, Any]) -> int:
     vars(runtime.method).update(state["method"])
     for round_, update in sorted(state["merges"].items()):
         runtime.merges.by_round[round_] = update
-        runtime.side.host.merge_into_base(update)  # the same additions in the same order: the same weights
+        runtime.side.merge(update)  # the same additions in the same order: the same weights
     if runtime.privacy is not None:
         runtime.privacy.replay(state.get("privacy_releases", []))
     torch.set_rng_state(state["rng"]["torch"])

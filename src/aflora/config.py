@@ -142,7 +142,10 @@ class SecAggSection:
 @dataclass
 class EngineConfig:
     client_cpus: int = _help("CPU cores each simulated client worker gets (workers = cores / client_cpus)", 2)
-    threads: int = _help("torch threads per process (0 = torch's default)", 0)
+    threads: int = _help(
+        "torch threads in every process of the run, server and clients (0 = engine.client_cpus). Fixed by the config, not "
+        "the machine, so a resumed run and a deployed federation compute the same bits as the simulation; keep it when resuming",
+        0)
     verbose: bool = _help("Flower's own INFO logs", False)
     connect_timeout: float = _help("Seconds the server waits for every client's SuperNode to connect", 300.0)
     round_timeout: float = _help("Seconds the server waits for a round's replies; late clients count as failed", 3600.0)
@@ -151,6 +154,12 @@ class EngineConfig:
                                "federation, 2 × the workers in `aflora run`'s simulation", 0)
     fail_clients: list[int] = _help("Fault injection for rehearsals and tests: these clients raise instead of training", factory=list)
     fail_from_round: int = _help("...from this round on", 1)
+    crash_probability: float = _help(
+        "Fault injection: the chance that a sampled client raises instead of training, drawn per (seed, round, client), "
+        "so a resumed run injects the same faults", 0.0)
+    timeout_probability: float = _help(
+        "Fault injection: the chance that a sampled client stalls for engine.round_timeout seconds and then fails, so "
+        "that its answer comes after the server stopped waiting; drawn like crash_probability", 0.0)
 
 
 @dataclass
@@ -438,7 +447,11 @@ def validate(config: ExperimentConfig) -> None:
          f"model.attention must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, got {config.model.attention!r}"),
         (bool(config.model.target_modules), "model.target_modules must name at least one layer"),
         (engine.client_cpus >= 1, f"engine.client_cpus must be ≥ 1, got {engine.client_cpus}"),
-        (engine.threads >= 0, f"engine.threads must be ≥ 0 (0 = torch's default), got {engine.threads}"),
+        (min(engine.crash_probability, engine.timeout_probability) >= 0
+         and engine.crash_probability + engine.timeout_probability <= 1,
+         "engine.crash_probability and engine.timeout_probability must be ≥ 0 and add up to at most 1, got "
+         f"{engine.crash_probability} and {engine.timeout_probability}"),
+        (engine.threads >= 0, f"engine.threads must be ≥ 0 (0 = engine.client_cpus), got {engine.threads}"),
         (engine.max_in_flight >= 0, f"engine.max_in_flight must be ≥ 0 (0 = automatic), got {engine.max_in_flight}"),
         (all(0 <= c < fed.num_clients for c in engine.fail_clients),
          f"engine.fail_clients must name clients 0 to {fed.num_clients - 1} (federation.num_clients = {fed.num_clients}), "

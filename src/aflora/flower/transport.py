@@ -2,7 +2,7 @@
 
 Each client gets its own message (rank, mask, A slice: whatever the method's `instruct` returned, plus the
 base merges it lacks), addressed to the SuperNode that said it is that client (`identify_clients`). Train
-messages go out in waves (`send_in_waves`); with `secagg.enabled` through Flower's SecAgg+
+messages go out a few at a time (`send_bounded`); with `secagg.enabled` through Flower's SecAgg+
 (aflora.flower.secagg), so the server gets the clear parts of the replies plus the unmasked sum of the rest.
 Replies come back as uploads and failures; deciding what to do with them is the round's (aflora.rounds).
 No method math lives here.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -78,17 +78,34 @@ def identify_clients(grid: Grid, num_clients: int, *, timeout_seconds: float) ->
         time.sleep(0.5)
 
 
-def send_in_waves(grid: Grid, messages: Iterable[Message], max_in_flight: int, timeout: float) -> list[tuple[Message, int]]:
-    """Every message's reply (or error) with the node the message went to (an error Flower sends for a node that
-    went away comes from the SuperLink, not from that node), at most `max_in_flight` messages out at once (0 =
-    all at once); each wave is built only when it is sent. The round's timeout is one deadline for all the waves."""
+POLL_SECONDS = 0.05  # how often replies are asked for while messages are out
+
+
+def send_bounded(grid: Grid, messages: Iterable[Message], max_in_flight: int, timeout: float) -> list[tuple[Message, int]]:
+    """Every answered message's reply (or error) with the node the message went to (an error Flower sends for a node
+    that went away comes from the SuperLink, not from that node).
+
+    At most `max_in_flight` messages are out at once (0 = all at once); the next one is built and sent as soon as a
+    reply frees its place, so a client that stalls holds one place, not everyone after it. The round's timeout is
+    one deadline for all: what has not been sent by then is not sent, what has not answered is not waited for."""
     deadline = time.monotonic() + timeout
     pending, replies = iter(messages), []
-    while wave := list(itertools.islice(pending, max_in_flight or None)):
-        answers = grid.send_and_receive(wave, timeout=max(deadline - time.monotonic(), 0.0))
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in wave if m.metadata.message_id}  # set once pushed
-        replies.extend((r, sent_to.get(r.metadata.reply_to_message_id) or r.metadata.src_node_id) for r in answers)
-    return replies
+    out: dict[str, int] = {}  # message id -> node, for every message sent and not answered yet
+    while True:
+        expired = time.monotonic() >= deadline
+        room = max_in_flight - len(out) if max_in_flight else None
+        if not expired and (room is None or room > 0):
+            wave = list(itertools.islice(pending, room))
+            list(grid.push_messages(wave))  # a pushed message carries its id in its metadata
+            out.update((m.metadata.message_id, m.metadata.dst_node_id) for m in wave if m.metadata.message_id)
+        if not out or expired:
+            return replies
+        answers = list(grid.pull_messages(list(out)))
+        for reply in answers:
+            node = out.pop(reply.metadata.reply_to_message_id, None)
+            replies.append((reply, node if node is not None else reply.metadata.src_node_id))
+        if not answers:
+            time.sleep(POLL_SECONDS)
 
 
 class FlowerTransport:
@@ -113,10 +130,16 @@ class FlowerTransport:
                        dst_node_id=self.node_of_client[instruction.client_id], message_type=message_type)
 
     def train(self, round_: int, messages: list[ClientMessage]) -> TrainReplies:
-        # Built as they are sent (send_in_waves): a message holds copies of its instruction's tensors.
-        sent = (self.message(message, "train") for message in messages)
+        # Built as they are sent (send_bounded): a message holds copies of its instruction's tensors.
+        built: list[int] = []
+
+        def sent() -> Iterator[Message]:
+            for message in messages:
+                built.append(message[0].client_id)
+                yield self.message(message, "train")
+
         replies = TrainReplies()
-        for reply, node in send_in_waves(self.grid, sent, self.max_in_flight, self.timeout):
+        for reply, node in send_bounded(self.grid, sent(), self.max_in_flight, self.timeout):
             client = self.client_of_node.get(node)
             if reply.has_error():
                 replies.failures.append({"client": client, "reason": f"client error: {reply.error.reason}"})
@@ -127,6 +150,12 @@ class FlowerTransport:
             except (KeyError, ValueError, TypeError) as err:  # a reply we cannot even read
                 replies.failures.append({"client": client, "reason": f"rejected: unreadable reply ({type(err).__name__}: {err})"})
                 log.warning("round %d: unreadable reply from client %s: %s", round_, client, err)
+        unsent = [instruction.client_id for instruction, _ in messages[len(built):]]
+        if unsent:
+            reason = (f"not sent: the round's timeout (engine.round_timeout = {self.timeout:g} s) passed while "
+                      f"{self.max_in_flight} earlier clients (engine.max_in_flight) were still out")
+            replies.failures.extend({"client": cid, "reason": reason} for cid in unsent)
+            log.warning("round %d: clients %s %s", round_, unsent, reason)
         return replies
 
     def train_secure(self, round_: int, messages: list[ClientMessage]) -> TrainReplies:

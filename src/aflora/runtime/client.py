@@ -6,6 +6,8 @@ One `ClientRuntime` per process serves every client whose message arrives there,
 from __future__ import annotations
 
 import logging
+import random
+import time
 from pathlib import Path
 
 import torch
@@ -73,14 +75,16 @@ class ClientRuntime:
                     f"this client's base model lacks the global update of round {round_} (it has rounds "
                     f"{sorted(self.applied_rounds)}); give the SuperNode a persistent --node-config state-dir=<folder>"
                 )
-            self.side.host.merge_into_base(adapter)
+            self.side.merge(adapter)
             self.applied_rounds.add(round_)
 
     def train(self, instruction: Instruction, sync: BaseSync, local_state: dict[str, torch.Tensor] | None = None) -> Upload:
         """One client's round; `local_state` is what the client kept last time (the engine stores it per client)."""
-        engine = self.config.engine
-        if instruction.client_id in engine.fail_clients and instruction.round >= engine.fail_from_round:
-            raise RuntimeError(f"client {instruction.client_id}: injected fault (engine.fail_clients) in round {instruction.round}")
+        fault = injected_fault(self.config, instruction.client_id, instruction.round)
+        if fault == TIMEOUT:  # answer only after the server stopped waiting (engine.round_timeout after it sent at the latest)
+            time.sleep(self.config.engine.round_timeout)
+        if fault:
+            raise RuntimeError(f"client {instruction.client_id}: injected fault ({fault}) in round {instruction.round}")
         self.sync_base(sync)
         examples = self.client_examples(instruction.client_id)
         spec = self.side.method.local_job(instruction, local_state)
@@ -103,6 +107,23 @@ class ClientRuntime:
         mean_rank = sum(upload.ranks.values()) / max(len(upload.ranks), 1)
         log.info("%s: rank %.1f, %d steps, loss %s, %.1fs", progress.label, mean_rank, result.steps, progress.summary(), result.seconds)
         return upload
+
+
+TIMEOUT = "engine.timeout_probability: stalled past the round's timeout"
+
+
+def injected_fault(config: ExperimentConfig, client_id: int, round_: int) -> str | None:
+    """The fault the engine's fault injection gives this client in this round, if any (for rehearsals and tests).
+    Drawn from (seed, round, client) alone: a resumed run injects the same faults, whichever process trains."""
+    engine = config.engine
+    if client_id in engine.fail_clients and round_ >= engine.fail_from_round:
+        return "engine.fail_clients"
+    draw = random.Random(hash_seed(config.seed, round_, client_id, 17)).random()
+    if draw < engine.crash_probability:
+        return "engine.crash_probability"
+    if draw < engine.crash_probability + engine.timeout_probability:
+        return TIMEOUT
+    return None
 
 
 class StepProgress:

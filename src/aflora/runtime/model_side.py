@@ -1,6 +1,8 @@
 """A process's model side: one shared base model with its adapter host, prompt encoder and method.
 
 Client and server runtimes each hold one; simulated clients are adapters swapped onto it, never copies.
+Every model side computes with the run's fixed number of torch threads (`pin_threads`), whichever process
+and thread it lives in: that is what makes a resumed run and a deployed federation equal the simulation bit for bit.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..budgets import LocalWorkload
+from ..config import ExperimentConfig
 from ..encoding import Encoded, PromptEncoder, training_batches
 from ..evaluation import ClassificationOutcomes, evaluate_lm_loss, score_classification
 from ..lora.factors import Adapter
@@ -33,14 +36,31 @@ def autocast_dtype(precision: str, model: torch.nn.Module) -> torch.dtype | None
         return None
 
 
+def run_threads(config: ExperimentConfig) -> int:
+    """torch's intra-op threads in every process of a run: engine.threads, else engine.client_cpus."""
+    return config.engine.threads or config.engine.client_cpus
+
+
+def pin_threads(threads: int) -> None:
+    """Compute with exactly `threads` threads in this thread: torch's, OpenMP's and MKL's count, MKL's dynamic
+    adjustment off.
+
+    Left at torch's default, the count depends on where the code runs: a Ray worker gets OMP_NUM_THREADS =
+    engine.client_cpus, a deployed client worker or the `flwr-serverapp` process the machine's cores, and MKL keeps its
+    count per thread. A reduction split over a different number of threads adds in a different order (a sum of
+    37k floats already differs in its last bits between 1 and 2 threads), and Adam turns last-bit differences
+    in small gradients into visible ones. Called where work starts, because OpenMP and MKL take the count per thread."""
+    torch.set_num_threads(threads)
+
+
 class ModelSide:
     """A process's shared base model with its adapter host, encoder and the method (client or server)."""
 
     def __init__(self, workload: Workload) -> None:
         config = workload.config
         self.workload = workload
-        if config.engine.threads:
-            torch.set_num_threads(config.engine.threads)
+        self.threads = run_threads(config)
+        pin_threads(self.threads)
         model, self.tokenizer = load_model(
             config.model.name, cache_dir=config.model.cache_dir or None, seed=config.seed, attention=config.model.attention
         )
@@ -56,6 +76,11 @@ class ModelSide:
             footprint=self.host.footprint(),
             workload=LocalWorkload(config.train.batch_size, config.data.max_length, config.train.local_steps),
         )
+
+    def merge(self, update: Adapter) -> None:
+        """W ← W + ΔW of one round's global update (server after its step, clients catching up, a resumed server)."""
+        pin_threads(self.threads)
+        self.host.merge_into_base(update)
 
     @property
     def pad_id(self) -> int:
@@ -74,6 +99,7 @@ class ModelSide:
     def evaluate(self, examples: list[Encoded], adapter: Adapter | None, encoder: PromptEncoder | None = None) -> dict[str, float]:
         """Accuracy and loss where the task has label words (`encoder`'s, else this side's), else the LM loss."""
         encoder = encoder or self.encoder
+        pin_threads(self.threads)
         if encoder.label_token_ids:
             return self.score_rows(examples, adapter, encoder).metrics()
         return evaluate_lm_loss(self.host, examples, **self._evaluation_settings(adapter))
@@ -88,6 +114,7 @@ class ModelSide:
 
     def train(self, spec: TrainSpec, examples: list[Encoded], *, steps: int, batch_size: int, optim: OptimConfig, seed: int,
               on_step=None, objective: str | None = None):
+        pin_threads(self.threads)
         return train_adapter(
             self.host,
             spec,

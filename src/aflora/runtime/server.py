@@ -159,7 +159,7 @@ class ServerRuntime:
         update = self.method.round_merge()
         if update is not None:
             self.merges.by_round[round_] = update
-            self.side.host.merge_into_base(update)
+            self.side.merge(update)
             if self.merge_store is not None:
                 self.merge_store.save(round_, update)
         diagnostics = {"aggregation_seconds": aggregated - started, "server_seconds": time.perf_counter() - aggregated, **dp}
