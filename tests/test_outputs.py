@@ -18,7 +18,7 @@ from aflora.config import ConfigError, load_config
 from aflora.errors import CheckpointError, OutputError
 from aflora.flower.simulation import simulate
 from aflora.results import load_run
-from aflora.run_folder import TARGET_FILE, finish_replacement, prepare_run_folder, written_aside
+from aflora.run_folder import TARGET_FILE, finish_replacement, prepare_run_folder, run_folder, written_aside
 from aflora.runtime import preflight
 from aflora.tracking import open_trackers
 
@@ -176,6 +176,29 @@ def test_an_overwrite_that_dies_leaves_the_old_run_whole_and_its_resume_swaps_in
     assert load_checkpoint(out)[0]["round"] == 2 and not (out / TARGET_FILE).exists()
     assert not event_files(out) & event_files(finished_run)  # the old run's events went with it
     assert sorted(scalars(out)["global_model/loss"]) == [0, 1, 2]
+
+
+def test_a_run_folder_is_swapped_in_only_when_the_run_finishes(tmp_path):
+    """What `aflora run` and `aflora federation run` write into: the old run stays whole until the new one ends."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("old")
+    with pytest.raises(RuntimeError), run_folder(out, overwrite=True) as write_to:  # dies before a checkpoint
+        assert write_to == tmp_path / "out.replacing"
+        (write_to / "results.json").write_text("new")
+        raise RuntimeError("crash in round 1")
+    assert (out / "results.json").read_text() == "old" and not write_to.exists()  # nothing to resume: removed
+    with pytest.raises(RuntimeError), run_folder(out, overwrite=True) as write_to:  # dies after a checkpoint
+        (write_to / "checkpoint").mkdir()
+        raise RuntimeError("crash in round 2")
+    assert (out / "results.json").read_text() == "old" and (write_to / "checkpoint").is_dir()  # kept, to resume
+    with run_folder(out, overwrite=True) as write_to:
+        (write_to / "results.json").write_text("new")
+        assert (out / "results.json").read_text() == "old"  # until the block ends
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"] and (out / "results.json").read_text() == "new"
+    assert not write_to.exists() and not (tmp_path / "out.replaced").exists()
+    with pytest.raises(OutputError, match="already holds a finished run"), run_folder(out, overwrite=False):
+        pass
 
 
 def test_run_folders_are_refused_unless_told(tmp_path):

@@ -66,7 +66,7 @@ def run(
         "--resume", help="Continue the run in this folder from its last checkpoint (or from a checkpoint file in its checkpoint/)")] = None,
 ) -> None:
     """Run one federated experiment on Flower's simulation engine (or resume one)."""
-    from .run_folder import abandon_replacement, finish_replacement, prepare_run_folder
+    from .run_folder import finish_replacement, prepare_run_folder, run_folder
 
     checkpoint_file = None
     if resume is not None:
@@ -82,16 +82,12 @@ def run(
     workload = _preflight(experiment)
     from .flower.simulation import simulate  # Flower and Ray load only when a run starts
 
-    # Only now is anything written: with --overwrite, the folder beside --out that the new run goes to.
-    write_to = out if resume is not None else prepare_run_folder(out, overwrite=overwrite)
-    try:
-        simulate(experiment, write_to, workload, resume=resume is not None, checkpoint_file=checkpoint_file)
-    except BaseException:
-        if resume is None and write_to != out and abandon_replacement(write_to):
-            err.print(escape(f"{out} still holds the previous run; the new one is in {write_to} "
-                             f"(continue it with `aflora run --resume {write_to}`, which then replaces {out})"))
-        raise
-    out = finish_replacement(write_to)
+    if resume is not None:
+        simulate(experiment, out, workload, resume=True, checkpoint_file=checkpoint_file)
+        out = finish_replacement(out)  # a resumed `<out>.replacing` now replaces its `<out>`
+    else:  # only now is anything written: with --overwrite, the folder beside --out that the new run goes to
+        with run_folder(out, overwrite=overwrite) as write_to:
+            simulate(experiment, write_to, workload, resume=False)
     err.print(f"[green]results, plots and adapter written to {escape(str(out))}[/green]")
 
 

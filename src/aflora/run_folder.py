@@ -108,6 +108,22 @@ def unfinished_replacement(out: Path) -> Path | None:
 
 
 @contextmanager
+def run_folder(out: Path, *, overwrite: bool) -> Iterator[Path]:
+    """The folder a new run writes into (`prepare_run_folder`); when the block ends without error a replacement is
+    swapped in for `out`. On an error `out` keeps the old run, and a replacement is kept only if it holds a
+    checkpoint to resume (the warning says how)."""
+    write_to = prepare_run_folder(out, overwrite=overwrite)
+    try:
+        yield write_to
+    except BaseException:
+        if write_to != out and abandon_replacement(write_to):
+            log.warning("%s still holds the previous run; the new one is in %s (continue it with `aflora run --resume %s`, "
+                        "which then replaces %s)", out, write_to, write_to, out)
+        raise
+    finish_replacement(write_to)
+
+
+@contextmanager
 def written_aside(out: Path, *, overwrite: bool, what: str, source: Path | None = None) -> Iterator[Path]:
     """A folder beside `out` to write `what` into, moved to `out` when the block ends without error; on an error it
     is removed and `out` is as it was. A non-empty `out` is refused unless `overwrite`; an `out` overlapping

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import ExperimentConfig
 from ..errors import FederationError
+from ..run_folder import prepare_run_folder, run_folder
 from .flower_cli import (
     CONNECTION,
     STARTUP_TIMEOUT_SECONDS,
@@ -185,7 +186,12 @@ def submit(config: ExperimentConfig, out: Path, state: Path, *, timeout: float =
         raise FederationError(f"the experiment has federation.num_clients={config.federation.num_clients}, but the federation "
                               f"in {layout.root} has {federation.partitions} SuperNodes; bring up one with that many clients")
     out = out.resolve()
-    refuse_finished_run(out, overwrite)
+    with run_folder(out, overwrite=overwrite) as write_to:  # with --overwrite, `<out>.replacing`: the old run stays whole
+        return _run_on_federation(config, write_to, layout, federation, timeout=timeout, echo=echo)
+
+
+def _run_on_federation(config: ExperimentConfig, out: Path, layout: Layout, federation: Federation, *,
+                       timeout: float, echo: bool) -> dict:
     config = sharing_one_machine(config)
     write_shards(config, layout)
     write_experiment(config, layout.experiment)
@@ -331,7 +337,8 @@ def down(state: Path) -> list[str]:
 def run_once(config: ExperimentConfig, out: Path, state: Path, *, timeout: float = RUN_TIMEOUT_SECONDS,
              echo: bool = True, overwrite: bool = False) -> dict:
     """`submit` to the federation that is up in `state`, or to a new one that is stopped afterwards."""
-    refuse_finished_run(out, overwrite)
+    if not overwrite:
+        prepare_run_folder(out, overwrite=False)  # refuses a folder that holds anything, before a federation starts
     federation = Federation.load(state.resolve())
     if federation is not None and any(is_running(p) for p in [federation.superlink, *federation.supernodes]):
         return submit(config, out, state, timeout=timeout, echo=echo, overwrite=overwrite)
@@ -340,13 +347,6 @@ def run_once(config: ExperimentConfig, out: Path, state: Path, *, timeout: float
         return submit(config, out, state, timeout=timeout, echo=echo, overwrite=overwrite)
     finally:
         down(state)
-
-
-def refuse_finished_run(out: Path, overwrite: bool) -> None:
-    if (out / "results.json").exists() and not overwrite:
-        raise FederationError(f"{out} already holds a finished run (results.json); choose another --out or pass --overwrite")
-    if overwrite:
-        (out / "results.json").unlink(missing_ok=True)  # so a failed run cannot pass for a finished one
 
 
 def describe(state: Path) -> str:
