@@ -150,6 +150,25 @@ def test_mlflow_for_real_when_installed(tmp_path, monkeypatch):
     assert [(m.step, m.value) for m in history] == [(0, 0.25), (1, 0.5)]
 
 
+def test_wandb_for_real_when_installed(tmp_path, monkeypatch):
+    """Offline W&B (no account): the run lives in the run folder under the id tracking.json names, and a resume
+    continues that W&B run. (wandb 0.31 has no Python reader for its .wandb log, so the metrics themselves are
+    checked through the hook with the fake backends above.)"""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    out.mkdir()
+    trackers = open_trackers(["wandb"], out, config={"method": "aflora"}, project="aflora-test")
+    trackers.log_round(0, {"global_model/accuracy": 0.25})
+    trackers.close()
+    run_id = json.loads((out / "tracking.json").read_text())["wandb"]
+    assert [p.name.rsplit("-", 1)[-1] for p in (out / "wandb").glob("offline-run-*")] == [run_id]
+    resumed = open_trackers(["wandb"], out, config={}, project="aflora-test", first_round=1)
+    assert resumed.trackers[0].run.id == run_id
+    resumed.close()
+
+
 # ---------------------------------------------------------------------------- --overwrite
 
 
