@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from aflora.encoding import PromptEncoder
-from aflora.flower.simulation import simulate
+from aflora.flower.simulation import backend_config, simulate, simulated_workers
 from aflora.flower.transport import send_bounded
 from aflora.models import build_tiny_model
 from aflora.outputs import export_merged_model
@@ -142,6 +142,21 @@ def numbered_messages(count: int, built: list[int]):
     for i in range(count):
         built.append(i)
         yield SimpleNamespace(i=i, metadata=SimpleNamespace(message_id="", dst_node_id=100 + i))
+
+
+@pytest.mark.parametrize("gpus, client_gpus, workers, per_client", [(0, 0.25, 8, 0.0), (1, 1.0, 1, 1.0), (1, 0.25, 4, 0.25),
+                                                                     (2, 0.25, 8, 0.25), (1, 0.1, 8, 0.1)])
+def test_simulated_clients_share_a_gpu_by_engine_client_gpus(monkeypatch, tmp_path, gpus, client_gpus, workers, per_client):
+    """The GPU path's placement, checked without a GPU: a 16-core machine with 2 cores per client has 8 CPU slots;
+    GPUs cap the workers at GPUs / client_gpus, and Ray gets every GPU and each client its share."""
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    config = tiny_config(tmp_path, "engine.client_cpus=2", f"engine.client_gpus={client_gpus}")
+    assert simulated_workers(config) == workers
+    backend = backend_config(config)
+    assert backend["client_resources"] == {"num_cpus": 2, "num_gpus": per_client}
+    assert backend["init_args"]["num_gpus"] == gpus
 
 
 def test_at_most_max_in_flight_messages_are_out_each_built_when_a_place_frees():

@@ -142,6 +142,9 @@ class SecAggSection:
 @dataclass
 class EngineConfig:
     client_cpus: int = _help("CPU cores each simulated client worker gets (workers = cores / client_cpus)", 2)
+    client_gpus: float = _help(
+        "share of a GPU each simulated client worker gets where CUDA is present (0.25: four workers per GPU, each with its "
+        "own copy of the base model); ignored without a GPU", 1.0)
     threads: int = _help(
         "torch threads in every process of the run, server and clients (0 = engine.client_cpus). Fixed by the config, not "
         "the machine, so a resumed run and a deployed federation compute the same bits as the simulation; keep it when resuming",
@@ -447,6 +450,7 @@ def validate(config: ExperimentConfig) -> None:
          f"model.attention must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, got {config.model.attention!r}"),
         (bool(config.model.target_modules), "model.target_modules must name at least one layer"),
         (engine.client_cpus >= 1, f"engine.client_cpus must be ≥ 1, got {engine.client_cpus}"),
+        (0 < engine.client_gpus <= 1, f"engine.client_gpus must lie in (0, 1] (a share of one GPU), got {engine.client_gpus}"),
         (min(engine.crash_probability, engine.timeout_probability) >= 0
          and engine.crash_probability + engine.timeout_probability <= 1,
          "engine.crash_probability and engine.timeout_probability must be ≥ 0 and add up to at most 1, got "

@@ -56,18 +56,20 @@ def simulate(config: ExperimentConfig, out_dir: Path, workload: Workload | None 
 
 
 def simulated_workers(config: ExperimentConfig) -> int:
-    """Clients trained in parallel: cores / client_cpus."""
+    """Clients trained in parallel: cores / client_cpus, and with GPUs at most GPUs / client_gpus."""
     cores = os.cpu_count() or 1
-    return max(1, cores // min(config.engine.client_cpus, cores))
+    workers = max(1, cores // min(config.engine.client_cpus, cores))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return min(workers, max(1, int(gpus / config.engine.client_gpus))) if gpus else workers
 
 
 def backend_config(config: ExperimentConfig) -> dict:
-    """Ray workers: cores / client_cpus of them, each with one shared base model."""
+    """Ray workers: cores / client_cpus of them (and GPUs / client_gpus with GPUs), each with one shared base model."""
     cores = os.cpu_count() or 1
     client_cpus = min(config.engine.client_cpus, cores)
-    gpus = 1.0 if torch.cuda.is_available() else 0.0
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return {
-        "client_resources": {"num_cpus": client_cpus, "num_gpus": gpus},
-        "init_args": {"num_cpus": cores, "num_gpus": int(gpus), "include_dashboard": False,
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": config.engine.client_gpus if gpus else 0.0},
+        "init_args": {"num_cpus": cores, "num_gpus": gpus, "include_dashboard": False,
                       "logging_level": "DEBUG" if config.engine.verbose else "ERROR"},
     }
