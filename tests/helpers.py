@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+from aflora.checkpoint import load_checkpoint
 from aflora.config import ExperimentConfig, load_config
 from aflora.rounds import InProcessTransport, run_round
 from aflora.runtime import ClientRuntime, ServerRuntime
@@ -102,3 +108,23 @@ def record_differences(a, b, *, path: str = "") -> list[str]:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return []
     return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def kill_run_after_round(config_file: Path, out: Path, round_: int, *, deadline: float) -> int:
+    """Start `aflora run`, SIGKILL its whole process group (server and Ray) once its checkpoint holds round
+    `round_` or later, and return the checkpoint's round; the run must still have been running."""
+    process = subprocess.Popen([sys.executable, "-m", "aflora", "run", "--config", str(config_file), "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if (out / "checkpoint" / "manifest.json").exists() and load_checkpoint(out)[0]["round"] >= round_:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended (or never got going) before it could be killed"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert not (out / "results.json").exists()
+    return load_checkpoint(out)[0]["round"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +22,7 @@ from aflora.methods.base import tensor_key
 from aflora.results import load_run
 from aflora.runtime import ClientRuntime, ServerRuntime, model_side
 
-from helpers import record_differences, tiny_config, write_tiny_config_toml
+from helpers import kill_run_after_round, record_differences, tiny_config, write_tiny_config_toml
 
 
 @pytest.fixture
@@ -198,21 +196,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, uninterrupted):
     """SIGKILL the whole `aflora run` process group mid-round 3, then `aflora run --resume`."""
     config_file = write_tiny_config_toml(tmp_path / "data", "rounds=3")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "aflora", "run", "--config", str(config_file), "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if (out / "checkpoint" / "manifest.json").exists() and load_checkpoint(out)[0]["round"] == 2:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "the run ended before it could be killed"
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert not (out / "results.json").exists()
+    assert kill_run_after_round(config_file, out, 2, deadline=time.monotonic() + 240) == 2  # mid-round 3
     resumed = subprocess.run([sys.executable, "-m", "aflora", "run", "--resume", str(out)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(uninterrupted, out)

@@ -15,8 +15,6 @@ with two stalled clients sends no one else (they are recorded as `not sent`).
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,7 +32,7 @@ from aflora.runtime import ClientRuntime, ServerRuntime
 from aflora.runtime.client import TIMEOUT, injected_fault
 from aflora.runtime.server import ClientMessage
 
-from helpers import record_differences, write_tiny_config_toml
+from helpers import kill_run_after_round, record_differences, write_tiny_config_toml
 
 NO_REPLY = "no reply"  # the reason the server gives a sampled client it heard nothing from (ServerRuntime.accept)
 NOT_SENT = "not sent"  # ... and the transport one whose message the round's timeout kept from going out
@@ -93,21 +91,7 @@ def run_killed_and_resumed(soak: Soak, folder: Path) -> tuple[ExperimentConfig, 
     out = folder / "out"
     started = time.monotonic()
     deadline = started + soak.limit_seconds
-    process = subprocess.Popen([sys.executable, "-m", "aflora", "run", "--config", str(config_file), "--out", str(out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if (out / "checkpoint" / "manifest.json").exists() and load_checkpoint(out)[0]["round"] >= soak.kill_after:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "the run ended (or never got going) before it could be killed"
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert not (out / "results.json").exists()
-    killed_at = load_checkpoint(out)[0]["round"]
+    killed_at = kill_run_after_round(config_file, out, soak.kill_after, deadline=deadline)
     assert soak.kill_after <= killed_at < soak.rounds
     resumed = subprocess.run([sys.executable, "-m", "aflora", "run", "--resume", str(out)], capture_output=True, text=True,
                              timeout=max(deadline - time.monotonic(), 1.0))
