@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .encoding import Encoded, evaluation_batches, evaluation_order
 from .lora.factors import Adapter
 from .lora.host import AdapterHost
-from .training import autocast_context, class_logits, lm_loss
+from .training import PrefixCache, autocast_context, class_logits, lm_loss
 
 
 @dataclass
@@ -26,6 +26,9 @@ class ClassificationOutcomes:
         return {"accuracy": sum(self.correct) / n, "loss": sum(self.loss) / n, "num_examples": len(self.correct)}
 
 
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common start is not worth its extra forward pass
+
+
 def score_classification(
     host: AdapterHost,
     examples: Sequence[Encoded],
@@ -35,19 +38,42 @@ def score_classification(
     pad_id: int,
     adapter: Adapter | None = None,
     autocast_dtype: torch.dtype | None = None,
+    reuse_prefix: bool = True,
 ) -> ClassificationOutcomes:
-    """Correct = argmax over the label words' logits; loss = cross-entropy over those logits; row by row."""
+    """Correct = argmax over the label words' logits; loss = cross-entropy over those logits; row by row.
+
+    Every row starts with the same chat template and instruction; with `reuse_prefix` that shared start goes
+    through the model once and each batch attends to its keys and values (the same maths as scoring every row
+    whole, up to float rounding: tests/test_evaluation.py)."""
     correct, losses = [False] * len(examples), [0.0] * len(examples)
-    positions = iter(evaluation_order(examples))
+    prefix = shared_prefix(examples) if reuse_prefix else []
+    if len(prefix) < MIN_SHARED_PREFIX:
+        prefix = []
+    rows = [Encoded(input_ids=e.input_ids[len(prefix):], label=e.label) for e in examples] if prefix else examples
+    positions = iter(evaluation_order(rows))
     with _installed(host, adapter), host.frozen():
-        for batch in evaluation_batches(examples, batch_size, pad_id):
+        with autocast_context(host.model, autocast_dtype):
+            cached = PrefixCache.of(host.model, prefix) if prefix else None
+        for batch in evaluation_batches(rows, batch_size, pad_id):
             with autocast_context(host.model, autocast_dtype):
-                logits = class_logits(host.model, batch, label_token_ids).cpu()
+                logits = class_logits(host.model, batch, label_token_ids, prefix=cached).cpu()
             hits = (logits.argmax(dim=-1) == batch.labels).tolist()
             for hit, loss in zip(hits, F.cross_entropy(logits, batch.labels, reduction="none").tolist()):
                 position = next(positions)
                 correct[position], losses[position] = hit, loss
     return ClassificationOutcomes(correct, losses)
+
+
+def shared_prefix(examples: Sequence[Encoded]) -> list[int]:
+    """The tokens every row starts with, leaving each row at least its last token (where the answer is read)."""
+    if not examples:
+        return []
+    first = examples[0].input_ids
+    length = min(len(e.input_ids) for e in examples) - 1
+    for example in examples[1:]:
+        ids = example.input_ids
+        length = next((i for i in range(length) if ids[i] != first[i]), length)
+    return first[:max(length, 0)]
 
 
 def evaluate_lm_loss(

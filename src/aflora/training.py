@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from .encoding import Batch
 from .lora.factors import Adapter
@@ -52,13 +53,42 @@ def autocast_context(model: torch.nn.Module, dtype: torch.dtype | None) -> conte
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def class_logits(model: torch.nn.Module, batch: Batch, label_token_ids: Sequence[int]) -> torch.Tensor:
-    """Logits of each label word's first token at the answer position (rows are left-padded)."""
+@dataclass
+class PrefixCache:
+    """Every layer's keys and values for a token prefix that each row of later batches continues."""
+
+    length: int
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # (1, heads, length, head_dim) each
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: torch.nn.Module, prefix: Sequence[int]) -> PrefixCache:
+        device = next(model.parameters()).device
+        out = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1)
+        return cls(len(prefix), [(layer.keys, layer.values) for layer in out.cache.layers])
+
+    def for_rows(self, rows: int, config) -> DynamicCache:
+        """A fresh cache per batch: the model appends the batch's own keys and values to it."""
+        return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.layers], config=config)
+
+
+def class_logits(model: torch.nn.Module, batch: Batch, label_token_ids: Sequence[int], *,
+                 prefix: PrefixCache | None = None) -> torch.Tensor:
+    """Logits of each label word's first token at the answer position (rows are left-padded). With `prefix`,
+    each row is the continuation of those cached tokens: it attends to them and its positions start after them."""
     device = next(model.parameters()).device
+    attention, positions, past = batch.attention_mask, batch.position_ids, None
+    if prefix is not None:
+        rows = batch.input_ids.shape[0]
+        attention = torch.cat([torch.ones(rows, prefix.length, dtype=attention.dtype), attention], dim=1)
+        positions = positions + prefix.length
+        past = prefix.for_rows(rows, model.config)
     out = model(
         input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        position_ids=batch.position_ids.to(device),
+        attention_mask=attention.to(device),
+        position_ids=positions.to(device),
+        cache=past,
+        use_cache=past is not None,
         logits_to_keep=1,  # the vocabulary projection only where the answer is read
     )
     return out.logits[:, -1, list(label_token_ids)].float()
