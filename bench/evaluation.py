@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     args = parser.parse_args()
 
-    config = load_config(None, [f'data.data_dir="{args.data_dir}"', 'data.partition="iid"', "federation.num_clients=1", "federation.client_ranks=[16]"])
+    config = load_config(None, [f'data.data_dir="{args.data_dir}"', 'data.partition="iid"', "federation.num_clients=1",
+                                "federation.client_ranks=[16]"])
     workload = prepare_workload(config)
     side = ModelSide(workload)
     test = workload.bundle.test
