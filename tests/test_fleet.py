@@ -199,7 +199,9 @@ def test_compare_reports_time_and_bytes_to_the_target(compared, tmp_path):
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in table if line.startswith("| `")}
     assert cells["`legend`"][1:3] == ["2/2", "2.0 ± 0.0"] and cells["`legend`"][-2] == f"{speedup:.2f}× sooner"
     assert cells["`flora`"][1:6] == ["0/2", *["not reached"] * 4] and cells["`flora`"][-2:] == ["", ""]
-    assert f"`legend` reaches the target {speedup:.2f}× sooner than `fedit`, with " in md
+    assert cells["`fedit`"][-2:] == ["—", "—"]  # the reference itself
+    assert (f"- `legend` reaches the target {speedup:.2f}× sooner than `fedit`, with {2 * 200_000 / (3.5 * 400_000):.2f}× its "
+            f"uplink and {2 * 600_000 / (3.5 * 800_000):.2f}× its up+down traffic.") in md
     assert "Target: accuracy ≥ 0.7000" in md and "edge GPU (2 TFLOP/s, 100/300 Mbit/s up/down): clients 0" in md
 
     with write_csv(list(rows.values()), tmp_path / "comparison.csv").open() as handle:

@@ -105,8 +105,8 @@ def fleet_rows(runs: dict[str, list[dict[str, Any]]], settings: FleetSettings, r
         rows[label] = FleetRow(settings.fleet, target, len(per_seed), sum(hit is not None for hit in hits), stats,
                                describe_devices(fleet, runs[label][0]["config"]["federation"]), fallbacks)
     if reference is not None:
-        for row in rows.values():
-            row.vs_reference = ratios(row, rows[reference])
+        for label, row in rows.items():
+            row.vs_reference = ratios(row, rows[reference]) if label != reference else {}
     return rows
 
 
@@ -143,11 +143,23 @@ def fleet_markdown(labels: list[str], rows: list[FleetRow], reference: str) -> l
         cells = [f"`{label}`", *([f"{row.reached}/{row.seeds}"] if target is not None else []),
                  *(row.stats[m.key].format(m.spec) if row.reached or not m.to_target else "not reached" for m in measures)]
         if reference and target is not None:
-            cells += [f"{row.vs_reference['speedup']:.2f}× sooner" if "speedup" in row.vs_reference else "",
-                      f"{row.vs_reference['traffic_ratio']:.2f}×" if "traffic_ratio" in row.vs_reference else ""]
+            vs = row.vs_reference
+            cells += (["—", "—"] if label == reference else  # the reference itself
+                      [pace(vs["speedup"]) if "speedup" in vs else "", f"{vs['traffic_ratio']:.2f}×" if "traffic_ratio" in vs else ""])
         lines.append("| " + " | ".join(cells) + " |")
     return ["Time and traffic on a simulated device fleet (docs/fleet.md):", "", *lines, "",
             *fleet_notes(labels, rows, reference)]
+
+
+def pace(speedup: float) -> str:
+    return f"{speedup:.2f}× sooner" if speedup >= 1 else f"{1 / speedup:.2f}× later"
+
+
+def against_reference(label: str, vs: dict[str, float], reference: str) -> str:
+    """e.g. "`legend` reaches the target 1.90× sooner than `fedit`, with 0.55× its uplink and 0.58× its up+down traffic." """
+    spent = " and ".join(f"{vs[name]:.2f}× its {what}" for name, what in
+                         (("uplink_ratio", "uplink"), ("traffic_ratio", "up+down traffic")) if name in vs)
+    return f"`{label}` reaches the target {pace(vs['speedup'])} than `{reference}`" + (f", with {spent}." if spent else ".")
 
 
 def fleet_notes(labels: list[str], rows: list[FleetRow], reference: str) -> list[str]:
@@ -159,16 +171,12 @@ def fleet_notes(labels: list[str], rows: list[FleetRow], reference: str) -> list
     if target is not None:
         notes += ["", f"Target: accuracy ≥ {target:.4f} on a round's evaluation rows (data.eval_size), the first round "
                   "that reaches it (0 = the base model); by default "
-                  f"{TARGET_SHARE:.0%} of the best entry's mean final accuracy (--target-accuracy sets it). Mean ± std over the "
+                  f"{TARGET_SHARE * 100:g} % of the best entry's mean final accuracy (--target-accuracy sets it). Mean ± std over the "
                   "seeds that reached it; 'time vs' is the reference's fleet time to the target ÷ the entry's, 'up+down vs' "
                   "the entry's bytes ÷ the reference's, both only where every seed of both reached it."]
-        for label, row in zip(labels, rows):
-            vs = row.vs_reference
-            if label != reference and "speedup" in vs:
-                pace = f"{vs['speedup']:.2f}× sooner" if vs["speedup"] >= 1 else f"{1 / vs['speedup']:.2f}× later"
-                spent = " and ".join(f"{vs[name]:.2f}× its {what}" for name, what in
-                                     (("uplink_ratio", "uplink"), ("traffic_ratio", "up+down traffic")) if name in vs)
-                notes.append(f"`{label}` reaches the target {pace} than `{reference}`" + (f", with {spent}." if spent else "."))
+        sentences = [against_reference(label, row.vs_reference, reference) for label, row in zip(labels, rows)
+                     if label != reference and "speedup" in row.vs_reference]
+        notes += ["", *(f"- {sentence}" for sentence in sentences)] if sentences else []
     assumed = [f"`{label}` {note}" for label, row in zip(labels, rows) for note in row.fallbacks]
     if assumed:
         notes += ["", "Recorded before aflora kept every field the clock reads, so assumed: " + "; ".join(assumed) + "."]

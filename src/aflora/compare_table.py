@@ -155,9 +155,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]], reference: str | None = Non
                 continue
             row.difference, row.paired_on = paired_difference(row.label, runs[row.label], reference, runs[reference], row.metric)
             row.verdict = verdict(row.difference, higher_is_better=row.metric == "accuracy")
-    on_fleet = fleet_rows(runs, fleet or FleetSettings(), reference)
-    for row in rows if on_fleet else []:
-        row.fleet = on_fleet[row.label]
+    timed = fleet_rows(runs, fleet or FleetSettings(), reference)
+    if timed is not None:
+        for row in rows:
+            row.fleet = timed[row.label]
     return rows
 
 
