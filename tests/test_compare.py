@@ -409,28 +409,29 @@ def test_each_published_experiment_is_a_file_with_its_entries_and_seeds(name):
     sets, methods = EXPERIMENTS[name]
     path = REPO / "configs" / name
     assert load_config(path).to_dict() == load_config(REPO / "configs" / "default.toml", sets).to_dict()
-    assert compare_table(path) == (methods, "0,1,2", "aflora")
+    assert compare_table(path) == (methods, "0,1,2", "aflora", None, None)
     parse_entries(methods)  # every entry is valid
 
 
 def test_every_config_file_loads():
     for path in sorted((REPO / "configs").glob("*.toml")):
         load_config(path)
-        entries, seeds, reference = compare_table(path)
+        entries, seeds, reference, *_ = compare_table(path)
         if entries:
             assert reference is None or reference in [e.label for e in parse_entries(entries)]
             parse_seeds(seeds or "0")
 
 
 def test_compare_table_is_checked_and_optional(tiny_toml, tmp_path):
-    assert compare_table(tiny_toml) == (None, None, None) and compare_table(None) == (None, None, None)
+    assert compare_table(tiny_toml) == (None,) * 5 and compare_table(None) == (None,) * 5
     base = tiny_toml.read_text()
     path = tmp_path / "experiment.toml"
     path.write_text(base + '\n[compare]\nmethods = ["fedit", "aflora:ddr=false"]\nreference = "fedit"\n')
-    assert compare_table(path) == ("fedit,aflora:ddr=false", None, "fedit")
+    assert compare_table(path) == ("fedit,aflora:ddr=false", None, "fedit", None, None)
     assert load_config(path).method == load_config(tiny_toml).method  # `aflora run` reads the same file
     for bad, message in [('methods = "fedit"', "methods must be a non-empty list"), ("seeds = [0, 1.5]", "seeds must be"),
-                         ('method = ["fedit"]', "takes only methods, seeds and reference"), ("reference = 1", "reference must name")]:
+                         ('method = ["fedit"]', "takes only methods, seeds, reference, target_accuracy, fleet"),
+                         ("reference = 1", "reference must name")]:
         path.write_text(base + f"\n[compare]\n{bad}\n")
         with pytest.raises(ConfigError, match=message):
             compare_table(path)
@@ -491,7 +492,9 @@ def test_compare_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
     md = (out / "comparison.md").read_text()
     assert f"Command: `aflora compare --config {config} --methods aflora,fedit,ffa_lora" in md
     assert "rounds: 2 · local steps: 2" in md and "CPUs" in md
-    assert sum(line.startswith("| `") for line in md.splitlines()) == len(entries)
+    main_table, fleet_table = md.split("Time and traffic on a simulated device fleet")
+    assert sum(line.startswith("| `") for line in main_table.splitlines()) == len(entries)
+    assert sum(line.startswith("| `") for line in fleet_table.splitlines()) == len(entries)  # every run timed on the fleet
     assert "| `fedit` | 1 |" in capsys.readouterr().out  # the table is printed too
     assert "| Δ accuracy vs `aflora` [95 % CI] | vs `aflora` |" in md and "`fedit`: 32 rows of seed 0, bootstrap" in md
     assert "in the final evaluation: all" in md

@@ -11,6 +11,10 @@ Memory model (per client, float32 weights, AdamW):
     LoRA training      16 · trained(r)                 (weights, gradients and two Adam moments)
     activations        L · (34·s·b·h + 5·a·s²·b)       (Korthikanti et al. 2022, 16-bit activations, per block)
 Uplink model: 4 · uploaded(r) bytes (float32).
+Compute model (`training_flops`, per token; Kaplan et al. 2020's 2 FLOPs per parameter and token forward):
+    forward            2 · P_base
+    backward           2 · P_base · f       (activation gradients, only down to the lowest adapted block: f = its share)
+    LoRA               6 · trained          (the trained factors' forward, activation and weight gradients)
 
 A run that gives ranks instead of budgets can still feed a method that configures itself from budgets
 (LEGEND): `budget_for_rank` is the budget a rank-r LoRA on every adaptable module costs under this model.
@@ -74,6 +78,13 @@ class ModelFootprint:
 
 def training_memory_bytes(footprint: ModelFootprint, trained_params: int, *, batch_size: int, seq_len: int) -> float:
     return 4 * footprint.base_params + 16 * trained_params + footprint.activation_bytes(batch_size, seq_len)
+
+
+def training_flops(base_params: int, trained_params: int, tokens: float, backward_fraction: float = 1.0) -> float:
+    """FLOPs of training `trained_params` LoRA parameters on a frozen base for `tokens` tokens. The frozen base
+    computes no weight gradients, and the backward pass stops at the lowest adapted block: a client that adapts
+    only the top blocks (LEGEND) back-propagates through `backward_fraction` of the base."""
+    return tokens * (2 * base_params + 2 * base_params * backward_fraction + 6 * trained_params)
 
 
 def uplink_bytes(uploaded_params: int) -> int:

@@ -156,10 +156,18 @@ def compare(
     reference: Annotated[str | None, typer.Option(
         "--reference", help="An entry (e.g. aflora) every other one is compared with on the same seeds and test rows: the "
                             "difference, its 95 % interval and ahead / level / behind (default: the config's [compare] reference)")] = None,
+    target_accuracy: Annotated[float | None, typer.Option(
+        "--target-accuracy", help="The fleet table's target: each entry's simulated fleet time and bytes until a round reaches "
+                                  "this accuracy (default: the config's [compare] target_accuracy, else 95 % of the best "
+                                  "entry's final accuracy; docs/fleet.md)")] = None,
+    fleet: Annotated[str | None, typer.Option(
+        "--fleet", help="The simulated device fleet that times each run: mixed (phones, laptops, edge GPUs by budget) or "
+                        "phones (default: the config's [compare] fleet, else mixed; docs/fleet.md)")] = None,
 ) -> None:
     """Run several methods (and ablations) × seeds on one identical experiment; write a comparison table and plots."""
     from .compare import compare_table, parse_entries, parse_seeds, plan_comparison, run_comparison
-    from .compare_table import markdown_table
+    from .compare_fleet import fleet_settings
+    from .compare_table import fleet_section, markdown_table
 
     configure_logging()
     in_file = compare_table(config)
@@ -168,13 +176,15 @@ def compare(
         raise ConfigError("aflora compare needs the entries to run: pass --methods (e.g. --methods aflora,fedit), or use a "
                           "config whose [compare] table lists them (e.g. configs/table2_ag_news.toml)")
     _check_out(out)
+    on_fleet = fleet_settings(fleet or in_file.fleet, in_file.target_accuracy if target_accuracy is None else target_accuracy)
     entries = parse_entries(methods)
     if reference is None and in_file.reference in [e.label for e in entries]:  # unless --methods left the file's out
         reference = in_file.reference
-    plan = plan_comparison(config, _overrides(set_, data_dir), entries, parse_seeds(seeds), out, overwrite=overwrite, reference=reference)
+    plan = plan_comparison(config, _overrides(set_, data_dir), entries, parse_seeds(seeds), out, overwrite=overwrite, reference=reference,
+                           fleet=on_fleet)
     configure_logging(plan.base.engine.verbose)
     rows = run_comparison(plan, command=shlex.join(["aflora", *sys.argv[1:]]))
-    typer.echo("\n".join(markdown_table(rows)))
+    typer.echo("\n".join([*markdown_table(rows), "", *fleet_section(rows)]))
     err.print(f"[green]table, plots and {len(plan.runs)} runs written to {escape(str(out))} (comparison.md, comparison.csv)[/green]")
 
 

@@ -7,7 +7,9 @@ The flow, in order:
     plan_comparison               one config per (entry, seed), all validated (load_config + preflight) before any run
     run_comparison                simulate() each run into DIR/<label>/seed<k>/ (or reuse its results.json), then
     summarize -> write_markdown / write_csv / plots   DIR/comparison.md, comparison.csv, accuracy.png, uplink.png,
-                                  pareto.png; with --reference, each entry's paired difference to that entry
+                                  pareto.png; with --reference, each entry's paired difference to that entry; each
+                                  entry's time and traffic to a target accuracy on a simulated fleet (--fleet,
+                                  --target-accuracy; compare_fleet.py and fleet.py)
                                   (the table half lives in compare_table.py, the statistics in intervals.py)
 
 Every run shares the config except `method`, `seed` and the entry's own method options, so for one seed all entries
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .compare_fleet import FleetSettings, fleet_settings
 from .compare_table import Row, summarize, write_csv, write_markdown, write_plots
 from .config import COMPARE, ExperimentConfig, flatten, load_config, parse_override
 from .errors import ConfigError, DataError, ModelError
@@ -56,11 +59,14 @@ class Entry:
 
 
 class CompareSettings(NamedTuple):
-    """A config file's [compare] table, spelled as --methods / --seeds / --reference take them; None where unset."""
+    """A config file's [compare] table, spelled as --methods / --seeds / --reference / --target-accuracy / --fleet
+    take them; None where unset."""
 
     methods: str | None = None
     seeds: str | None = None
     reference: str | None = None
+    target_accuracy: float | None = None
+    fleet: str | None = None
 
 
 def compare_table(config_path: Path | None) -> CompareSettings:
@@ -70,6 +76,8 @@ def compare_table(config_path: Path | None) -> CompareSettings:
         methods = ["aflora", "fedit", "aflora:ddr=false"]
         seeds = [0, 1, 2]
         reference = "aflora"    # each entry's paired difference to this one
+        target_accuracy = 0.8   # the fleet table's target (default: 95 % of the best entry's final accuracy)
+        fleet = "mixed"         # the simulated device fleet (aflora.fleet.FLEETS)
     """
     if config_path is None or not Path(config_path).is_file():
         return CompareSettings()  # load_config reports a missing file
@@ -79,7 +87,8 @@ def compare_table(config_path: Path | None) -> CompareSettings:
         return CompareSettings()  # load_config reports it, with the position
     example = '[compare] methods = ["aflora", "fedit"], seeds = [0, 1, 2], reference = "aflora"'
     if not isinstance(table, dict) or set(table) - set(CompareSettings._fields):
-        raise ConfigError(f"{config_path}: [compare] takes only methods, seeds and reference, e.g. {example}; got {table!r}")
+        raise ConfigError(f"{config_path}: [compare] takes only {', '.join(CompareSettings._fields)}, e.g. {example}; "
+                          f"got {table!r}")
     methods, seeds, reference = table.get("methods"), table.get("seeds"), table.get("reference")
     if methods is not None and not (isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods)):
         raise ConfigError(f"{config_path}: [compare] methods must be a non-empty list of entries (strings), e.g. {example}; "
@@ -88,7 +97,9 @@ def compare_table(config_path: Path | None) -> CompareSettings:
         raise ConfigError(f"{config_path}: [compare] seeds must be a non-empty list of integers, e.g. {example}; got {seeds!r}")
     if reference is not None and not (isinstance(reference, str) and reference):
         raise ConfigError(f"{config_path}: [compare] reference must name one of the entries, e.g. {example}; got {reference!r}")
-    return CompareSettings(",".join(methods) if methods else None, ",".join(map(str, seeds)) if seeds else None, reference)
+    fleet_settings(table.get("fleet"), table.get("target_accuracy"), source=f"{config_path}: [compare] ")  # checks both
+    return CompareSettings(",".join(methods) if methods else None, ",".join(map(str, seeds)) if seeds else None, reference,
+                           table.get("target_accuracy"), table.get("fleet"))
 
 
 def parse_entries(spec: str) -> list[Entry]:
@@ -164,6 +175,7 @@ class Plan:
     out: Path
     runs: list[PlannedRun]
     reference: str | None = None  # the entry every other one is compared with, paired (--reference)
+    fleet: FleetSettings = field(default_factory=FleetSettings)  # the fleet table's fleet and target
 
     @property
     def base(self) -> ExperimentConfig:
@@ -171,7 +183,7 @@ class Plan:
 
 
 def plan_comparison(config_path: Path | None, overrides: list[str], entries: list[Entry], seeds: list[int], out: Path,
-                    *, overwrite: bool = False, reference: str | None = None) -> Plan:
+                    *, overwrite: bool = False, reference: str | None = None, fleet: FleetSettings | None = None) -> Plan:
     """Resolve and check every run before the first starts: a typo in the last entry fails in a second."""
     labels = [e.label for e in entries]
     if reference is not None and reference not in labels:
@@ -196,7 +208,7 @@ def plan_comparison(config_path: Path | None, overrides: list[str], entries: lis
             else:
                 _preflight(config, where)
             runs.append(PlannedRun(entry, seed, config, run_dir, reuse))
-    return Plan(entries, seeds, Path(out), runs, reference)
+    return Plan(entries, seeds, Path(out), runs, reference, fleet or FleetSettings())
 
 
 def _preflight(config: ExperimentConfig, where: str) -> None:
@@ -244,7 +256,7 @@ def run_comparison(plan: Plan, *, command: str) -> list[Row]:
             simulate(planned.config, write_to)
             finish_replacement(write_to)
         runs[planned.entry.label].append(load_run(planned.out_dir))
-    rows = summarize(runs, plan.reference)
+    rows = summarize(runs, plan.reference, plan.fleet)
     write_markdown(rows, plan.out / "comparison.md", header=describe(plan, command))
     write_csv(rows, plan.out / "comparison.csv")
     write_plots(runs, rows, plan.out)

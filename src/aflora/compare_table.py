@@ -1,5 +1,6 @@
-"""The table of `aflora compare`: columns with 95 % intervals, paired differences to a reference entry,
-comparison.md / comparison.csv, overlay and Pareto plots.
+"""The table of `aflora compare`: columns with 95 % intervals, paired differences to a reference entry, the fleet
+table (time and bytes to a target accuracy on a simulated fleet: compare_fleet), comparison.md / comparison.csv,
+overlay and Pareto plots.
 
 Everything here is a pure function of results.json dicts (label -> one per seed), so it is tested without
 running anything: :func:`summarize` makes one :class:`Row` per label (and, given a reference, each row's paired
@@ -17,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .compare_fleet import MEASURES, RATIOS, FleetRow, FleetSettings, fleet_markdown, fleet_rows
 from .errors import ConfigError
-from .intervals import Interval, paired_bootstrap, t_interval, unpack_bits, verdict
+from .intervals import Interval, Stat, paired_bootstrap, t_interval, unpack_bits, verdict
 
 MIB = 2**20
 
@@ -106,31 +108,6 @@ def columns_of(rows: list[Row]) -> list[Column]:
 
 
 @dataclass
-class Stat:
-    mean: float | None
-    std: float | None  # sample standard deviation over seeds; None with fewer than 2 values
-    low: float | None = None  # 95 % interval: t over seeds with 2 or more, else the run's own (Wilson) where it has one
-    high: float | None = None
-
-    @classmethod
-    def of(cls, values: list[float | None], run_interval: list[float] | None = None) -> Stat:
-        present = [v for v in values if v is not None]
-        if not present:
-            return cls(None, None)
-        if len(present) == 1:
-            return cls(present[0], None, *(run_interval or (None, None)))
-        interval = t_interval(present)
-        return cls(interval.estimate, statistics.stdev(present), interval.low, interval.high)
-
-    def format(self, spec: str, *, interval: bool = False) -> str:
-        if self.mean is None:
-            return ""
-        if interval:
-            return f"{self.mean:{spec}}" + ("" if self.low is None else f" [{self.low:{spec}}, {self.high:{spec}}]")
-        return f"{self.mean:{spec}}" if self.std is None else f"{self.mean:{spec}} ± {self.std:{spec}}"
-
-
-@dataclass
 class Row:
     label: str
     method: str
@@ -144,6 +121,7 @@ class Row:
     difference: Interval | None = None  # this entry's final metric minus the reference's, paired (None: not computable)
     verdict: str = ""  # ahead / level / behind the reference ("reference" on its own row)
     paired_on: str = ""  # what the difference was paired on, e.g. "3 seeds, t" or "2000 rows of seed 0, bootstrap"
+    fleet: FleetRow | None = None  # time and traffic to the target on a simulated fleet (compare_fleet); None: not timeable
 
 
 def column_stat(column: Column, runs: list[dict[str, Any]]) -> Stat:
@@ -152,9 +130,10 @@ def column_stat(column: Column, runs: list[dict[str, Any]]) -> Stat:
     return Stat.of([column.value(run) for run in runs], own)
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]], reference: str | None = None) -> list[Row]:
+def summarize(runs: dict[str, list[dict[str, Any]]], reference: str | None = None, fleet: FleetSettings | None = None) -> list[Row]:
     """label -> its runs' results.json dicts (one per seed) -> one row per label, in the given order; with a
-    reference label, every other row also gets its paired difference to that entry."""
+    reference label, every other row also gets its paired difference to that entry. Each row also gets its time
+    and traffic to the target accuracy on the simulated fleet (`fleet`, default: the default fleet and target)."""
     rows = []
     extra = extra_names([run for seeds in runs.values() for run in seeds])
     columns = table_columns(extra)
@@ -176,6 +155,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]], reference: str | None = Non
                 continue
             row.difference, row.paired_on = paired_difference(row.label, runs[row.label], reference, runs[reference], row.metric)
             row.verdict = verdict(row.difference, higher_is_better=row.metric == "accuracy")
+    timed = fleet_rows(runs, fleet or FleetSettings(), reference)
+    if timed is not None:
+        for row in rows:
+            row.fleet = timed[row.label]
     return rows
 
 
@@ -277,6 +260,12 @@ def footnotes(rows: list[Row]) -> list[str]:
     return notes
 
 
+def fleet_section(rows: list[Row]) -> list[str]:
+    """The fleet table and its notes (compare_fleet); nothing where no run could be timed."""
+    timed = [row for row in rows if row.fleet is not None]
+    return fleet_markdown([row.label for row in timed], [row.fleet for row in timed], timed[0].reference) if timed else []
+
+
 def write_markdown(rows: list[Row], path: Path, *, header: list[str]) -> Path:
     metric = rows[0].metric if rows else "accuracy"
     seeds = sorted({s for row in rows for s in row.seeds})
@@ -296,6 +285,9 @@ def write_markdown(rows: list[Row], path: Path, *, header: list[str]) -> Path:
         for row in rows:
             by_seed = dict(zip(row.seeds, row.finals))
             lines.append(f"| `{row.label}` | " + " | ".join("" if by_seed.get(s) is None else f"{by_seed[s]:.4f}" for s in seeds) + " |")
+    fleet = fleet_section(rows)
+    if fleet:
+        lines += ["", *fleet]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -303,11 +295,21 @@ def write_markdown(rows: list[Row], path: Path, *, header: list[str]) -> Path:
 
 STAT_PARTS = ("mean", "std", "ci95_low", "ci95_high")
 PAIRED = ["reference", "difference", "difference_ci95_low", "difference_ci95_high", "verdict", "paired_on"]
+FLEET = ["fleet", "target_accuracy", "target_reached_seeds", *(f"{m.key}_{part}" for m in MEASURES for part in STAT_PARTS),
+         *(f"{name}_vs_reference" for name in RATIOS)]
 
 
 def csv_columns(rows: list[Row] = ()) -> list[str]:
     return ["label", "method", "seeds", "metric", "eval_rows",
-            *(f"{c.key}_{part}" for c in columns_of(list(rows)) for part in STAT_PARTS), *PAIRED]
+            *(f"{c.key}_{part}" for c in columns_of(list(rows)) for part in STAT_PARTS), *PAIRED, *FLEET]
+
+
+def fleet_cells(fleet: FleetRow | None) -> list[Any]:
+    if fleet is None:
+        return [None] * len(FLEET)
+    stats = [fleet.stats[m.key] for m in MEASURES]
+    return [fleet.fleet, fleet.target, fleet.reached, *(v for s in stats for v in (s.mean, s.std, s.low, s.high)),
+            *(fleet.vs_reference.get(name) for name in RATIOS)]
 
 
 def write_csv(rows: list[Row], path: Path) -> Path:
@@ -324,7 +326,8 @@ def write_csv(rows: list[Row], path: Path) -> Path:
             d = row.difference
             paired = [row.reference, *((d.estimate, d.low, d.high) if d else (None,) * 3), row.verdict, row.paired_on]
             writer.writerow([row.label, row.method, " ".join(map(str, row.seeds)), row.metric, cell(row.eval_rows),
-                             *(cell(v) for s in numbers for v in (s.mean, s.std, s.low, s.high)), *map(cell, paired)])
+                             *(cell(v) for s in numbers for v in (s.mean, s.std, s.low, s.high)), *map(cell, paired),
+                             *map(cell, fleet_cells(row.fleet))])
     return path
 
 

@@ -2,6 +2,7 @@
 
     wilson_interval     one run's accuracy: k correct of n test rows (Wilson score interval)
     t_interval          a mean over seeds: Student's t with n − 1 degrees of freedom
+    Stat                a table cell over seeds: mean, sample std and 95 % interval (t, or one run's own)
     paired_bootstrap    entry minus reference on the same test rows (one seed): rows resampled in pairs
     verdict             ahead / level / behind, and only "ahead" or "behind" when the interval excludes 0
     pack_bits           per-row outcomes (correct or not) as a short base64 string for results.json
@@ -60,6 +61,33 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
     mean = fmean(values)
     half = t_quantile(confidence, len(values) - 1) * stdev(values) / math.sqrt(len(values))
     return Interval(mean, mean - half, mean + half)
+
+
+@dataclass
+class Stat:
+    """One table cell over seeds (aflora compare): mean, sample standard deviation and 95 % interval."""
+
+    mean: float | None
+    std: float | None  # sample standard deviation over seeds; None with fewer than 2 values
+    low: float | None = None  # 95 % interval: t over seeds with 2 or more, else the run's own (Wilson) where it has one
+    high: float | None = None
+
+    @classmethod
+    def of(cls, values: list[float | None], run_interval: list[float] | None = None) -> Stat:
+        present = [v for v in values if v is not None]
+        if not present:
+            return cls(None, None)
+        if len(present) == 1:
+            return cls(present[0], None, *(run_interval or (None, None)))
+        interval = t_interval(present)
+        return cls(interval.estimate, stdev(present), interval.low, interval.high)
+
+    def format(self, spec: str, *, interval: bool = False) -> str:
+        if self.mean is None:
+            return ""
+        if interval:
+            return f"{self.mean:{spec}}" + ("" if self.low is None else f" [{self.low:{spec}}, {self.high:{spec}}]")
+        return f"{self.mean:{spec}}" if self.std is None else f"{self.mean:{spec}} ± {self.std:{spec}}"
 
 
 def paired_bootstrap(entry: Sequence[bool], reference: Sequence[bool], *, confidence: float = CONFIDENCE,

@@ -47,12 +47,18 @@ class RoundRecord:
     train_seconds: dict[str, float] = field(default_factory=dict)  # client -> its local training time (engine overhead = the rest)
     update_norm: dict[str, float] = field(default_factory=dict)  # client-level DP: client -> its upload's L2 norm before clipping
     accuracy_ci95: list[float] | None = None  # Wilson 95 % interval of `accuracy` over the round's test rows
+    # What the fleet clock (aflora.fleet) needs to time each client's round as a device would see it:
+    train_tokens: dict[str, int] = field(default_factory=dict)  # client -> tokens it trained on (padding excluded)
+    backward_fraction: dict[str, float] = field(default_factory=dict)  # client -> share of the base's blocks its backward crossed
+    instruction_bytes: dict[str, int] = field(default_factory=dict)  # client -> bytes of its instruction (server -> client)
+    merge_bytes: int = 0  # the update merged into the base this round: each client downloads it before it next trains
 
 
 def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], *, round_seconds: float, eval_seconds: float,
                  failures: list[dict[str, Any]] | None = None, server: dict[str, float] | None = None,
-                 personalized: dict[str, float] | None = None) -> RoundRecord:
+                 personalized: dict[str, float] | None = None, instruction_bytes: dict[int, int] | None = None) -> RoundRecord:
     uploads = sorted(uploads, key=lambda u: u.client_id)
+    sent = instruction_bytes or {}
     key = lambda u: str(u.client_id)  # noqa: E731 - JSON object keys are strings
     return RoundRecord(
         round=round_,
@@ -68,6 +74,9 @@ def round_record(round_: int, uploads: list[Upload], metrics: dict[str, float], 
         train_loss={key(u): u.metrics.get("train_loss", float("nan")) for u in uploads},
         train_seconds={key(u): u.metrics.get("train_seconds", float("nan")) for u in uploads},
         update_norm={key(u): u.metrics["update_norm"] for u in uploads if "update_norm" in u.metrics},
+        train_tokens={key(u): int(u.metrics["train_tokens"]) for u in uploads if "train_tokens" in u.metrics},
+        backward_fraction={key(u): u.metrics["backward_fraction"] for u in uploads if "backward_fraction" in u.metrics},
+        instruction_bytes={key(u): sent[u.client_id] for u in uploads if u.client_id in sent},
         round_seconds=round_seconds,
         eval_seconds=eval_seconds,
         failures=failures or [],

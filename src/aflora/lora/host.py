@@ -56,6 +56,15 @@ def block_index(module_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def backward_fraction(module_names: Collection[str], num_blocks: int) -> float:
+    """Share of the base's blocks a backward pass crosses when only `module_names` train: autograd stops at the
+    lowest adapted block (LEGEND's top-d blocks: d / L). 1.0 when any module lies outside the numbered blocks."""
+    blocks = [block_index(name) for name in module_names]
+    if not blocks or None in blocks or not num_blocks:
+        return 1.0
+    return (num_blocks - min(b for b in blocks if b is not None)) / num_blocks
+
+
 class AdapterHost:
     """Holds the shared base model and the currently installed adapter."""
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..budgets import MB, LocalWorkload, ModelFootprint, budget_for_rank
+from ..budgets import MB, LocalWorkload, ModelFootprint, budget_for_rank, training_flops
 from ..lora.host import block_index
 from .aggregation import ALPHA_RULE_HELP, LoRAScaling
 from .base import ClientSpec
@@ -151,11 +151,8 @@ class CostModel:
     def costs(self, config: DeviceConfig, client: ClientSpec) -> DeviceCosts:
         foot, work = self.footprint, self.workload
         lora_params = sum(self.rank_params(block) * rank for block, rank in zip(config.blocks, config.ranks))
-        tokens = work.batch_size * work.seq_len
-        # Forward over all L blocks (2 FLOPs per parameter and token); backward only through the d adapted blocks
-        # (activation gradients ≈ the block's forward, P/L per block); LoRA's own forward+backward, 6 per parameter.
-        backward_per_block = 2 * (foot.base_params / foot.num_blocks) * tokens
-        step_flops = 2 * foot.base_params * tokens + backward_per_block * config.depth + 6 * lora_params * tokens
+        # Backward only through the d adapted blocks of L (aflora.budgets.training_flops, as the fleet clock counts it)
+        step_flops = training_flops(foot.base_params, lora_params, work.batch_size * work.seq_len, config.depth / foot.num_blocks)
         compute_seconds = work.local_steps * step_flops / (client.compute_speed * self.device_tflops * 1e12)
         uplink_bytes = FLOAT32_BYTES * lora_params  # A (r × in) and B (out × r) of every adapted module, fp32
         upload_seconds = 0.0

@@ -15,6 +15,7 @@ import torch
 from ..base_sync import BaseSync, MergeStore
 from ..config import ExperimentConfig
 from ..encoding import Encoded
+from ..lora.host import backward_fraction
 from ..methods import Instruction, Upload
 from ..methods.base import hash_seed
 from ..privacy import clip_upload
@@ -103,7 +104,8 @@ class ClientRuntime:
         if self.config.privacy.clip_norm:
             upload.metrics["update_norm"] = clip_upload(upload.tensors, self.config.privacy.clip_norm)
         upload.trained_params = spec.trained_params()
-        upload.metrics.update(train_loss=result.mean_loss, train_seconds=result.seconds, train_tokens=float(result.tokens))
+        upload.metrics.update(train_loss=result.mean_loss, train_seconds=result.seconds, train_tokens=float(result.tokens),
+                              backward_fraction=backward_fraction(spec.adapter, self.side.host.footprint().num_blocks))
         mean_rank = sum(upload.ranks.values()) / max(len(upload.ranks), 1)
         log.info("%s: rank %.1f, %d steps, loss %s, %.1fs", progress.label, mean_rank, result.steps, progress.summary(), result.seconds)
         return upload

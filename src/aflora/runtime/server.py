@@ -16,9 +16,10 @@ import torch
 
 from ..base_sync import BaseMerges, BaseSync, MergeStore
 from ..config import ExperimentConfig, clients_per_round
+from ..costs import payload_bytes
 from ..encoding import Encoded, PromptEncoder
 from ..errors import RoundAborted
-from ..lora.factors import Adapter
+from ..lora.factors import Adapter, adapter_tensors
 from ..methods import Instruction, TrainSpec, Upload
 from ..methods.base import hash_seed, validate_upload
 from ..privacy import PrivacyLedger, clip_upload, noise_std
@@ -146,8 +147,8 @@ class ServerRuntime:
         """Aggregate the accepted uploads, run the server's own update, merge the round's update into the base.
         With secure aggregation the uploads are clear parts only and `secure_sum` holds their weighted sum.
 
-        Returns the server's diagnostics: aggregation and server-step seconds, aggregation error, and the
-        method's own (truncation loss, A's change in the server step)."""
+        Returns the server's diagnostics: aggregation and server-step seconds, the merged update's bytes,
+        aggregation error, and the method's own (truncation loss, A's change in the server step)."""
         started = time.perf_counter()
         if self.secure:
             self.aggregate_secure(round_, uploads, secure_sum)
@@ -157,12 +158,15 @@ class ServerRuntime:
         aggregated = time.perf_counter()
         self.method.server_update(self.server_trainer(round_))
         update = self.method.round_merge()
+        merge_bytes = 0
         if update is not None:
+            merge_bytes = payload_bytes(adapter_tensors(update))
             self.merges.by_round[round_] = update
             self.side.merge(update)
             if self.merge_store is not None:
                 self.merge_store.save(round_, update)
-        diagnostics = {"aggregation_seconds": aggregated - started, "server_seconds": time.perf_counter() - aggregated, **dp}
+        diagnostics = {"aggregation_seconds": aggregated - started, "server_seconds": time.perf_counter() - aggregated,
+                       "merge_bytes": merge_bytes, **dp}
         error = self.method.aggregation_error()
         if error is not None:
             diagnostics["aggregation_error"] = error
