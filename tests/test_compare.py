@@ -394,13 +394,14 @@ REPO = Path(__file__).resolve().parents[1]
 # Each file is configs/default.toml plus the --set lines docs/reproduction.md gave before the experiments became files.
 # The published studies score 2,000 test rows in the final evaluation (the default re-scores the per-round rows).
 FINAL = "data.final_eval_size=2000"
+STUDY = ["rounds=6", "data.eval_size=100", FINAL]  # docs/reproduction.md, Scale: 6 rounds, 100 rows per round, 2,000 at the end
 EXPERIMENTS = {
-    "table2_ag_news.toml": ([FINAL], "aflora,fedit,ffa_lora,fedsa_lora,flora,flexlora,hetlora,legend"),
-    "table1_financial.toml": (['data.dataset="fingpt_sentiment"', 'data.partition="iid"', FINAL],
+    "table2_ag_news.toml": (STUDY, "aflora,fedit,ffa_lora,fedsa_lora,flora,flexlora,hetlora,legend,fedex_lora,fed_sb,florist"),
+    "table1_financial.toml": (['data.dataset="fingpt_sentiment"', 'data.partition="iid"', *STUDY],
                               "aflora,fedit,flora,flexlora,hetlora,legend"),
-    "fig3_ablations.toml": ([FINAL], "aflora,aflora:ddr=false,aflora:server_tuning=false,aflora:rank_aware_weights=false"),
+    "fig3_ablations.toml": (STUDY, "aflora,aflora:ddr=false,aflora:server_tuning=false,aflora:rank_aware_weights=false"),
     "fig4_dolly.toml": (['data.dataset="dolly"', 'data.partition="fedit_epsilon"', "data.epsilon=0.2", "federation.sample_fraction=0.2",
-                         'data.extra_eval=["mmlu"]', "data.eval_size=100", FINAL], "aflora,fedit,flexlora"),
+                         'data.extra_eval=["mmlu"]', *STUDY], "aflora,fedit,flexlora"),
 }
 
 
