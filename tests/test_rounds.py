@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from aflora.checkpoint import method_state
+from aflora.methods import METHODS
 from aflora.results import RunRecord
 from aflora.rounds import InProcessTransport, run_round, run_rounds
 from aflora.runtime import ClientRuntime, ServerRuntime
@@ -104,3 +107,59 @@ def test_the_final_evaluation_scores_data_final_eval_size_rows_once_after_the_la
     with caplog.at_level("WARNING", logger="aflora.runtime.workload"):
         assert ServerRuntime(tiny_config(tmp_path / "c", "data.final_eval_size=5000")).workload.final_test.indices == list(range(32))
     assert "data.final_eval_size = 5000, but" in caplog.text and "all of them" in caplog.text
+
+
+# ---------------------------------------------------------------------------- what the server keeps per client
+def float_numel(value, skip=()) -> int:
+    """Σ numel of the floating-point tensors reachable from `value` (dicts, lists, aflora's objects), the objects in
+    `skip` left out."""
+    if any(value is s for s in skip):
+        return 0
+    if isinstance(value, torch.Tensor):
+        return value.numel() if value.is_floating_point() and not value.is_meta else 0
+    if isinstance(value, dict):
+        return sum(float_numel(v, skip) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(float_numel(v, skip) for v in value)
+    if type(value).__module__.startswith("aflora") and hasattr(value, "__dict__"):
+        return float_numel(vars(value), skip)
+    return 0
+
+
+def server_after_one_round(folder, name: str, clients: int) -> ServerRuntime:
+    config = tiny_config(folder, f'method="{name}"', f"federation.num_clients={clients}",
+                         "federation.client_ranks=[" + ",".join(["4"] * clients) + "]", "train.local_steps=1", "server.steps=1")
+    server = ServerRuntime(config)
+    run_round(server, InProcessTransport(ClientRuntime(config)), 1)
+    return server
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_after_a_round_the_server_keeps_no_client_factors(name, tmp_path):
+    """Per client the server keeps masks and counters, not the round's messages: after a round neither the method's
+    state (what a checkpoint saves) nor the receipts of the sent instructions hold a tensor that grows with the
+    number of clients. The round's merge and the global adapter are the method's own update and model, left out:
+    FLoRA's and FedEx-LoRA's merge and FlexLoRA's global adapter stack every client's factors by design."""
+    held = {}
+    for clients in (2, 6):
+        server = server_after_one_round(tmp_path / str(clients), name, clients)
+        skip = (server.method.round_merge(), server.method.global_adapter())
+        held[clients] = (float_numel(method_state(server.method, server.constructed_keys), skip),
+                         float_numel(server.sent))
+    assert held[6] == held[2]
+    assert held[2][1] == 0  # the receipts: shapes only (AFLoRA's masks are bool)
+
+
+def test_a_round_builds_each_message_when_the_transport_takes_it(tmp_path):
+    config = tiny_config(tmp_path)
+    server = ServerRuntime(config)
+    built = []
+    instruct = server.method.instruct
+    server.method.instruct = lambda cid, round_: built.append(cid) or instruct(cid, round_)
+    messages = server.instructions(1)
+    assert len(messages) == 3 and messages.client_ids == [0, 1, 2] and built == []
+    first, _ = next(iter(messages))
+    assert built == [0] and list(server.sent) == [0]
+    receipt = server.sent[0]  # what client 0's reply is checked against: its masks, the A rows it was sent only as shapes
+    assert all(t.is_meta != key.startswith("mask/") for key, t in receipt.tensors.items())
+    assert {k: t.shape for k, t in receipt.tensors.items()} == {k: t.shape for k, t in first.tensors.items()}

@@ -129,6 +129,7 @@ class AFLoRA(FederatedMethod):
     name = "aflora"
     summary = "AFLoRA (Zhou et al. 2025): diagonal LoRA, dynamic rank pruning, server-tuned shared A, rank-aware zero-padded aggregation"
     options_class = AFLoRAOptions
+    checked_kinds = frozenset({"mask"})  # a reply's next_mask must lie within the mask it was sent
     trained_factors = frozenset({"B", "lam"})
     uploaded_factors = frozenset({"B"})
     exact_aggregation = True  # A is shared: Σ_k p_k pad(B'_k) · A = Σ_k p_k B'_k A_k (Eq. 13)
