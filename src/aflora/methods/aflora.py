@@ -23,6 +23,7 @@ from ..lora.factors import Adapter, ModuleFactors
 from .aggregation import (
     COLUMN_WEIGHTS_HELP,
     ProductError,
+    Rows,
     check_column_weights,
     data_weights,
     pad_columns,
@@ -178,9 +179,9 @@ class AFLoRA(FederatedMethod):
             held = [self.held_columns(self.masks[u.client_id][name]) for u in uploads]
             weights = self.column_weights([u.ranks[name] for u in uploads], [u.num_examples for u in uploads], held)
             self.B_global[name] = zero_padded_sum(B, held, weights, rank_dim=1)  # Eq. 13
-            kept_A = [self.A_global[name][h] for h in held]
-            clients = slice_weighted_clients(weights, held, B, kept_A)
-            self._error_terms.append(ProductError(self.B_global[name], self.A_global[name], clients))
+            A = self.A_global[name].clone()  # one copy for all clients' rows (the server step may change A_global)
+            clients = slice_weighted_clients(weights, held, B, [Rows(A, h) for h in held])
+            self._error_terms.append(ProductError(self.B_global[name], A, clients))
         self.advance_masks(uploads)
         self._round_update = None
 
