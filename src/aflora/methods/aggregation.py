@@ -159,9 +159,15 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torc
 
 
 def low_rank_frobenius_sq(U: torch.Tensor, V: torch.Tensor) -> float:
-    """‖U V‖_F² = trace((UᵀU)(VVᵀ)) without forming the m × n product (float64)."""
+    """‖U V‖_F² for U (m × R) and V (R × n), in float64, the cheaper way: trace((UᵀU)(VVᵀ)) through the R × R Gram
+    matrices (R²·(m + n) multiply-adds) while R is small, else the m × n product itself (m·n·R). ProductError stacks
+    every client's factors, so R grows with the clients: the Gram route alone made the aggregation error O(clients²)
+    (9 s a round at 100 clients of rank 16 on SmolLM2's 60 modules, 0.2 s at 10)."""
     U, V = U.double(), V.double()
-    return float(((U.T @ U) * (V @ V.T)).sum())
+    (m, rank), n = U.shape, V.shape[1]
+    if rank * (m + n) <= m * n:
+        return float(((U.T @ U) * (V @ V.T)).sum())
+    return float((U @ V).square().sum())
 
 
 class ProductError:
@@ -180,7 +186,7 @@ class ProductError:
         self._terms = (0.0, 0.0)  # set once _factors are used up
 
     def terms(self) -> tuple[float, float]:
-        """(‖B_g A_g − Σ p_k B_k A_k‖_F², ‖Σ p_k B_k A_k‖_F²), by stacking the factors."""
+        """(‖B_g A_g − Σ p_k B_k A_k‖_F², ‖Σ p_k B_k A_k‖_F²), by stacking the factors (low_rank_frobenius_sq)."""
         if self._factors is not None:
             global_B, global_A, weighted_clients = self._factors
             ideal_U = torch.cat([B.double() * p for p, B, _ in weighted_clients], dim=1)  # p: a number, or per column
@@ -199,7 +205,7 @@ def relative_error(modules: Sequence[ProductError]) -> float:
 
 def combine_error_terms(terms: Sequence[tuple[float, float]]) -> float:
     """Per-module (error², ideal²) → one relative error."""
-    # error² comes from a trace identity: for an exact aggregate it is ~0 and may round below zero.
+    # error² may come from a trace identity (low_rank_frobenius_sq): for an exact aggregate it is ~0 and may round below zero.
     error = max(sum(e for e, _ in terms), 0.0)
     ideal = sum(i for _, i in terms)
     return (error / ideal) ** 0.5 if ideal > 0 else 0.0
