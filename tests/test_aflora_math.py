@@ -219,3 +219,19 @@ def test_relative_error_of_an_exact_aggregate_is_a_real_zero():
 
     error = combine_error_terms([(-1e-15, 4.0), (2e-16, 1.0)])  # rounding can make the trace identity slightly negative
     assert isinstance(error, float) and error == 0.0
+
+
+@pytest.mark.parametrize("rank", [4, 400])
+def test_the_norm_of_stacked_factors_costs_at_most_the_dense_product(rank):
+    """ProductError stacks every client's factors: R grows with the clients. Through the R × R Gram matrices alone the
+    aggregation error cost R²·(m + n), quadratic in the clients; above R·(m + n) = m·n it takes the product instead."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aflora.methods.aggregation import low_rank_frobenius_sq
+
+    generator = torch.Generator().manual_seed(0)
+    U, V = torch.randn(64, rank, generator=generator), torch.randn(rank, 48, generator=generator)
+    with FlopCounterMode(display=False) as counter:
+        norm_sq = low_rank_frobenius_sq(U, V)
+    assert norm_sq == pytest.approx(float((U.double() @ V.double()).square().sum()), rel=1e-12)
+    assert counter.get_total_flops() <= 2 * min(rank * rank * (64 + 48), 64 * 48 * rank)

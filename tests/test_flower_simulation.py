@@ -162,22 +162,24 @@ def test_simulated_clients_share_a_gpu_by_engine_client_gpus(monkeypatch, tmp_pa
 def test_at_most_max_in_flight_messages_are_out_each_built_when_a_place_frees():
     built: list[int] = []
     grid = FakeGrid(built)
-    replies = send_bounded(grid, numbered_messages(5, built), 2, timeout=10.0)
+    replies = list(send_bounded(grid, numbered_messages(5, built), 2, timeout=10.0))
     assert sorted((reply.metadata.reply_to_message_id, node) for reply, node in replies) == [(f"id {i}", 100 + i) for i in range(5)]
     assert all(out <= 2 and existing <= answered + 2 for out, existing, answered in grid.pushes)
     every = FakeGrid(built := [])
-    send_bounded(every, numbered_messages(5, built), 0, timeout=10.0)
+    list(send_bounded(every, numbered_messages(5, built), 0, timeout=10.0))
     assert every.pushes[0] == (5, 5, 0)  # 0: all at once
+    first, _ = next(send_bounded(FakeGrid(built := []), numbered_messages(5, built), 2, timeout=10.0))
+    assert first.metadata.reply_to_message_id == "id 0" and built == [0, 1]  # a reply comes out before the rest go in
 
 
 def test_a_stalled_client_holds_one_place_and_the_deadline_stops_the_rest():
     built: list[int] = []
     started = time.monotonic()
-    replies = send_bounded(FakeGrid(built, stalled=frozenset({1})), numbered_messages(6, built), 2, timeout=0.5)
+    replies = list(send_bounded(FakeGrid(built, stalled=frozenset({1})), numbered_messages(6, built), 2, timeout=0.5))
     assert 0.5 <= time.monotonic() - started < 5
     assert sorted(reply.metadata.reply_to_message_id for reply, _ in replies) == [f"id {i}" for i in (0, 2, 3, 4, 5)]
     built = []  # every place stalled: what was not sent by the deadline is never built, let alone sent
-    replies = send_bounded(FakeGrid(built, stalled=frozenset({0, 1})), numbered_messages(6, built), 2, timeout=0.3)
+    replies = list(send_bounded(FakeGrid(built, stalled=frozenset({0, 1})), numbered_messages(6, built), 2, timeout=0.3))
     assert replies == [] and built == [0, 1]
 
 

@@ -44,7 +44,7 @@ def test_clients_clip_and_the_server_adds_noise_of_scale_sigma_c_over_m(dp_round
     accepted = server.accept(1, uploads, [])
     # the same round without noise: the difference is the noise alone
     quiet = ServerRuntime(tiny_config(tmp_path / "quiet", "privacy.clip_norm=0.5", "privacy.noise_multiplier=0.0"))
-    quiet.instructions(1)
+    list(quiet.instructions(1))  # sent: the replies are checked against it
     quiet.complete_round(1, quiet.accept(1, uploads, []))
     noisy = server.method
     assert noisy.uniform_weights

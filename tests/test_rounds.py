@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 
+from aflora.checkpoint import method_state
+from aflora.methods import METHODS
 from aflora.results import RunRecord
 from aflora.rounds import InProcessTransport, run_round, run_rounds
 from aflora.runtime import ClientRuntime, ServerRuntime
@@ -104,3 +109,87 @@ def test_the_final_evaluation_scores_data_final_eval_size_rows_once_after_the_la
     with caplog.at_level("WARNING", logger="aflora.runtime.workload"):
         assert ServerRuntime(tiny_config(tmp_path / "c", "data.final_eval_size=5000")).workload.final_test.indices == list(range(32))
     assert "data.final_eval_size = 5000, but" in caplog.text and "all of them" in caplog.text
+
+
+# ---------------------------------------------------------------------------- what the server keeps per client
+def float_tensors(value, skip=()) -> Iterator[torch.Tensor]:
+    """The floating-point tensors with data reachable from `value` through dicts, lists and aflora's objects; the
+    objects in `skip` left out."""
+    if any(value is s for s in skip):
+        return
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and not value.is_meta:
+            yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from float_tensors(v, skip)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from float_tensors(v, skip)
+    elif type(value).__module__.startswith("aflora") and hasattr(value, "__dict__"):
+        yield from float_tensors(vars(value), skip)
+
+
+def float_bytes(value, skip=(), besides=()) -> int:
+    """Bytes of the distinct float tensor memory reachable from `value`, left out: the objects in `skip` and the
+    memory of the tensors in `besides`."""
+    storage = lambda t: t.untyped_storage()  # noqa: E731 - views and their tensor share it
+    known = {storage(t).data_ptr() for t in besides}
+    sizes = {storage(t).data_ptr(): storage(t).nbytes() for t in float_tensors(value, skip)}
+    return sum(size for pointer, size in sizes.items() if pointer not in known)
+
+
+def server_after_one_round(folder, name: str, clients: int) -> ServerRuntime:
+    config = tiny_config(folder, f'method="{name}"', f"federation.num_clients={clients}",
+                         "federation.client_ranks=[" + ",".join(["4"] * clients) + "]", "train.local_steps=1", "server.steps=1")
+    server = ServerRuntime(config)
+    run_round(server, InProcessTransport(ClientRuntime(config)), 1)
+    return server
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_after_a_round_the_server_keeps_no_client_factors(name, tmp_path):
+    """Per client the server keeps masks and counters, not the round's messages: after a round neither the method's
+    state (what a checkpoint saves) nor the receipts of the sent instructions hold a tensor that grows with the
+    number of clients. The round's merge and the global adapter are the method's own update and model, left out:
+    FLoRA's and FedEx-LoRA's merge and FlexLoRA's global adapter stack every client's factors by design."""
+    held = {}
+    for clients in (2, 6):
+        server = server_after_one_round(tmp_path / str(clients), name, clients)
+        skip = (server.method.round_merge(), server.method.global_adapter())
+        held[clients] = (float_bytes(method_state(server.method, server.constructed_keys), skip), float_bytes(server.sent))
+    assert held[6] == held[2]
+    assert held[2][1] == 0  # the receipts: shapes only (AFLoRA's masks are bool)
+
+
+def test_a_round_builds_each_message_when_the_transport_takes_it(tmp_path):
+    config = tiny_config(tmp_path)
+    server = ServerRuntime(config)
+    built = []
+    instruct = server.method.instruct
+    server.method.instruct = lambda cid, round_: built.append(cid) or instruct(cid, round_)
+    messages = server.instructions(1)
+    assert len(messages) == 3 and messages.client_ids == [0, 1, 2] and built == []
+    first, _ = next(iter(messages))
+    assert built == [0] and list(server.sent) == [0]
+    receipt = server.sent[0]  # what client 0's reply is checked against: its masks, the A rows it was sent only as shapes
+    assert all(t.is_meta != key.startswith("mask/") for key, t in receipt.tensors.items())
+    assert {k: t.shape for k, t in receipt.tensors.items()} == {k: t.shape for k, t in first.tensors.items()}
+
+
+@pytest.mark.parametrize("name", ["aflora", "fedit", "hetlora"])
+def test_until_its_error_is_measured_the_aggregate_holds_the_uploads_not_copies(name, tmp_path):
+    """The aggregation error (measured after the server step) needs every client's factors: the method holds the
+    uploads themselves and rows of one shared A, plus per client its column weights (rank numbers per module), not a
+    copy of B and A per client (on SmolLM2 at rank 16: 5 MB per sampled client at the server's peak)."""
+    held = {}
+    for clients in (2, 6):
+        config = tiny_config(tmp_path / str(clients), f'method="{name}"', f"federation.num_clients={clients}",
+                             "federation.client_ranks=[" + ",".join(["4"] * clients) + "]", "train.local_steps=1")
+        server, client = ServerRuntime(config), ClientRuntime(config)
+        uploads = [client.train(instruction, sync) for instruction, sync in server.instructions(1)]
+        server.method.aggregate(server.accept(1, uploads, []), 1)
+        held[clients] = float_bytes(method_state(server.method, server.constructed_keys),
+                                    besides=[t for u in uploads for t in u.tensors.values()])
+    column_weights = len(server.method.module_shapes) * 4 * 8  # rank 4, float64
+    assert held[2] <= held[6] <= held[2] + 4 * column_weights

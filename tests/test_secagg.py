@@ -43,10 +43,10 @@ def secure_round(tmp_path):
     """A secure server that sent round 1, a plain one in the same state, and the three clients' uploads."""
     config = tiny_config(tmp_path / "data", *SECAGG)
     server, client = ServerRuntime(config), ClientRuntime(config)
-    sent = server.instructions(1)
+    sent = list(server.instructions(1))
     uploads = [client.train(instruction, sync) for instruction, sync in sent]
     plain = ServerRuntime(tiny_config(tmp_path / "plain"), server.workload)
-    plain.instructions(1)
+    list(plain.instructions(1))  # sent: the replies are checked against it
     return config, server, plain, [instruction for instruction, _ in sent], uploads
 
 

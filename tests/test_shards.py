@@ -33,7 +33,7 @@ def test_a_node_with_its_file_uploads_exactly_what_the_simulated_client_uploads(
     config = tiny_config(tmp_path / "data")
     write_shards(config, tmp_path / "shards")
     server = ServerRuntime(config)
-    instruction, sync = server.instructions(1)[1]
+    instruction, sync = list(server.instructions(1))[1]
     simulated = ClientRuntime(config).train(instruction, sync)
     node = ClientRuntime(config, client_id=1, data_file=shard_path(tmp_path / "shards", 1))
     assert [len(r) for r in node.workload.client_rows] == [0, len(prepare_workload(config).client_rows[1]), 0]

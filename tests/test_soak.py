@@ -30,7 +30,7 @@ from aflora.results import RunRecord, load_run
 from aflora.rounds import InProcessTransport, TrainReplies, run_rounds
 from aflora.runtime import ClientRuntime, ServerRuntime
 from aflora.runtime.client import TIMEOUT, injected_fault
-from aflora.runtime.server import ClientMessage
+from aflora.runtime.server import Outbox
 
 from helpers import kill_run_after_round, record_differences, write_tiny_config_toml
 
@@ -73,7 +73,7 @@ class ReplayTransport(InProcessTransport):
         super().__init__(client)
         self.failures = failures
 
-    def train(self, round_: int, messages: list[ClientMessage]) -> TrainReplies:
+    def train(self, round_: int, messages: Outbox) -> TrainReplies:
         replies = TrainReplies()
         for instruction, sync in messages:
             reason = self.failures[round_].get(instruction.client_id)

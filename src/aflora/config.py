@@ -152,9 +152,9 @@ class EngineConfig:
     verbose: bool = _help("Flower's own INFO logs", False)
     connect_timeout: float = _help("Seconds the server waits for every client's SuperNode to connect", 300.0)
     round_timeout: float = _help("Seconds the server waits for a round's replies; late clients count as failed", 3600.0)
-    max_in_flight: int = _help("Train messages out at once, the next ones sent as replies come back; bounds the server's memory "
-                               "to that many clients' instructions and replies. 0 = every sampled client at once on a deployed "
-                               "federation, 2 × the workers in `aflora run`'s simulation", 0)
+    max_in_flight: int = _help("Train (and personalized-evaluation) messages out at once, the next ones sent as replies come back; "
+                               "the server holds that many messages, plus each accepted upload until aggregation. 0 = every "
+                               "sampled client at once on a deployed federation, 2 × the workers in `aflora run`'s simulation", 0)
     fail_clients: list[int] = _help("Fault injection for rehearsals and tests: these clients raise instead of training", factory=list)
     fail_from_round: int = _help("...from this round on", 1)
     crash_probability: float = _help(

@@ -1,7 +1,8 @@
 """One federated round, top to bottom: the loop every engine drives.
 
     run_round(server, transport, round_)
-      1. instructions out    server.instructions: each sampled client's instruction + the base merges it lacks
+      1. instructions out    server.instructions: each sampled client's instruction + the base merges it lacks,
+                             built as the transport sends it (the server keeps a receipt to check the reply)
       2. replies in          transport.train (or train_secure under SecAgg+): uploads and failed clients
       3. accept / reject     server.accept: checks each reply against its instruction; too few usable aborts
       4. aggregate, server step, merge    server.complete_round: the method's math, the base model's update
@@ -34,7 +35,7 @@ from .costs import payload_bytes
 from .methods import Instruction, Upload
 from .results import RoundRecord, RunRecord, accuracy_interval, round_record
 from .runtime.client import ClientRuntime
-from .runtime.server import ClientMessage, ServerRuntime
+from .runtime.server import Outbox, ServerRuntime
 from .secure_aggregation import SecureSum, fold_upload
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,16 @@ class TrainReplies:
 
 
 class Transport(Protocol):
-    """How a round's messages reach the clients and their replies come back."""
+    """How a round's messages reach the clients and their replies come back. An Outbox builds each message as it
+    is taken: a transport takes them no faster than it sends them."""
 
-    def train(self, round_: int, messages: list[ClientMessage]) -> TrainReplies: ...
+    def train(self, round_: int, messages: Outbox) -> TrainReplies: ...
 
-    def train_secure(self, round_: int, messages: list[ClientMessage]) -> TrainReplies:
+    def train_secure(self, round_: int, messages: Outbox) -> TrainReplies:
         """As `train`, through secure aggregation: the summed factors arrive only as their sum."""
         ...
 
-    def evaluate(self, round_: int, messages: list[ClientMessage]) -> list[tuple[int, dict[str, float]]]:
+    def evaluate(self, round_: int, messages: Outbox) -> list[tuple[int, dict[str, float]]]:
         """(client id, its metrics incl. num_examples) for every client that answered."""
         ...
 
@@ -89,7 +91,7 @@ def run_rounds(server: ServerRuntime, transport: Transport, record: RunRecord, f
 def run_round(server: ServerRuntime, transport: Transport, round_: int) -> RoundResult:
     started = time.perf_counter()
     messages = server.instructions(round_)
-    log.info("round %d: training clients %s", round_, [instruction.client_id for instruction, _ in messages])
+    log.info("round %d: training clients %s", round_, messages.client_ids)
     replies = transport.train_secure(round_, messages) if server.secure else transport.train(round_, messages)
     failures = list(replies.failures)
     accepted = server.accept(round_, replies.uploads, failures)  # appends each rejection and missing reply to failures
@@ -161,7 +163,7 @@ class InProcessTransport:
         self.client = client
         self.kept: dict[int, dict[str, torch.Tensor]] = {}
 
-    def train(self, round_: int, messages: list[ClientMessage]) -> TrainReplies:
+    def train(self, round_: int, messages: Outbox) -> TrainReplies:
         replies = TrainReplies()
         for instruction, sync in messages:
             try:
@@ -170,7 +172,7 @@ class InProcessTransport:
                 replies.failures.append(client_failure(round_, instruction, err))
         return replies
 
-    def train_secure(self, round_: int, messages: list[ClientMessage]) -> TrainReplies:
+    def train_secure(self, round_: int, messages: Outbox) -> TrainReplies:
         """SecAgg+ without the cryptography: each client folds its weights into its summands exactly as over
         Flower (aflora.secure_aggregation.fold_upload); they are added here in float64, unquantized and unmasked."""
         replies = TrainReplies()
@@ -187,7 +189,7 @@ class InProcessTransport:
             replies.uploads.append(clear)
         return replies
 
-    def evaluate(self, round_: int, messages: list[ClientMessage]) -> list[tuple[int, dict[str, float]]]:
+    def evaluate(self, round_: int, messages: Outbox) -> list[tuple[int, dict[str, float]]]:
         results = []
         for instruction, sync in messages:
             try:

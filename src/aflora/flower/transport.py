@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from ..config import ExperimentConfig
 from ..errors import RoundAborted
 from ..rounds import TrainReplies
-from ..runtime.server import ClientMessage
+from ..runtime.server import ClientMessage, Outbox
 from .records import instruction_content, read_secure_upload, read_upload
 from .secagg import secure_train_round
 
@@ -81,15 +81,16 @@ def identify_clients(grid: Grid, num_clients: int, *, timeout_seconds: float) ->
 POLL_SECONDS = 0.05  # how often replies are asked for while messages are out
 
 
-def send_bounded(grid: Grid, messages: Iterable[Message], max_in_flight: int, timeout: float) -> list[tuple[Message, int]]:
+def send_bounded(grid: Grid, messages: Iterable[Message], max_in_flight: int, timeout: float) -> Iterator[tuple[Message, int]]:
     """Every answered message's reply (or error) with the node the message went to (an error Flower sends for a node
-    that went away comes from the SuperLink, not from that node).
+    that went away comes from the SuperLink, not from that node), yielded as it arrives: a caller that reads each
+    reply and lets it go holds one reply at a time, not the round's.
 
     At most `max_in_flight` messages are out at once (0 = all at once); the next one is built and sent as soon as a
     reply frees its place, so a client that stalls holds one place, not everyone after it. The round's timeout is
     one deadline for all: what has not been sent by then is not sent, what has not answered is not waited for."""
     deadline = time.monotonic() + timeout
-    pending, replies = iter(messages), []
+    pending = iter(messages)
     out: dict[str, int] = {}  # message id -> node, for every message sent and not answered yet
     while True:
         expired = time.monotonic() >= deadline
@@ -98,14 +99,16 @@ def send_bounded(grid: Grid, messages: Iterable[Message], max_in_flight: int, ti
             wave = list(itertools.islice(pending, room))
             list(grid.push_messages(wave))  # a pushed message carries its id in its metadata
             out.update((m.metadata.message_id, m.metadata.dst_node_id) for m in wave if m.metadata.message_id)
+            del wave
         if not out or expired:
-            return replies
+            return
         answers = list(grid.pull_messages(list(out)))
-        for reply in answers:
-            node = out.pop(reply.metadata.reply_to_message_id, None)
-            replies.append((reply, node if node is not None else reply.metadata.src_node_id))
         if not answers:
             time.sleep(POLL_SECONDS)
+        while answers:
+            reply = answers.pop(0)
+            node = out.pop(reply.metadata.reply_to_message_id, None)
+            yield reply, node if node is not None else reply.metadata.src_node_id
 
 
 class FlowerTransport:
@@ -129,8 +132,9 @@ class FlowerTransport:
         return Message(content=instruction_content(instruction, sync, self.experiment),
                        dst_node_id=self.node_of_client[instruction.client_id], message_type=message_type)
 
-    def train(self, round_: int, messages: list[ClientMessage]) -> TrainReplies:
-        # Built as they are sent (send_bounded): a message holds copies of its instruction's tensors.
+    def train(self, round_: int, messages: Outbox) -> TrainReplies:
+        # Built as they are sent (send_bounded), each reply read as it comes: a message holds copies of its
+        # instruction's tensors, a reply those of the upload.
         built: list[int] = []
 
         def sent() -> Iterator[Message]:
@@ -150,7 +154,7 @@ class FlowerTransport:
             except (KeyError, ValueError, TypeError) as err:  # a reply we cannot even read
                 replies.failures.append({"client": client, "reason": f"rejected: unreadable reply ({type(err).__name__}: {err})"})
                 log.warning("round %d: unreadable reply from client %s: %s", round_, client, err)
-        unsent = [instruction.client_id for instruction, _ in messages[len(built):]]
+        unsent = messages.client_ids[len(built):]
         if unsent:
             reason = (f"not sent: the round's timeout (engine.round_timeout = {self.timeout:g} s) passed while "
                       f"{self.max_in_flight} earlier clients (engine.max_in_flight) were still out")
@@ -158,7 +162,7 @@ class FlowerTransport:
             log.warning("round %d: clients %s %s", round_, unsent, reason)
         return replies
 
-    def train_secure(self, round_: int, messages: list[ClientMessage]) -> TrainReplies:
+    def train_secure(self, round_: int, messages: Outbox) -> TrainReplies:
         """SecAgg+'s stages need every participant at once (no waves). Clients that dropped out are failures;
         the clear parts of the survivors' replies are the uploads, the unmasked sum is `summed`."""
         result = secure_train_round(self.grid, [self.message(message, "train") for message in messages], round_,
@@ -183,7 +187,8 @@ class FlowerTransport:
         replies.summed_clients = [self.client_of_node[node] for node in result.replies]
         return replies
 
-    def evaluate(self, round_: int, messages: list[ClientMessage]) -> list[tuple[int, dict[str, float]]]:
-        replies = self.grid.send_and_receive([self.message(message, "evaluate") for message in messages], timeout=self.timeout)
-        return [(self.client_of_node[reply.metadata.src_node_id], dict(reply.content.metric_records["metrics"]))
-                for reply in replies if not reply.has_error()]
+    def evaluate(self, round_: int, messages: Outbox) -> list[tuple[int, dict[str, float]]]:
+        """Personalized evaluation, as many messages out at once as in training."""
+        sent = (self.message(message, "evaluate") for message in messages)
+        return [(self.client_of_node[node], dict(reply.content.metric_records["metrics"]))
+                for reply, node in send_bounded(self.grid, sent, self.max_in_flight, self.timeout) if not reply.has_error()]

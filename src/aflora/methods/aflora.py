@@ -23,6 +23,7 @@ from ..lora.factors import Adapter, ModuleFactors
 from .aggregation import (
     COLUMN_WEIGHTS_HELP,
     ProductError,
+    Rows,
     check_column_weights,
     data_weights,
     pad_columns,
@@ -129,6 +130,7 @@ class AFLoRA(FederatedMethod):
     name = "aflora"
     summary = "AFLoRA (Zhou et al. 2025): diagonal LoRA, dynamic rank pruning, server-tuned shared A, rank-aware zero-padded aggregation"
     options_class = AFLoRAOptions
+    checked_kinds = frozenset({"mask"})  # a reply's next_mask must lie within the mask it was sent
     trained_factors = frozenset({"B", "lam"})
     uploaded_factors = frozenset({"B"})
     exact_aggregation = True  # A is shared: Σ_k p_k pad(B'_k) · A = Σ_k p_k B'_k A_k (Eq. 13)
@@ -177,9 +179,9 @@ class AFLoRA(FederatedMethod):
             held = [self.held_columns(self.masks[u.client_id][name]) for u in uploads]
             weights = self.column_weights([u.ranks[name] for u in uploads], [u.num_examples for u in uploads], held)
             self.B_global[name] = zero_padded_sum(B, held, weights, rank_dim=1)  # Eq. 13
-            kept_A = [self.A_global[name][h] for h in held]
-            clients = slice_weighted_clients(weights, held, B, kept_A)
-            self._error_terms.append(ProductError(self.B_global[name], self.A_global[name], clients))
+            A = self.A_global[name].clone()  # one copy for all clients' rows (the server step may change A_global)
+            clients = slice_weighted_clients(weights, held, B, [Rows(A, h) for h in held])
+            self._error_terms.append(ProductError(self.B_global[name], A, clients))
         self.advance_masks(uploads)
         self._round_update = None
 

@@ -125,6 +125,9 @@ class FederatedMethod(ABC):
     # True: SecAgg+ applies (aflora.secure_aggregation): the method implements secure_weights, secure_summands
     # and aggregate_secure (a test checks the flag and the hooks agree).
     supports_secure_aggregation: ClassVar[bool] = False
+    # The kinds of instruction tensor (the key's part before "/", e.g. "mask") whose values expected_upload and
+    # check_upload read; of every other tensor the server keeps only shape and dtype until the reply (`receipt`).
+    checked_kinds: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -226,6 +229,14 @@ class FederatedMethod(ABC):
     def check_upload(self, upload: Upload, instruction: Instruction) -> str | None:
         """Method-specific sense checks beyond shapes (e.g. a mask that grows); a reason, or None if fine."""
         return None
+
+    def receipt(self, instruction: Instruction) -> Instruction:
+        """What the server keeps of a sent instruction to check its reply against: the config, the tensors of the
+        `checked_kinds`, and of every other tensor its shape and dtype only (torch's meta device: no data). The
+        rest went out with the message; kept, it would be every sampled client's copy of the global factors."""
+        tensors = {key: tensor if key.split("/", 1)[0] in self.checked_kinds else tensor.to("meta")
+                   for key, tensor in instruction.tensors.items()}
+        return dataclasses.replace(instruction, tensors=tensors, config=dict(instruction.config))
 
     def aggregation_error(self) -> float | None:
         """Aggregation exactness, after `aggregate` and before anything the server does next (truncation,

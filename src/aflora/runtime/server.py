@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from typing import Any
 
@@ -34,6 +35,24 @@ log = logging.getLogger(__name__)
 ClientMessage = tuple[Instruction, BaseSync]  # what a client receives: its instruction and the base merges it lacks
 
 
+class Outbox:
+    """A round's messages, one per sampled client, each built only when a transport takes it.
+
+    An instruction holds copies of global tensors (AFLoRA: A's rows for the client's rank, 2.2 MB at rank 16 on
+    SmolLM2): built all at once, every sampled client's would be in memory for the whole round. A transport that
+    sends a few at a time (aflora.flower.transport.send_bounded) holds only those few."""
+
+    def __init__(self, client_ids: list[int], build: Callable[[int], ClientMessage]) -> None:
+        self.client_ids = client_ids
+        self._build = build
+
+    def __len__(self) -> int:
+        return len(self.client_ids)
+
+    def __iter__(self) -> Iterator[ClientMessage]:
+        return map(self._build, self.client_ids)
+
+
 class ServerRuntime:
     """The server's half of every round and the global model's evaluation; aflora.rounds puts the steps in order."""
 
@@ -53,7 +72,9 @@ class ServerRuntime:
         # SecAgg+ (aflora.secure_aggregation): clients fold in the weights sent with their instructions
         self.secure = config.secagg.enabled
         self.secure_weights: dict[int, dict[str, float]] = {}
-        self.sent: dict[int, Instruction] = {}  # this round's instructions, by client: replies are checked against them
+        self.sampled: list[int] = []  # this round's clients
+        # Of each instruction sent this round, what its reply is checked against (method.receipt: no A, no B)
+        self.sent: dict[int, Instruction] = {}
         self.merges = BaseMerges()
         self.merge_store: MergeStore | None = None  # set by the engine when clients share the server's disk
         self._pending_ack: dict[int, int] = {}
@@ -77,15 +98,21 @@ class ServerRuntime:
         fed = self.config.federation
         return sorted(random.Random(hash_seed(self.config.seed, round_, 3)).sample(range(fed.num_clients), clients_per_round(fed)))
 
-    def instructions(self, round_: int) -> list[ClientMessage]:
-        """Each sampled client's instruction and the base-model merges it has not received yet."""
-        messages = [(self.method.instruct(cid, round_), self.base_sync(cid)) for cid in self.sample_clients(round_)]
+    def instructions(self, round_: int) -> Outbox:
+        """Each sampled client's instruction and the base-model merges it has not received yet, built as they are
+        taken; the server keeps each one's receipt in `sent`."""
+        self.sampled, self.sent = self.sample_clients(round_), {}
         if self.secure:  # the server will see only the weighted sum: each client learns its weights up front
-            self.secure_weights = self.method.secure_weights([instruction.client_id for instruction, _ in messages])
-            for instruction, _ in messages:
-                attach_weights(instruction, self.secure_weights[instruction.client_id])
-        self.sent = {instruction.client_id: instruction for instruction, _ in messages}
-        return messages
+            self.secure_weights = self.method.secure_weights(self.sampled)
+
+        def build(client_id: int) -> ClientMessage:
+            instruction = self.method.instruct(client_id, round_)
+            if self.secure:
+                attach_weights(instruction, self.secure_weights[client_id])
+            self.sent[client_id] = self.method.receipt(instruction)
+            return instruction, self.base_sync(client_id)
+
+        return Outbox(self.sampled, build)
 
     def server_trainer(self, round_: int):
         server = self.config.server
@@ -132,13 +159,13 @@ class ServerRuntime:
                 accepted[upload.client_id] = upload
                 self.acknowledge(upload.client_id)
         explained = {f.get("client") for f in failures}
-        for cid in sorted(set(self.sent) - set(accepted) - explained):
+        for cid in sorted(set(self.sampled) - set(accepted) - explained):
             failures.append({"client": cid, "reason": "no reply (the client crashed, timed out or was unreachable)"})
         minimum = self.config.federation.min_replies
         if len(accepted) < minimum:
             reasons = "; ".join(f"client {f['client']}: {f['reason']}" for f in failures)
             raise RoundAborted(
-                f"round {round_}: {len(accepted)} of {len(self.sent)} clients replied usably, fewer than "
+                f"round {round_}: {len(accepted)} of {len(self.sampled)} clients replied usably, fewer than "
                 f"federation.min_replies = {minimum} ({reasons})"
             )
         return [accepted[cid] for cid in sorted(accepted)]
@@ -232,11 +259,11 @@ class ServerRuntime:
         outcomes = self.side.score_rows([encoder.encode_classification(row) for row in eval_set.rows], adapter, encoder)
         return final_eval_record(eval_set.indices, eval_set.rows, eval_set.available, outcomes.metrics(), outcomes.correct)
 
-    def evaluation_messages(self, round_: int, client_ids: list[int]) -> list[ClientMessage]:
-        """For personalized evaluation: what each client needs to assemble its current model."""
+    def evaluation_messages(self, round_: int, client_ids: list[int]) -> Outbox:
+        """For personalized evaluation: what each client needs to assemble its current model, built as taken."""
         if not self.config.data.local_test_fraction:
-            return []
-        return [(self.method.evaluation_instruction(cid, round_), self.base_sync(cid)) for cid in client_ids]
+            client_ids = []
+        return Outbox(client_ids, lambda cid: (self.method.evaluation_instruction(cid, round_), self.base_sync(cid)))
 
     def base_sync(self, client_id: int) -> BaseSync:
         self._pending_ack[client_id] = max(self.merges.by_round, default=0)
