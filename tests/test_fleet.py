@@ -273,6 +273,7 @@ def test_a_tiny_run_records_what_its_clients_did(tmp_path):
         train = transport.train
 
         def spy(round_, messages, train=train, sent=sent):
+            messages = list(messages)  # each message is built once, as a transport would
             sent.append({i.client_id: payload_bytes(i.tensors) + sum(payload_bytes(adapter_tensors(a)) for a in s.merges.values())
                          for i, s in messages})
             return train(round_, messages)
@@ -292,3 +293,18 @@ def test_a_tiny_run_records_what_its_clients_did(tmp_path):
             timed = client_rounds(run, device_classes(MIXED, run["config"]["federation"]), set())
             assert [{c.client: c.downlink_bytes for c in clients} for clients in timed] == sent
             assert any(len(set(s.values())) > 1 for s in sent), "some client had missed a merge"
+
+
+def test_what_old_records_assumed_is_listed_once_per_entry_with_its_seeds(compared):
+    from aflora.compare_fleet import fleet_notes, fleet_rows
+
+    for run in compared["flora"]:  # recorded before the downlink field
+        for r in run["rounds"]:
+            del r["instruction_bytes"]
+    del compared["fedit"][1]["rounds"][0]["train_tokens"]
+    rows = fleet_rows(compared, fleet_settings(None, None), reference="fedit")
+    labels = list(rows)
+    footnote = fleet_notes(labels, [rows[label] for label in labels], "fedit")[-1]
+    assert footnote.count("downlink not counted") == 1 and "downlink not counted (seed 0, 1)" in footnote
+    assert "`fedit`: tokens = local_steps · batch_size · max_length (an upper bound) (seed 1)" in footnote
+    assert "`legend`" not in footnote

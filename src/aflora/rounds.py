@@ -31,7 +31,6 @@ from typing import Any, Protocol
 import torch
 
 from .base_sync import BaseSync
-from .costs import payload_bytes
 from .methods import Instruction, Upload
 from .results import RoundRecord, RunRecord, accuracy_interval, round_record
 from .runtime.client import ClientRuntime
@@ -102,7 +101,7 @@ def run_round(server: ServerRuntime, transport: Transport, round_: int) -> Round
     metrics, eval_seconds = evaluate_globally(server, round_)
     record = round_record(round_, accepted, metrics, round_seconds=round_seconds, eval_seconds=eval_seconds, failures=failures,
                           server=diagnostics, personalized=personalized,
-                          instruction_bytes={instruction.client_id: payload_bytes(instruction.tensors) for instruction, _ in messages})
+                          instruction_bytes=server.instruction_bytes)  # as built when sent: rebuilding now would see the new state
     return RoundResult(record, accepted, diagnostics)
 
 

@@ -75,6 +75,7 @@ class ServerRuntime:
         self.sampled: list[int] = []  # this round's clients
         # Of each instruction sent this round, what its reply is checked against (method.receipt: no A, no B)
         self.sent: dict[int, Instruction] = {}
+        self.instruction_bytes: dict[int, int] = {}  # of each instruction sent this round, as built (the fleet clock's downlink)
         self.merges = BaseMerges()
         self.merge_store: MergeStore | None = None  # set by the engine when clients share the server's disk
         self._pending_ack: dict[int, int] = {}
@@ -101,7 +102,7 @@ class ServerRuntime:
     def instructions(self, round_: int) -> Outbox:
         """Each sampled client's instruction and the base-model merges it has not received yet, built as they are
         taken; the server keeps each one's receipt in `sent`."""
-        self.sampled, self.sent = self.sample_clients(round_), {}
+        self.sampled, self.sent, self.instruction_bytes = self.sample_clients(round_), {}, {}
         if self.secure:  # the server will see only the weighted sum: each client learns its weights up front
             self.secure_weights = self.method.secure_weights(self.sampled)
 
@@ -110,6 +111,7 @@ class ServerRuntime:
             if self.secure:
                 attach_weights(instruction, self.secure_weights[client_id])
             self.sent[client_id] = self.method.receipt(instruction)
+            self.instruction_bytes[client_id] = payload_bytes(instruction.tensors)
             return instruction, self.base_sync(client_id)
 
         return Outbox(self.sampled, build)
