@@ -193,10 +193,11 @@ def test_an_aborted_run_resumes_to_the_same_result(tmp_path, uninterrupted):
 
 @pytest.mark.flower
 def test_a_killed_run_resumes_to_the_same_result(tmp_path, uninterrupted):
-    """SIGKILL the whole `aflora run` process group mid-round 3, then `aflora run --resume`."""
+    """SIGKILL the whole `aflora run` process group mid-run, then `aflora run --resume`."""
     config_file = write_tiny_config_toml(tmp_path / "data", "rounds=3")
     out = tmp_path / "out"
-    assert kill_run_after_round(config_file, out, 2, deadline=time.monotonic() + 240) == 2  # mid-round 3
+    # A tiny round can end between the checkpoint poll and the kill, so the kill lands in round 2 or 3
+    assert kill_run_after_round(config_file, out, 1, deadline=time.monotonic() + 240) in (1, 2)
     resumed = subprocess.run([sys.executable, "-m", "aflora", "run", "--resume", str(out)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(uninterrupted, out)
