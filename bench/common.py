@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -15,21 +12,21 @@ from pathlib import Path
 
 import torch
 
+from aflora.machine import environment
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def machine() -> dict[str, str | int]:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+def machine() -> dict[str, object]:
+    env = environment()
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count() or 0,
+        "cpu": env["cpu"],
+        "cpu_bf16": env["cpu_bf16"],
+        "cores": env["cpus"],
         "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        "gpu": env["gpu"] or "none",
+        "python": env["python"],
+        "torch": env["torch"],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "git": _git_revision(),
     }

@@ -253,7 +253,7 @@ def _write_earlier_run(folder: Path, tiny: Path) -> None:
                        base_params=runtime.side.host.base_param_count)
     run_rounds(runtime, InProcessTransport(ClientRuntime(config)), record, 1, config.rounds,
                on_round_end=lambda round_: save_checkpoint(folder, round_, runtime, record))
-    record.finish(wall_seconds=1.0, final_ranks=runtime.method.client_ranks())
+    record.finish(wall_seconds=1.0, final_ranks=runtime.method.client_ranks(), precision=runtime.side.precision)
     record.write(folder)
 
 

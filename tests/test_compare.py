@@ -516,12 +516,15 @@ def test_compare_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
     assert "3 of them reused" in (out / "comparison.md").read_text()
 
 
-def test_the_machine_line_names_the_cpu_model():
-    from aflora.compare import cpu_model, machine
+def test_the_machine_line_names_the_cpu_model_and_its_bf16_support():
+    from aflora.machine import cpu_model, environment, machine_line
 
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        lines = cpuinfo.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         if names:
             assert cpu_model() == names[0]
-    assert machine().startswith(cpu_model() + ",")
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        assert environment()["cpu_bf16"] == sorted({"avx512_bf16", "amx_bf16"} & set(flags))
+    assert machine_line().startswith(cpu_model() + ",")

@@ -37,7 +37,7 @@ def test_round_one_costs_match_hand_computation(tmp_path):
         assert record.uplink_bytes[str(cid)] == 4 * uplink + mask_bytes
 
     run = RunRecord("aflora", "tiny-llama", "x", 3, 0, {}, base_params=BASE_PARAMS, rounds=[record])
-    run.finish(wall_seconds=1.0, final_ranks={})
+    run.finish(wall_seconds=1.0, final_ranks={}, precision="float32")
     ranks = config.federation.client_ranks
     expected_pct = 100.0 * sum(sum((m + 1) * r for m in OUT_FEATURES) for r in ranks) / len(ranks) / BASE_PARAMS
     assert run.final["client_cost_pct"] == pytest.approx(expected_pct, rel=1e-12)

@@ -47,6 +47,13 @@ def test_results_have_every_round_and_field(finished_run):
     for field in ("accuracy", "client_cost_pct", "uplink_bytes_total", "wall_seconds"):
         assert field in run["final"]
     assert run["config"]["federation"]["client_ranks"] == [8, 4, 2]
+    # what ran: the CPU by name, and the precision the server's model side chose for model.precision
+    from aflora.machine import cpu_model
+    from aflora.runtime import autocast_dtype
+
+    assert run["environment"]["cpu"] == cpu_model()
+    expected = "bfloat16 autocast" if autocast_dtype(config.model.precision, torch.nn.Linear(1, 1)) else "float32"
+    assert run["environment"]["precision"] == expected
     assert (out / "rounds.csv").read_text().count("\n") == 1 + 2 * 3
     for plot in ("accuracy.png", "ranks.png", "uplink.png"):
         assert (out / plot).stat().st_size > 1000

@@ -93,7 +93,7 @@ def test_the_final_evaluation_scores_data_final_eval_size_rows_once_after_the_la
     server, transport = ServerRuntime(config), InProcessTransport(ClientRuntime(config))
     record = empty_record(config)
     run_rounds(server, transport, record, 1, 2)
-    record.finish(wall_seconds=1.0, final_ranks={})
+    record.finish(wall_seconds=1.0, final_ranks={}, precision="float32")
     final = record.final_eval
     assert (final["rows"], final["test_rows"], final["row_indices"]) == (32, 32, "0-31")  # eval_size 0: every test row
     correct = unpack_bits(final["correct"], final["rows"])

@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import platform
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from .compare_fleet import FleetSettings, fleet_settings
 from .compare_table import Row, summarize, write_csv, write_markdown, write_plots
 from .config import COMPARE, ExperimentConfig, flatten, load_config, parse_override
 from .errors import ConfigError, DataError, ModelError
+from .machine import machine_line
 from .methods import METHODS, method_class, method_options
 from .results import load_run
 from .run_folder import finish_replacement, prepare_run_folder
@@ -273,24 +272,7 @@ def describe(plan: Plan, command: str) -> list[str]:
         f"model: {base.model.name} · dataset: {base.data.dataset} · clients: {base.federation.num_clients} "
         f"(sample fraction {base.federation.sample_fraction}) · partition: {base.data.partition} · test rows per round: "
         f"{base.data.eval_size or 'all'}, in the final evaluation: {base.data.final_eval_rows() or 'all'}",
-        f"Machine: {machine()}",
+        f"Machine: {machine_line()}",
         f"Runs: {len(plan.runs)} in `{plan.out}/<label>/seed<k>/`"
         + (f", {reused} of them reused from an earlier invocation (same config)" if reused else ""),
     ]
-
-
-def cpu_model() -> str:
-    """The CPU's model name (timings are only comparable on one kind of CPU), or the platform's processor field."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def machine() -> str:
-    import torch
-
-    device = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"{cpu_model()}, {os.cpu_count()} CPUs{device}, {platform.platform()}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}")

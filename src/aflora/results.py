@@ -6,13 +6,13 @@ import csv
 import dataclasses
 import hashlib
 import json
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .costs import client_cost_pct, payload_bytes, payload_params
 from .intervals import compress_indices, pack_bits, wilson_interval
+from .machine import environment
 from .methods import Upload
 from .run_folder import RESULTS_FILE
 
@@ -133,7 +133,7 @@ class RunRecord:
     # The global model after the last round on data.final_eval_size rows (final_eval_record), extra benchmarks under "extra"
     final_eval: dict[str, Any] = field(default_factory=dict)
 
-    def finish(self, *, wall_seconds: float, final_ranks: dict[int, dict[str, int]]) -> None:
+    def finish(self, *, wall_seconds: float, final_ranks: dict[int, dict[str, int]], precision: str) -> None:
         trained = [n for r in self.rounds for n in r.trained_params.values()]
         uplink = [n for r in self.rounds for n in r.uplink_params.values()]
         last = self.rounds[-1] if self.rounds else None
@@ -154,7 +154,7 @@ class RunRecord:
             "wall_seconds": wall_seconds,
             "ranks": {str(cid): round(sum(m.values()) / max(len(m), 1), 3) for cid, m in sorted(final_ranks.items())},
         }
-        self.environment = {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system()}
+        self.environment = {**environment(), "precision": precision}  # precision: what the server's model side ran
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -84,7 +84,8 @@ def run_federation(grid: Grid, config: ExperimentConfig, out_dir: Path, workload
         run_rounds(runtime, transport, record, done + 1, config.rounds, on_round_end=round_done)
     finally:
         trackers.close()
-    record.finish(wall_seconds=time.perf_counter() - started, final_ranks=runtime.method.client_ranks())
+    record.finish(wall_seconds=time.perf_counter() - started, final_ranks=runtime.method.client_ranks(),
+                  precision=runtime.side.precision)
     write_outputs(out_dir, record, runtime)
     return record
 

@@ -69,6 +69,8 @@ class ModelSide:
         self.host = AdapterHost(model, config.model.target_modules)
         self.encoder = PromptEncoder(self.tokenizer, workload.bundle.task, config.data.max_length)
         self.autocast = autocast_dtype(config.model.precision, model)
+        # What ran, for results.json: model.precision = "auto" picks bf16 only where the hardware has it
+        self.precision = f"{str(self.autocast).removeprefix('torch.')} autocast" if self.autocast else "float32"
         method = method_class(config.method)
         self.clients = workload.client_specs(method, self.host.footprint())
         self.method: FederatedMethod = method(
