@@ -80,7 +80,7 @@ class FleetRow:
     reached: int  # seeds whose run reached the target
     stats: dict[str, Stat]  # Measure key -> over seeds (to-target measures: over the seeds that reached it)
     devices: str = ""  # which clients are which device class, e.g. "phone (...): clients 6, 7; ..."
-    fallbacks: list[str] = field(default_factory=list)  # "seed 0: <what the clock assumed>"
+    fallbacks: list[str] = field(default_factory=list)  # "<what the clock assumed> (seed 0, 1)"
     vs_reference: dict[str, float] = field(default_factory=dict)  # RATIOS key -> value, where both reached on every seed
 
 
@@ -101,7 +101,11 @@ def fleet_rows(runs: dict[str, list[dict[str, Any]]], settings: FleetSettings, r
     for label, per_seed in curves.items():
         hits = [reach_target(curve, target) if target is not None else None for curve in per_seed]
         stats = {m.key: Stat.of([m.value(curve, hit) for curve, hit in zip(per_seed, hits)]) for m in MEASURES}
-        fallbacks = [f"seed {run['seed']}: {note}" for run, curve in zip(runs[label], per_seed) for note in curve.fallbacks]
+        seeds_by_note: dict[str, list[str]] = {}
+        for run, curve in zip(runs[label], per_seed):
+            for note in curve.fallbacks:
+                seeds_by_note.setdefault(note, []).append(str(run["seed"]))
+        fallbacks = [f"{note} (seed {', '.join(seeds)})" for note, seeds in sorted(seeds_by_note.items())]
         rows[label] = FleetRow(settings.fleet, target, len(per_seed), sum(hit is not None for hit in hits), stats,
                                describe_devices(fleet, runs[label][0]["config"]["federation"]), fallbacks)
     if reference is not None:
@@ -177,7 +181,8 @@ def fleet_notes(labels: list[str], rows: list[FleetRow], reference: str) -> list
         sentences = [against_reference(label, row.vs_reference, reference) for label, row in zip(labels, rows)
                      if label != reference and "speedup" in row.vs_reference]
         notes += ["", *(f"- {sentence}" for sentence in sentences)] if sentences else []
-    assumed = [f"`{label}` {note}" for label, row in zip(labels, rows) for note in row.fallbacks]
+    assumed = [f"`{label}`: {', '.join(row.fallbacks)}" for label, row in zip(labels, rows) if row.fallbacks]
     if assumed:
-        notes += ["", "Recorded before aflora kept every field the clock reads, so assumed: " + "; ".join(assumed) + "."]
+        notes += ["", "Recorded before aflora kept every field the clock reads, so assumed (an entry's times and bytes are "
+                  "then comparable only with entries that assumed the same): " + "; ".join(assumed) + "."]
     return notes
