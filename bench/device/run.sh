@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run: throughput, evaluation and in-process simulation benchmarks of aflora on one GPU, each under a hard
-# time limit (at most 6 min 20 s together), their JSON and one log written to $OUT. Prepare .whl/ here first
+# time limit (90 + 70 + 210 s: 6 min 10 s together), their JSON and one log written to $OUT. Prepare .whl/ here first
 # (bench/device/prepare.sh), then hand the device tool: command `bash bench/device/run.sh`, carry [".whl"].
 #
 # What it can measure there: speed and memory of SmolLM2-135M's architecture in bf16 on the GPU. What it cannot:
