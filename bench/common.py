@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -14,7 +17,26 @@ import torch
 
 from aflora.machine import environment
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("AFLORA_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model options every model benchmark takes: which model, random weights, which device."""
+    parser.add_argument("--model", default="smollm2", help="model.name (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="model.random_init: the model's architecture with random weights (timings and memory only; accuracy "
+                             "means nothing). For a folder of config.json and tokenizer, e.g. the GPU run's (bench/device)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="model.device")
+
+
+def model_overrides(args: argparse.Namespace) -> list[str]:
+    return [f'model.name="{args.model}"', f"model.random_init={str(args.random_init).lower()}", f'model.device="{args.device}"']
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so a wall-clock reading after it counts that work (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def machine() -> dict[str, object]:
@@ -25,6 +47,8 @@ def machine() -> dict[str, object]:
         "cores": env["cpus"],
         "torch_threads": torch.get_num_threads(),
         "gpu": env["gpu"] or "none",
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
         "python": env["python"],
         "torch": env["torch"],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -32,7 +56,16 @@ def machine() -> dict[str, object]:
     }
 
 
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
 def _git_revision() -> str:
+    if os.environ.get("AFLORA_GIT_REVISION"):  # a copy of the tree without .git (the GPU machine's): as prepared
+        return os.environ["AFLORA_GIT_REVISION"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()

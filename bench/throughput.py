@@ -8,6 +8,7 @@ two alternate, so drift in machine load hits both alike. Also measured: the mach
 and activation gradients through the N non-embedding parameters for T tokens; frozen weights get none).
 
     python bench/throughput.py [--steps 6] [--blocks 3] [--rank 16] [--data-dir ../shared/data]
+                               [--model smollm2] [--random-init] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -26,16 +27,19 @@ from aflora.models import load_model
 from aflora.runtime import ModelSide, prepare_workload
 from aflora.training import OptimConfig, autocast_context, batch_loss, train_adapter
 
-from common import print_table, write_json
+from common import add_model_arguments, model_overrides, print_table, synchronize, write_json
 
 
-def matmul_ceiling(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square GEMM in `dtype` (the practical peak of this machine)."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+def matmul_ceiling(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """FLOP/s of a large square GEMM in `dtype` on `device` (the practical peak of this machine)."""
+    size = 8192 if device.type == "cuda" else 2048  # a GPU needs a large product to reach its peak
+    a, b = torch.randn(size, size, device=device).to(dtype), torch.randn(size, size, device=device).to(dtype)
     a @ b
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
@@ -44,6 +48,7 @@ def plain_peft_steps(model, batches, label_ids, steps: int, rank: int, autocast)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     model.train()
+    synchronize()
     tokens, start = 0, time.perf_counter()
     for _ in range(steps):
         batch = next(batches)
@@ -54,6 +59,7 @@ def plain_peft_steps(model, batches, label_ids, steps: int, rank: int, autocast)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         tokens += batch.num_tokens
+    synchronize()
     return time.perf_counter() - start, tokens
 
 
@@ -63,10 +69,11 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3, help="alternating blocks per loop")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--data-dir", default="../shared/data")
+    add_model_arguments(parser)
     args = parser.parse_args()
 
     config = load_config(None, [f'data.data_dir="{args.data_dir}"', "data.partition=\"iid\"", "federation.num_clients=1",
-                                "federation.client_ranks=[16]"])
+                                "federation.client_ranks=[16]", *model_overrides(args)])
     workload = prepare_workload(config)
     side = ModelSide(workload)  # aflora's own host (PEFT layers with the Λ variant)
     examples = side.encode([workload.bundle.train[i] for i in workload.client_rows[0][:256]])
@@ -75,7 +82,10 @@ def main() -> None:
     method.init_server_state()
     spec = method.local_job(method.instruct(0, 1))
 
-    plain_model, _ = load_model(config.model.name, attention=config.model.attention)
+    device = next(side.host.model.parameters()).device
+    plain_model, _ = load_model(config.model.name, attention=config.model.attention, device=config.model.device,
+                                random_init=config.model.random_init)
+    plain_model = plain_model.to(device)
     plain = get_peft_model(plain_model, LoraConfig(r=args.rank, lora_alpha=16, target_modules=config.model.target_modules))
     label_ids = side.encoder.label_token_ids
 
@@ -93,7 +103,7 @@ def main() -> None:
             timings["peft"][1] += tokens
 
     non_embedding = sum(p.numel() for n, p in plain_model.named_parameters() if "embed" not in n and "lora" not in n)
-    ceilings = {"bf16": matmul_ceiling(torch.bfloat16), "fp32": matmul_ceiling(torch.float32)}
+    ceilings = {"bf16": matmul_ceiling(torch.bfloat16, device), "fp32": matmul_ceiling(torch.float32, device)}
     ceiling = ceilings["bf16"] if side.autocast == torch.bfloat16 else ceilings["fp32"]
     results = {}
     for name, (seconds, tokens) in timings.items():
@@ -104,11 +114,13 @@ def main() -> None:
     ratio = results["aflora"]["tokens_per_second"] / results["peft"]["tokens_per_second"]
     rows = [[name, f"{r['tokens_per_second']:.0f}", f"{r['achieved_flops'] / 1e9:.0f}", f"{100 * r['ceiling_fraction']:.1f}%"]
             for name, r in results.items()]
-    print_table(f"Local training, SmolLM2, batch 8, rank {args.rank}, {side.autocast or 'float32'}",
+    weights = "random weights" if config.model.random_init else "trained weights"
+    print_table(f"Local training, {config.model.name} ({weights}) on {device}, batch 8, rank {args.rank}, {side.autocast or 'float32'}",
                 ["loop", "tokens/s", "GFLOP/s", "of GEMM ceiling"], rows)
     print(f"\naflora ÷ plain PEFT tokens/s: {ratio:.3f}   (GEMM ceiling: bf16 {ceilings['bf16'] / 1e9:.0f} GFLOP/s, fp32 "
         f"{ceilings['fp32'] / 1e9:.0f} GFLOP/s)")
-    write_json("throughput", {"rank": args.rank, "steps_per_block": args.steps, "blocks": args.blocks,
+    write_json("throughput", {"model": config.model.name, "random_init": config.model.random_init, "device": str(device),
+                              "rank": args.rank, "steps_per_block": args.steps, "blocks": args.blocks,
                               "non_embedding_params": non_embedding,
                               "precision": str(side.autocast), "ceilings_flops": ceilings, "results": results, "aflora_over_peft": ratio})
 

@@ -20,6 +20,7 @@ from .values import ConfigError, coerce, tomllib
 
 PRECISIONS = ("auto", "bf16", "fp32")
 ATTENTION_BACKENDS = ("auto", "eager", "sdpa")  # what aflora.models.attention_implementation can give transformers
+DEVICES = ("auto", "cpu", "cuda")  # where aflora.models.model_device puts the base model
 OBJECTIVES = ("auto", "class_ce", "lm")
 MIN_MAX_LENGTH = 16  # tokens: the chat template's own tokens leave nothing of the text below this
 
@@ -38,6 +39,11 @@ class ModelConfig:
         "Linear layers that get LoRA (paper: q_proj,v_proj for Llama; c_attn,c_proj,c_fc for GPT-2)", factory=lambda: ["q_proj", "v_proj"])
     precision: str = _help("'auto' (bf16 autocast where the hardware has it), 'bf16' or 'fp32'", "auto")
     attention: str = _help("'auto' (eager on CPU, sdpa on GPU), 'eager' or 'sdpa'", "auto")
+    device: str = _help("'auto' (the GPU when torch sees one, else the CPU), 'cpu' or 'cuda'", "auto")
+    random_init: bool = _help(
+        "Build the model from its config with random weights instead of reading its trained ones (a folder needs only "
+        "config.json and the tokenizer): for speed and memory benchmarks where the weights cannot go; accuracy is then "
+        "meaningless", False)
     cache_dir: str = _help("Where de-quantized GGUF models are cached (default $AFLORA_CACHE_DIR or ~/.cache/aflora)", "")
 
 
@@ -448,6 +454,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.model.precision in PRECISIONS, f"model.precision must be auto, bf16 or fp32, got {config.model.precision!r}"),
         (config.model.attention in ATTENTION_BACKENDS,
          f"model.attention must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, got {config.model.attention!r}"),
+        (config.model.device in DEVICES, f"model.device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {config.model.device!r}"),
         (bool(config.model.target_modules), "model.target_modules must name at least one layer"),
         (engine.client_cpus >= 1, f"engine.client_cpus must be ≥ 1, got {engine.client_cpus}"),
         (0 < engine.client_gpus <= 1, f"engine.client_gpus must lie in (0, 1] (a share of one GPU), got {engine.client_gpus}"),

@@ -18,7 +18,7 @@ from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import hub
-from .config import ATTENTION_BACKENDS
+from .config import ATTENTION_BACKENDS, DEVICES
 from .errors import ModelError
 from .folders import unwritable_folder_reason
 
@@ -92,14 +92,19 @@ def default_cache_dir() -> Path:
 
 
 def load_model(
-    name: str, *, cache_dir: str | os.PathLike | None = None, seed: int = 0, attention: str = "auto"
+    name: str, *, cache_dir: str | os.PathLike | None = None, seed: int = 0, attention: str = "auto", device: str = "auto",
+    random_init: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM (float32 master weights) and its tokenizer, ready for adapters."""
+    """Load a causal LM (float32 master weights, on the CPU) and its tokenizer, ready for adapters. `device` is
+    where it will run (`model_device`), which decides what attention 'auto' picks; `random_init` builds it from
+    its config with seeded random weights instead of reading the trained ones."""
     source = resolve_model(name)
-    attn = attention_implementation(attention)
+    attn = attention_implementation(attention, model_device(device))
     if source.tiny:
         return build_tiny_model(source.tiny, seed=seed)
-    if source.gguf_file:
+    if random_init:
+        model, tokenizer = _random_model(source, cache_dir, attn, seed)
+    elif source.gguf_file:
         model, tokenizer = _load_gguf_cached(source, Path(cache_dir) if cache_dir else default_cache_dir(), attn)
     else:
         cache_only = hub.use_cache_only() and not Path(source.location).is_dir()  # a hub id that cannot be asked
@@ -114,11 +119,24 @@ def load_model(
     return _prepare(model, tokenizer)
 
 
-def attention_implementation(choice: str) -> str:
-    """'auto': eager attention on CPU (measured ~25% faster than SDPA's CPU kernels for fwd+bwd of ~128-token
-    batches on SmolLM2), SDPA on GPUs."""
+def model_device(choice: str) -> torch.device:
+    """model.device as a torch device: 'auto' is the GPU when torch sees one (under Flower's simulation, the share
+    of a GPU its worker was given), else the CPU."""
+    if choice not in DEVICES:
+        raise ModelError(f"model.device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {choice!r}")
     if choice == "auto":
-        return "sdpa" if torch.cuda.is_available() else "eager"
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device is 'cuda' but torch sees no GPU (a CPU-only build, or no driver); "
+                         "use model.device = 'auto' or 'cpu'")
+    return torch.device(choice)
+
+
+def attention_implementation(choice: str, device: torch.device | None = None) -> str:
+    """'auto': eager attention on CPU (measured ~25% faster than SDPA's CPU kernels for fwd+bwd of ~128-token
+    batches on SmolLM2), SDPA on GPUs. `device`: where the model will run (default: model_device('auto'))."""
+    if choice == "auto":
+        return "sdpa" if (device or model_device("auto")).type == "cuda" else "eager"
     if choice not in ATTENTION_BACKENDS:
         raise ModelError(f"model.attention must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, got {choice!r}")
     return choice
@@ -155,6 +173,27 @@ def _model_config(source: ModelSource, cache_dir: str | os.PathLike | None) -> P
         if isinstance(err, ModelError):
             raise
         raise ModelError(f"cannot read the configuration of model {source.label!r}: {err}") from None
+
+
+def _random_model(source: ModelSource, cache_dir: str | os.PathLike | None, attn: str,
+                  seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The architecture from the model's config with seeded random weights: no weights are read, so a folder of
+    config.json and tokenizer files will do. Timings and memory are those of the real model; its outputs are noise."""
+    config = _model_config(source, cache_dir)
+    location, gguf_file = source.location, source.gguf_file
+    if gguf_file:
+        cached = _gguf_cache_folder(Path(location) / gguf_file, Path(cache_dir) if cache_dir else default_cache_dir())
+        if (cached / "tokenizer_config.json").is_file():
+            location, gguf_file = str(cached), None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file,
+                                                  local_files_only=hub.use_cache_only() and not Path(location).is_dir())
+    except OSError as err:
+        raise ModelError(f"could not load the tokenizer of model {source.label!r}: {err}") from err
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    log.warning("model %s has random weights (model.random_init): its accuracy and loss mean nothing", source.label)
+    return model, tokenizer
 
 
 def _hub_config(repo_id: str) -> PretrainedConfig:

@@ -47,7 +47,8 @@ def export_merged_model(run_dir: Path, out_dir: Path, *, overwrite: bool = False
         raise FileNotFoundError(f"{adapter_dir} holds no PEFT adapter; was the run finished?")
     config = config_from_tree(run["config"])
     with written_aside(Path(out_dir), overwrite=overwrite, what="the merged model", source=Path(run_dir)) as folder:
-        model, tokenizer = load_model(config.model.name, cache_dir=config.model.cache_dir or None, seed=config.seed)
+        model, tokenizer = load_model(config.model.name, cache_dir=config.model.cache_dir or None, seed=config.seed,
+                                      random_init=config.model.random_init)
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
         merged.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

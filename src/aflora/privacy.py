@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from .methods.base import EVAL_PREFIX
 
@@ -49,6 +47,11 @@ class PrivacyLedger:
     """ε spent so far, one Gaussian release per round (Flower's RDP accountant)."""
 
     def __init__(self, *, noise_multiplier: float, delta: float, population: int, sampled: bool) -> None:
+        # Imported here, not with the module: runs without DP then need no Flower (the in-process transport,
+        # e.g. bench/device/run.sh on a machine that has no flwr).
+        from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
         self.noise_multiplier = noise_multiplier
         self.delta = delta
         self.population = population
@@ -65,6 +68,8 @@ class PrivacyLedger:
         self.releases.append(num_clients)
         if self.noise_multiplier <= 0:
             return float("inf")
+        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
         self.accountant.compose(GaussianPrivacyEvent(self.noise_multiplier, num_clients, self.population))
         return float(self.accountant.get_epsilon(self.delta))
 

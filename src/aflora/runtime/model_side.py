@@ -16,7 +16,7 @@ from ..evaluation import ClassificationOutcomes, evaluate_lm_loss, score_classif
 from ..lora.factors import Adapter
 from ..lora.host import AdapterHost
 from ..methods import FederatedMethod, TrainSpec, method_class
-from ..models import load_model
+from ..models import load_model, model_device
 from ..training import OptimConfig, train_adapter
 from .workload import Workload
 
@@ -62,10 +62,10 @@ class ModelSide:
         self.threads = run_threads(config)
         pin_threads(self.threads)
         model, self.tokenizer = load_model(
-            config.model.name, cache_dir=config.model.cache_dir or None, seed=config.seed, attention=config.model.attention
+            config.model.name, cache_dir=config.model.cache_dir or None, seed=config.seed, attention=config.model.attention,
+            device=config.model.device, random_init=config.model.random_init,
         )
-        if torch.cuda.is_available():
-            model = model.to("cuda")
+        model = model.to(model_device(config.model.device))
         self.host = AdapterHost(model, config.model.target_modules)
         self.encoder = PromptEncoder(self.tokenizer, workload.bundle.task, config.data.max_length)
         self.autocast = autocast_dtype(config.model.precision, model)
