@@ -352,6 +352,34 @@ def smollm2_cache() -> Path:
     return folder
 
 
+def peer_model_folder(cache: Path, folder: Path) -> Path:
+    """The same weights and tokenizer, described so the peers' older transformers read them as aflora's 5.x does.
+
+    aflora's copy was written by transformers 5, whose config keeps RoPE's base in `rope_parameters` (4.x reads
+    `rope_theta` and would silently fall back to 10,000 instead of SmolLM2's 100,000) and whose tokenizer config names
+    the class `TokenizersBackend` (unknown to 4.x; the same tokenizer.json loads as PreTrainedTokenizerFast), and
+    whose tokenizers library writes BPE merges as pairs, where tokenizers < 0.20 (FederatedLLM's pin) reads "a b"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "generation_config.json", "chat_template.jinja"):
+        link = folder / name
+        if (cache / name).exists() and not link.exists():
+            link.symlink_to(cache / name)
+    config = json.loads((cache / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    config.update(rope_theta=rope.get("rope_theta", config.get("rope_theta")), torch_dtype=config.get("dtype", "float32"))
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    tokenizer = json.loads((cache / "tokenizer_config.json").read_text())
+    for key in ("backend", "is_local", "local_files_only"):
+        tokenizer.pop(key, None)
+    tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer, indent=1))
+    vocabulary = json.loads((cache / "tokenizer.json").read_text())
+    merges = vocabulary.get("model", {}).get("merges", [])
+    vocabulary["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in merges]  # tokenizers < 0.20: "a b"
+    (folder / "tokenizer.json").write_text(json.dumps(vocabulary, ensure_ascii=False))
+    return folder
+
+
 # ---------------------------------------------------------------------------------------------- report
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b else "-"
@@ -401,6 +429,7 @@ def main() -> None:
     data = work / "data"
     export_clients(workload.bundle.task, workload.bundle.train, workload.client_rows, data)
     cache = smollm2_cache()
+    peer_model = peer_model_folder(cache, work / "model")
     (work / "scale.json").write_text(json.dumps(asdict(scale)))
     if not args.score:
         for method in methods:
@@ -411,9 +440,9 @@ def main() -> None:
                 if method.startswith("aflora-"):
                     measured = run_aflora(method.removeprefix("aflora-"), scale, args, folder)
                 elif method.startswith("federatedllm-"):
-                    measured = run_federatedllm(method.removeprefix("federatedllm-"), scale, args, folder, cache, data)
+                    measured = run_federatedllm(method.removeprefix("federatedllm-"), scale, args, folder, peer_model, data)
                 else:
-                    measured = run_flowertune(scale, args, folder, cache, data)
+                    measured = run_flowertune(scale, args, folder, peer_model, data)
             measured["scale"] = asdict(scale)
             (folder / "measurement.json").write_text(json.dumps(measured, indent=1))
             print(f"{method}: rounds {[round(s, 1) for s in measured['round_seconds']]} s, peak {measured['peak_rss_mb']:.0f} MB, "
