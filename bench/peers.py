@@ -126,7 +126,10 @@ def export_clients(task, train: Sequence[dict], client_rows: Sequence[Sequence[i
     target = folder / str(len(client_rows))
     target.mkdir(parents=True, exist_ok=True)
     for k, indices in enumerate(client_rows):
-        (target / f"local_training_{k}.json").write_text(json.dumps(peer_records(task, [train[i] for i in indices]), indent=0))
+        path = target / f"local_training_{k}.json"
+        temporary = path.with_suffix(f".tmp{os.getpid()}")
+        temporary.write_text(json.dumps(peer_records(task, [train[i] for i in indices]), indent=0))
+        temporary.replace(path)  # atomic: another invocation's peer may be reading the same rows
     return target
 
 
@@ -255,6 +258,9 @@ def run_flowertune(scale: Scale, args, work: Path, cache: Path, data: Path) -> d
         "train.training-arguments.per-device-train-batch-size": scale.batch_size,
         "train.training-arguments.max-steps": scale.local_steps, "train.training-arguments.logging-steps": 1,
         "strategy.fraction-train": 1.0, "strategy.fraction-evaluate": 0.0, "num-server-rounds": scale.rounds,
+        # Off: without 4-bit loading, PEFT's prepare_model_for_kbit_training does not make the inputs require grad,
+        # so the Trainer's (reentrant) gradient checkpointing leaves the loss with no grad_fn and every client fails.
+        "model.gradient-checkpointing": "false", "train.training-arguments.gradient-checkpointing": "false",
     }
     command = [args.flowertune_python, "-c", "import flowertune_run as shim; shim.main()", "--clients", str(scale.clients),
                *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]]
@@ -262,6 +268,9 @@ def run_flowertune(scale: Scale, args, work: Path, cache: Path, data: Path) -> d
                      "FLOWERTUNE_TIMINGS": str(timings), "CUDA_VISIBLE_DEVICES": ""})
     measured = measure(command, cwd=run_dir, env=env, log=work / "log.txt")
     events = [json.loads(line) for line in timings.read_text().splitlines()]
+    trained = sum(e["event"] == "client_trained" for e in events)
+    if trained != scale.clients * scale.rounds:  # Flower carries on past failed clients; a benchmark must not
+        raise RuntimeError(f"flowertune: {trained} of {scale.clients * scale.rounds} client trainings finished; see {work / 'log.txt'}")
     ends = {e["round"]: e["time"] for e in events if e["event"] == "round_end"}
     saved = {e["round"]: e["time"] for e in events if e["event"] == "saved"}
     bounds = [saved[0]] + [ends[r] for r in range(1, scale.rounds + 1)]  # round r: after round r-1's save, to its end
