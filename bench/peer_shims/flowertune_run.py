@@ -134,9 +134,11 @@ def main() -> None:
     run.primary_task_id, run.federation_id, run.override_config = 1, NOOP_FEDERATION_ID, overrides
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     run_config = get_fused_config_from_dir(Path(APP_DIR), overrides)
+    if run_config["model.gradient-checkpointing"] or run_config["train.training-arguments.gradient-checkpointing"]:
+        raise SystemExit("flowertune: set model.gradient-checkpointing=false and train.training-arguments.gradient-checkpointing="
+                         "false: without 4-bit loading the inputs never require grad, and every client would fail")
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     cores = os.cpu_count() or 1
-    os.chdir(DATA_DIR)  # the ServerApp writes results/<time>/ under the working folder
     note("start")
     _run_simulation(num_supernodes=args.clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE, client_app=app,
                     server_app=their_server.app, backend_config={
