@@ -58,9 +58,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+from simulation import tree_rss
 
 from common import print_table, write_json
-from simulation import tree_rss
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIMS = Path(__file__).resolve().parent / "peer_shims"
@@ -440,10 +440,13 @@ def main() -> None:
     cache = smollm2_cache()
     peer_model = peer_model_folder(cache, work / "model")
     (work / "scale.json").write_text(json.dumps(asdict(scale)))
+    alpaca = json.loads((Path(args.federatedllm) / "templates" / "alpaca.json").read_text())["prompt_no_input"] \
+        if args.federatedllm else ""
     if not args.score:
         for method in methods:
             folder = work / method
             folder.mkdir(exist_ok=True)
+            (folder / "score.json").unlink(missing_ok=True)
             print(f"{method}: running", flush=True)
             with cpu_lock(args.cpu_lock):
                 if method.startswith("aflora-"):
@@ -452,31 +455,43 @@ def main() -> None:
                     measured = run_federatedllm(method.removeprefix("federatedllm-"), scale, args, folder, peer_model, data)
                 else:
                     measured = run_flowertune(scale, args, folder, peer_model, data)
-            measured["scale"] = asdict(scale)
-            (folder / "measurement.json").write_text(json.dumps(measured, indent=1))
-            print(f"{method}: rounds {[round(s, 1) for s in measured['round_seconds']]} s, peak {measured['peak_rss_mb']:.0f} MB, "
-                  f"wall {measured['wall_seconds']:.0f} s", flush=True)
+                measured["scale"] = asdict(scale)
+                (folder / "measurement.json").write_text(json.dumps(measured, indent=1))
+                print(f"{method}: rounds {[round(s, 1) for s in measured['round_seconds']]} s, peak {measured['peak_rss_mb']:.0f} MB, "
+                      f"wall {measured['wall_seconds']:.0f} s", flush=True)
+                score_pending(work, scale, workload, cache, alpaca)  # while the lock is held anyway
         return
 
-    measurements = {m: json.loads((work / m / "measurement.json").read_text()) for m in METHODS
-                    if (work / m / "measurement.json").is_file()}
-    stale = [m for m, x in measurements.items() if x["scale"] != asdict(scale)]
-    if stale:
-        raise SystemExit(f"{stale} were measured at another scale than this one; measure them again or pass their scale")
-    alpaca = json.loads((Path(args.federatedllm) / "templates" / "alpaca.json").read_text())["prompt_no_input"] \
-        if args.federatedllm else ""
-    scores, zero_shot = {}, {}
     with cpu_lock(args.cpu_lock):
-        for prompt in sorted({m["prompt"] for m in measurements.values()}):
-            zero_shot[prompt] = score(None, prompt, scale, workload, cache, alpaca)
-        for method, m in measurements.items():
-            scores[method] = score(m["model"], m["prompt"], scale, workload, cache, alpaca)
-            print(f"{method}: accuracy {scores[method]['accuracy']:.3f} ({m['prompt']} prompt)", flush=True)
+        scores, zero_shot = score_pending(work, scale, workload, cache, alpaca)
+    measurements = {m: json.loads((work / m / "measurement.json").read_text()) for m in scores}
     print_table(f"Side by side, SmolLM2-135M, AG News, {scale.clients} clients, {scale.rounds} rounds of {scale.local_steps} steps × "
                 f"batch {scale.batch_size}, rank {scale.rank}, max_length {scale.max_length}, {scale.eval_rows} test rows",
                 ["method", "round s", "mean round s", "peak RSS MB", "uplink MiB/round", "accuracy", "zero-shot (same prompt)",
                  "prompt", "wall s"], report(measurements, scores, zero_shot, scale))
     write_json(args.name, {"scale": asdict(scale), "measurements": measurements, "scores": scores, "zero_shot": zero_shot})
+
+
+def score_pending(work: Path, scale: Scale, workload, cache: Path, alpaca: str) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Score every measured method not scored yet (work/<method>/score.json), and the base model zero-shot in each of
+    their prompt formats (work/zero_shot_<prompt>.json); return all scores. Only measurements at this scale count."""
+    scores, zero_shot = {}, {}
+    for method in METHODS:
+        folder = work / method
+        if not (folder / "measurement.json").is_file():
+            continue
+        measured = json.loads((folder / "measurement.json").read_text())
+        if measured["scale"] != asdict(scale):
+            print(f"{method}: measured at another scale ({measured['scale']}); left out", flush=True)
+            continue
+        prompt = measured["prompt"]
+        for path, model, into, key in ((work / f"zero_shot_{prompt}.json", None, zero_shot, prompt),
+                                       (folder / "score.json", measured["model"], scores, method)):
+            if not path.is_file():
+                path.write_text(json.dumps(score(model, prompt, scale, workload, cache, alpaca)))
+                print(f"{key}: accuracy {json.loads(path.read_text())['accuracy']:.3f} ({prompt} prompt)", flush=True)
+            into[key] = json.loads(path.read_text())
+    return scores, zero_shot
 
 
 if __name__ == "__main__":

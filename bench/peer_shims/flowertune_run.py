@@ -107,13 +107,12 @@ def main() -> None:
 
     from pathlib import Path
 
+    import flowertune_llm.server_app as their_server
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
     from flwr.simulation.run_simulation import NOOP_FEDERATION_ID, SUPERLINK_NODE_ID, _run_simulation
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
-
-    import flowertune_llm.server_app as their_server
 
     get_evaluate_fn = their_server.get_evaluate_fn
 
