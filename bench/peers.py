@@ -390,18 +390,16 @@ def peer_model_folder(cache: Path, folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b else "-"
+def report(measurements: dict[str, dict], scores: dict[str, dict], zero_shot: dict[str, dict]) -> list[list[object]]:
+    def number(value: float | None, digits: int = 0) -> str:
+        return "not kept" if value is None else f"{value:,.{digits}f}"
 
-
-def report(measurements: dict[str, dict], scores: dict[str, dict], zero_shot: dict[str, dict], scale: Scale) -> list[list[object]]:
     rows = []
     for method, m in measurements.items():
-        s = scores.get(method, {})
-        mean_round = sum(m["round_seconds"]) / len(m["round_seconds"])
-        rows.append([method, " / ".join(f"{x:.1f}" for x in m["round_seconds"]), f"{mean_round:.1f}", f"{m['peak_rss_mb']:.0f}",
-                     f"{m['uplink_bytes_per_round'][0] / 2**20:.2f}", f"{s.get('accuracy', float('nan')):.3f}",
-                     f"{zero_shot.get(m['prompt'], {}).get('accuracy', float('nan')):.3f}", m["prompt"], f"{m['wall_seconds']:.0f}"])
+        rounds = m["round_seconds"]
+        rows.append([method, " / ".join(f"{x:.1f}" for x in rounds), f"{sum(rounds) / len(rounds):.1f}", number(m["peak_rss_mb"]),
+                     f"{m['uplink_bytes_per_round'][0] / 2**20:.2f}", number(scores[method]["accuracy"], 3),
+                     number(zero_shot[m["prompt"]]["accuracy"], 3), m["prompt"], number(m["wall_seconds"])])
     return rows
 
 
@@ -468,7 +466,7 @@ def main() -> None:
     print_table(f"Side by side, SmolLM2-135M, AG News, {scale.clients} clients, {scale.rounds} rounds of {scale.local_steps} steps × "
                 f"batch {scale.batch_size}, rank {scale.rank}, max_length {scale.max_length}, {scale.eval_rows} test rows",
                 ["method", "round s", "mean round s", "peak RSS MB", "uplink MiB/round", "accuracy", "zero-shot (same prompt)",
-                 "prompt", "wall s"], report(measurements, scores, zero_shot, scale))
+                 "prompt", "wall s"], report(measurements, scores, zero_shot))
     write_json(args.name, {"scale": asdict(scale), "measurements": measurements, "scores": scores, "zero_shot": zero_shot})
 
 
