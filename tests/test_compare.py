@@ -41,6 +41,15 @@ def test_ablation_entry_sets_only_that_methods_options():
     assert (options.ddr, options.rank_aware_weights, options.server_tuning, options.beta, options.gamma) == (False, False, True, 0.5, 0.02)
 
 
+def test_an_entry_may_set_its_own_learning_rates_and_public_set():
+    entry = parse_entry("aflora:ddr=false+train.lr=0.001+server.lr=0.004+data.public_dataset=dolly")
+    assert (entry.options, entry.settings) == (
+        {"ddr": False}, {"train.lr": 0.001, "server.lr": 0.004, "data.public_dataset": "dolly"})
+    config = load_config(None, ["train.lr=0.5", "server.steps=2", *entry.config_overrides()])
+    assert (config.train.lr, config.server.lr, config.server.steps, config.data.public_dataset) == (0.001, 0.004, 2, "dolly")
+    assert config.method_options().ddr is False
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
@@ -51,7 +60,9 @@ def test_ablation_entry_sets_only_that_methods_options():
         ("aflora:", "entry 'aflora:' has nothing after ':'"),
         ("aflora:ddr", "entry 'aflora:ddr': 'ddr' is not key=value"),
         ("aflora:ddr=false+ddr=true", "sets 'ddr' twice"),
-        ("aflora:data.eval_size=10", "aflora has no option 'data.eval_size'.*use --set"),
+        ("aflora:data.eval_size=10", "'data.eval_size' cannot differ between entries.*use --set"),
+        ("fedit:model.name=tiny-gpt2", "'model.name' cannot differ between entries"),
+        ("fedit:train.lr=0.1+train.lr=0.2", "sets 'train.lr' twice"),
         ("aflora,,fedit", "empty entry"),
         ("fedit,aflora,fedit", r"names \['fedit'\] more than once"),
         ("aflora:ddr=false/x", "contains a space or a slash"),
@@ -353,7 +364,17 @@ def test_plan_checks_every_entry_before_running(tiny_toml, tmp_path):
         plan_comparison(tiny_toml, ['data.dataset="/no/such/file.csv"'], parse_entries("fedit"), [0], tmp_path / "out")
     with pytest.raises(ConfigError, match="compare sets seed per run"):
         plan_comparison(tiny_toml, ["seed=3"], parse_entries("fedit"), [0], tmp_path / "out")
+    # An entry's own setting is typed and checked with the rest of its config, before any run
+    with pytest.raises(ConfigError, match="entry 'fedit:train.lr=fast', seed 0: .*train.lr"):
+        plan_comparison(tiny_toml, [], parse_entries("fedit,fedit:train.lr=fast"), [0], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_entrys_own_learning_rate_is_the_only_difference_in_its_config(tiny_toml, tmp_path):
+    plan = plan_comparison(tiny_toml, [], parse_entries("fedit,fedit:train.lr=0.0005"), [0], tmp_path / "out")
+    first, second = (run.config.to_dict() for run in plan.runs)
+    assert second["train"].pop("lr") == 0.0005 and first["train"].pop("lr") != 0.0005
+    assert first == second
 
 
 def test_earlier_results_are_reused_only_for_the_same_config(tiny_toml, tmp_path):
@@ -399,7 +420,8 @@ EXPERIMENTS = {
     "table2_ag_news.toml": (STUDY, "aflora,fedit,ffa_lora,fedsa_lora,flora,flexlora,hetlora,legend,fedex_lora,fed_sb,florist"),
     "table1_financial.toml": (['data.dataset="fingpt_sentiment"', 'data.partition="iid"', *STUDY],
                               "aflora,fedit,flora,flexlora,hetlora,legend"),
-    "fig3_ablations.toml": (STUDY, "aflora,aflora:ddr=false,aflora:server_tuning=false,aflora:rank_aware_weights=false"),
+    "fig3_ablations.toml": (STUDY, "aflora,aflora:ddr=false,aflora:server_tuning=false,aflora:rank_aware_weights=false,"
+                                     "aflora:data.public_dataset=dolly"),
     "fig4_dolly.toml": (['data.dataset="dolly"', 'data.partition="fedit_epsilon"', "data.epsilon=0.2", "federation.sample_fraction=0.2",
                          'data.extra_eval=["mmlu"]', *STUDY], "aflora,fedit,flexlora"),
 }

@@ -142,8 +142,9 @@ def _resumed_experiment(path: Path, sets: list[str] | None, data_dir: Path | Non
 def compare(
     methods: Annotated[str | None, typer.Option(
         "--methods", "-m",
-        help="Comma-separated entries: a method, or method:key=value[+key=value...] for an ablation of its options, "
-             "e.g. aflora,fedit,aflora:ddr=false+rank_aware_weights=false (default: the config's [compare] methods)")] = None,
+        help="Comma-separated entries: a method, or method:key=value[+key=value...] for an ablation of its options or "
+             "its own train.*, server.* or data.public_dataset, e.g. aflora,fedit,aflora:ddr=false+rank_aware_weights=false,"
+             "fedit:train.lr=0.0005 (default: the config's [compare] methods)")] = None,
     config: ConfigOption = None,
     seeds: Annotated[str | None, typer.Option(
         "--seeds", help="Comma-separated seeds; every entry runs with each (default: the config's [compare] seeds, else 0)")] = None,

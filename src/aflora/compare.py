@@ -12,9 +12,11 @@ The flow, in order:
                                   --target-accuracy; compare_fleet.py and fleet.py)
                                   (the table half lives in compare_table.py, the statistics in intervals.py)
 
-Every run shares the config except `method`, `seed` and the entry's own method options, so for one seed all entries
-see the same partitions, public set, evaluation rows, model and budgets. Parsing and the table are pure functions
-of plain values and results.json dicts: tested without running anything.
+Every run shares the config except `method`, `seed` and the entry's own changes: its method options and the few
+shared settings an entry may vary (ENTRY_SECTIONS, ENTRY_KEYS: learning rates, steps, the server's public data). For
+one seed all entries therefore see the same evaluation rows, model and budgets and, unless an entry swaps the public
+set, the same partitions. Parsing and the table are pure functions of plain values and results.json dicts: tested
+without running anything.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ log = logging.getLogger(__name__)
 IGNORED_FOR_REUSE = ("engine.", "data.data_dir", "model.cache_dir", "tracking.")
 
 
+# Shared settings one entry may change for itself: each method at its own learning rate from one grid, the server's
+# step, an out-of-domain public set. Nothing here changes the test rows, so entries stay paired row by row.
+ENTRY_SECTIONS = ("train", "server")
+ENTRY_KEYS = ("data.public_dataset",)
+
+
 # ---------------------------------------------------------------------------- what to run
 @dataclass(frozen=True)
 class Entry:
@@ -52,9 +60,11 @@ class Entry:
     label: str  # as typed, e.g. "aflora:ddr=false+rank_aware_weights=false"; also its folder name
     method: str
     options: dict[str, Any] = field(default_factory=dict)  # overrides of the method's table, typed
+    settings: dict[str, Any] = field(default_factory=dict)  # ENTRY_SECTIONS / ENTRY_KEYS, e.g. {"train.lr": 0.001}
 
     def config_overrides(self) -> list[str]:
-        return [f"method={toml_literal(self.method)}", *(f"{self.method}.{k}={toml_literal(v)}" for k, v in self.options.items())]
+        return [f"method={toml_literal(self.method)}", *(f"{self.method}.{k}={toml_literal(v)}" for k, v in self.options.items()),
+                *(f"{k}={toml_literal(v)}" for k, v in self.settings.items())]
 
 
 class CompareSettings(NamedTuple):
@@ -112,8 +122,9 @@ def parse_entries(spec: str) -> list[Entry]:
 
 
 def parse_entry(text: str) -> Entry:
-    """`aflora:ddr=false+server_tuning=false` -> Entry("aflora", {"ddr": False, "server_tuning": False})."""
-    example = "e.g. aflora, fedit or aflora:ddr=false+rank_aware_weights=false"
+    """`aflora:ddr=false+server_tuning=false` -> Entry("aflora", {"ddr": False, "server_tuning": False});
+    `fedit:train.lr=0.001` -> Entry("fedit", settings={"train.lr": 0.001}) (a dotted key is a shared setting)."""
+    example = "e.g. aflora, fedit, aflora:ddr=false+rank_aware_weights=false or fedit:train.lr=0.001"
     if not text:
         raise ConfigError(f"--methods has an empty entry (two commas in a row, or a trailing comma); {example}")
     if any(ch in text for ch in "/\\ \t"):
@@ -127,15 +138,23 @@ def parse_entry(text: str) -> Entry:
     hints = typing.get_type_hints(options_class)
     known = sorted(f.name for f in dataclasses.fields(options_class))
     options: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
     for item in spec.split("+") if spec else []:
         if "=" not in item:
             raise ConfigError(f"--methods entry {text!r}: {item!r} is not key=value; {example}")
         key, value = parse_override(item)
+        if key in options or key in settings:
+            raise ConfigError(f"--methods entry {text!r} sets {key!r} twice")
+        if "." in key:
+            if key.split(".")[0] not in ENTRY_SECTIONS and key not in ENTRY_KEYS:
+                raise ConfigError(f"--methods entry {text!r}: {key!r} cannot differ between entries; an entry may change "
+                                  "only train.*, server.* and data.public_dataset, which leave the test rows shared "
+                                  "(other settings apply to every entry: use --set)")
+            settings[key] = value  # typed and range-checked by load_config when the plan is made
+            continue
         if key not in known:
             raise ConfigError(f"--methods entry {text!r}: {method} has no option {key!r}; its options are {known} "
                               "(other settings apply to every entry: use --set)")
-        if key in options:
-            raise ConfigError(f"--methods entry {text!r} sets {key!r} twice")
         try:
             options[key] = coerce(value, hints[key], f"{method}.{key}")
         except ConfigError as err:
@@ -144,7 +163,7 @@ def parse_entry(text: str) -> Entry:
         method_options(method, options)  # the method's own range checks (e.g. aflora.alpha in [0, 1])
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--methods entry {text!r}: {err}") from None
-    return Entry(text, method, options)
+    return Entry(text, method, options, settings)
 
 
 def parse_seeds(spec: str) -> list[int]:
