@@ -48,6 +48,8 @@ def test_an_entry_may_set_its_own_learning_rates_and_public_set():
     config = load_config(None, ["train.lr=0.5", "server.steps=2", *entry.config_overrides()])
     assert (config.train.lr, config.server.lr, config.server.steps, config.data.public_dataset) == (0.001, 0.004, 2, "dolly")
     assert config.method_options().ddr is False
+    # the method's own options may also be written with their table's name
+    assert parse_entry("aflora:aflora.beta=0.5").options == {"beta": 0.5}
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,8 @@ def parse_entry(text: str) -> Entry:
         if "=" not in item:
             raise ConfigError(f"--methods entry {text!r}: {item!r} is not key=value; {example}")
         key, value = parse_override(item)
+        if key.startswith(f"{method}."):  # the method's own table written in full, e.g. aflora.beta: an option
+            key = key.removeprefix(f"{method}.")
         if key in options or key in settings:
             raise ConfigError(f"--methods entry {text!r} sets {key!r} twice")
         if "." in key:
