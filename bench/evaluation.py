@@ -19,7 +19,8 @@ import random
 import time
 
 from aflora.config import load_config
-from aflora.evaluation import score_classification, shared_prefix
+from aflora.encoding import shared_prefix
+from aflora.evaluation import score_classification
 from aflora.runtime import ModelSide, prepare_workload
 
 from common import add_model_arguments, model_overrides, print_table, synchronize, write_json

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from aflora.encoding import Encoded
-from aflora.evaluation import MIN_SHARED_PREFIX, score_classification, shared_prefix
+from aflora.encoding import MIN_SHARED_PREFIX, Encoded, shared_prefix
+from aflora.evaluation import score_classification
 from aflora.lora.factors import ModuleFactors
 from aflora.lora.host import AdapterHost
 from aflora.models import build_tiny_model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -32,10 +32,12 @@ class Batch:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor | None = None  # class indices, or token targets for the LM objective
+    prefix_ids: list[int] = field(default_factory=list)  # tokens every row starts with, left out of input_ids
 
     @property
     def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        """Tokens the rows hold, the shared prefix counted once per row (what a client trained on)."""
+        return int(self.attention_mask.sum()) + len(self.prefix_ids) * self.input_ids.shape[0]
 
 
 class PromptEncoder:
@@ -90,8 +92,32 @@ class PromptEncoder:
         return ids
 
 
-def collate(examples: Sequence[Encoded], pad_id: int) -> Batch:
-    """Left-pad so every row's last position is its answer position; positions count real tokens only."""
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common start is not worth its extra forward pass
+
+
+def shared_prefix(examples: Sequence[Encoded]) -> list[int]:
+    """The tokens every row starts with, leaving each row at least its last token (where the answer is read)."""
+    if not examples:
+        return []
+    first = examples[0].input_ids
+    length = min(len(e.input_ids) for e in examples) - 1
+    for example in examples[1:]:
+        ids = example.input_ids
+        length = next((i for i in range(length) if ids[i] != first[i]), length)
+    return first[:max(length, 0)]
+
+
+def collate(examples: Sequence[Encoded], pad_id: int, *, split_prefix: bool = False) -> Batch:
+    """Left-pad so every row's last position is its answer position; positions count real tokens only.
+
+    With `split_prefix`, classification rows' shared start (chat template + instruction, at least
+    MIN_SHARED_PREFIX tokens) goes to `prefix_ids` and the rows keep the rest: the model runs it once for the
+    batch (`training.batch_loss`). LM rows stay whole, since their targets could begin inside a shared start."""
+    prefix = shared_prefix(examples) if split_prefix and examples[0].lm_labels is None else []
+    if len(prefix) < MIN_SHARED_PREFIX:
+        prefix = []
+    if prefix:
+        examples = [Encoded(input_ids=e.input_ids[len(prefix):], label=e.label) for e in examples]
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
@@ -107,11 +133,13 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> Batch:
             labels[row, width - len(example.lm_labels):] = torch.tensor(example.lm_labels)
     elif examples[0].label is not None:
         labels = torch.tensor([e.label for e in examples], dtype=torch.long)
-    return Batch(input_ids, attention, position_ids, labels)
+    return Batch(input_ids, attention, position_ids, labels, prefix_ids=prefix)
 
 
-def training_batches(examples: Sequence[Encoded], batch_size: int, pad_id: int, *, seed: int) -> Iterator[Batch]:
-    """Endless seeded shuffled batches (epochs reshuffle): local training is counted in steps."""
+def training_batches(examples: Sequence[Encoded], batch_size: int, pad_id: int, *, seed: int,
+                     split_prefix: bool = False) -> Iterator[Batch]:
+    """Endless seeded shuffled batches (epochs reshuffle): local training is counted in steps. `split_prefix`:
+    see `collate`; the rows drawn do not depend on it."""
     if not examples:
         raise ValueError("cannot train on an empty dataset")
     rng = random.Random(seed)
@@ -122,7 +150,7 @@ def training_batches(examples: Sequence[Encoded], batch_size: int, pad_id: int, 
             rng.shuffle(fresh)
             order.extend(fresh)
         chosen, order = order[:batch_size], order[batch_size:]
-        yield collate([examples[i] for i in chosen], pad_id)
+        yield collate([examples[i] for i in chosen], pad_id, split_prefix=split_prefix)
 
 
 def evaluation_order(examples: Sequence[Encoded]) -> list[int]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .encoding import Encoded, evaluation_batches, evaluation_order
+from .encoding import MIN_SHARED_PREFIX, Encoded, evaluation_batches, evaluation_order, shared_prefix
 from .lora.factors import Adapter
 from .lora.host import AdapterHost
 from .training import PrefixCache, autocast_context, class_logits, lm_loss
@@ -24,9 +24,6 @@ class ClassificationOutcomes:
     def metrics(self) -> dict[str, float]:
         n = max(len(self.correct), 1)
         return {"accuracy": sum(self.correct) / n, "loss": sum(self.loss) / n, "num_examples": len(self.correct)}
-
-
-MIN_SHARED_PREFIX = 8  # tokens; a shorter common start is not worth its extra forward pass
 
 
 def score_classification(
@@ -62,18 +59,6 @@ def score_classification(
                 position = next(positions)
                 correct[position], losses[position] = hit, loss
     return ClassificationOutcomes(correct, losses)
-
-
-def shared_prefix(examples: Sequence[Encoded]) -> list[int]:
-    """The tokens every row starts with, leaving each row at least its last token (where the answer is read)."""
-    if not examples:
-        return []
-    first = examples[0].input_ids
-    length = min(len(e.input_ids) for e in examples) - 1
-    for example in examples[1:]:
-        ids = example.input_ids
-        length = next((i for i in range(length) if ids[i] != first[i]), length)
-    return first[:max(length, 0)]
 
 
 def evaluate_lm_loss(

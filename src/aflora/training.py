@@ -55,13 +55,14 @@ def autocast_context(model: torch.nn.Module, dtype: torch.dtype | None) -> conte
 
 @dataclass
 class PrefixCache:
-    """Every layer's keys and values for a token prefix that each row of later batches continues."""
+    """Every layer's keys and values for a token prefix that each row of later batches continues. Computed
+    under the caller's grad mode: in training, the rows' loss back-propagates into the prefix's one pass
+    (through the adapter there too), summed over the rows as if each had run it."""
 
     length: int
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # (1, heads, length, head_dim) each
 
     @classmethod
-    @torch.no_grad()
     def of(cls, model: torch.nn.Module, prefix: Sequence[int]) -> PrefixCache:
         device = next(model.parameters()).device
         out = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1)
@@ -94,7 +95,17 @@ def class_logits(model: torch.nn.Module, batch: Batch, label_token_ids: Sequence
     return out.logits[:, -1, list(label_token_ids)].float()
 
 
+def is_deterministic_in_training(model: torch.nn.Module) -> bool:
+    """No dropout anywhere (modules or attention): then a batch's shared start may run once for all its rows.
+    With dropout, one pass would give every row the same dropout mask there, which is other maths."""
+    if float(getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0:
+        return False
+    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    if batch.prefix_ids:
+        raise ValueError("the LM loss needs whole rows: collate LM examples without split_prefix")
     device = next(model.parameters()).device
     out = model(
         input_ids=batch.input_ids.to(device),
@@ -107,8 +118,11 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 def batch_loss(model: torch.nn.Module, batch: Batch, objective: str, label_token_ids: Sequence[int]) -> torch.Tensor:
     if objective == "class_ce":
-        # Cross-entropy over the |L| class logits: the paper's F_CE (Eq. 10).
-        return F.cross_entropy(class_logits(model, batch, label_token_ids), batch.labels.to(next(model.parameters()).device))
+        # Cross-entropy over the |L| class logits: the paper's F_CE (Eq. 10). A batch's shared start (collate's
+        # split_prefix) runs once for all its rows: the same loss and gradients as whole rows, with less work.
+        prefix = PrefixCache.of(model, batch.prefix_ids) if batch.prefix_ids else None
+        logits = class_logits(model, batch, label_token_ids, prefix=prefix)
+        return F.cross_entropy(logits, batch.labels.to(logits.device))
     if objective == "lm":
         return lm_loss(model, batch)
     raise ValueError(f"unknown training objective {objective!r}; expected one of {OBJECTIVES}")

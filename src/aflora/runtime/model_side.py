@@ -17,7 +17,7 @@ from ..lora.factors import Adapter
 from ..lora.host import AdapterHost
 from ..methods import FederatedMethod, TrainSpec, method_class
 from ..models import load_model, model_device
-from ..training import OptimConfig, train_adapter
+from ..training import OptimConfig, is_deterministic_in_training, train_adapter
 from .workload import Workload
 
 
@@ -69,6 +69,7 @@ class ModelSide:
         self.host = AdapterHost(model, config.model.target_modules)
         self.encoder = PromptEncoder(self.tokenizer, workload.bundle.task, config.data.max_length)
         self.autocast = autocast_dtype(config.model.precision, model)
+        self.split_prefix = is_deterministic_in_training(model)  # each batch's shared prompt start once (collate)
         # What ran, for results.json: model.precision = "auto" picks bf16 only where the hardware has it
         self.precision = f"{str(self.autocast).removeprefix('torch.')} autocast" if self.autocast else "float32"
         method = method_class(config.method)
@@ -120,7 +121,7 @@ class ModelSide:
         return train_adapter(
             self.host,
             spec,
-            training_batches(examples, batch_size, self.pad_id, seed=seed),
+            training_batches(examples, batch_size, self.pad_id, seed=seed, split_prefix=self.split_prefix),
             steps=steps,
             optim=optim,
             objective=objective or self.workload.objective,
