@@ -111,6 +111,25 @@ def test_the_final_evaluation_scores_data_final_eval_size_rows_once_after_the_la
     assert "data.final_eval_size = 5000, but" in caplog.text and "all of them" in caplog.text
 
 
+def test_the_final_evaluation_reuses_the_last_rounds_scores_of_the_same_rows_only_while_the_model_is_unchanged(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path)  # data.final_eval_size = "eval_size": the final rows are the per-round rows
+    server, transport = ServerRuntime(config), InProcessTransport(ClientRuntime(config))
+    scored, score_rows = [], server.side.score_rows
+    monkeypatch.setattr(server.side, "score_rows", lambda examples, *a, **k: scored.append(len(examples)) or score_rows(examples, *a, **k))
+    record = empty_record(config)
+    run_rounds(server, transport, record, 1, 2)
+    assert scored == [32, 32, 32]  # rounds 0, 1 and 2; the final evaluation took round 2's outcomes
+    reused = {k: v for k, v in record.final_eval.items() if k != "eval_seconds"}
+    server.scored_now = None
+    assert server.evaluate_final() == reused  # scoring the rows again gives the same record, to the last bit
+
+    server.evaluate()
+    replies = transport.train(3, server.instructions(3))
+    server.complete_round(3, server.accept(3, replies.uploads, []))  # the global model changes
+    scored.clear()
+    assert server.evaluate_final()["accuracy"] is not None and scored == [32]  # so the rows are scored again
+
+
 # ---------------------------------------------------------------------------- what the server keeps per client
 def float_tensors(value, skip=()) -> Iterator[torch.Tensor]:
     """The floating-point tensors with data reachable from `value` through dicts, lists and aflora's objects; the

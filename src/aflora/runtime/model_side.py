@@ -109,6 +109,7 @@ class ModelSide:
 
     def score_rows(self, examples: list[Encoded], adapter: Adapter | None, encoder: PromptEncoder) -> ClassificationOutcomes:
         """Each example right or wrong (and its loss), in order: what paired comparisons between methods need."""
+        pin_threads(self.threads)
         return score_classification(self.host, examples, label_token_ids=encoder.label_token_ids, **self._evaluation_settings(adapter))
 
     def _evaluation_settings(self, adapter: Adapter | None) -> dict:

@@ -20,6 +20,7 @@ from ..config import ExperimentConfig, clients_per_round
 from ..costs import payload_bytes
 from ..encoding import Encoded, PromptEncoder
 from ..errors import RoundAborted
+from ..evaluation import ClassificationOutcomes
 from ..lora.factors import Adapter, adapter_tensors
 from ..methods import Instruction, TrainSpec, Upload
 from ..methods.base import hash_seed, validate_upload
@@ -81,6 +82,9 @@ class ServerRuntime:
         self._pending_ack: dict[int, int] = {}
         # The last merged round each client confirmed holding (by a successful reply): it gets every later one.
         self.acknowledged: dict[int, int] = {c.client_id: 0 for c in self.side.clients}
+        # The per-round rows' outcomes under the current global model (None once a round changes it): the final
+        # evaluation of those same rows (data.final_eval_size = "eval_size") takes them instead of scoring again.
+        self.scored_now: ClassificationOutcomes | None = None
 
     @cached_property
     def test_examples(self) -> list[Encoded]:
@@ -179,6 +183,7 @@ class ServerRuntime:
         Returns the server's diagnostics: aggregation and server-step seconds, the merged update's bytes,
         aggregation error, and the method's own (truncation loss, A's change in the server step)."""
         started = time.perf_counter()
+        self.scored_now = None
         if self.secure:
             self.aggregate_secure(round_, uploads, secure_sum)
         else:
@@ -239,7 +244,11 @@ class ServerRuntime:
     def evaluate(self) -> dict[str, float]:
         """The global model on the test rows (accuracy and loss, or LM loss), plus every extra benchmark."""
         adapter = self.method.global_adapter()
-        metrics = self.side.evaluate(self.test_examples, adapter)
+        if self.side.encoder.label_token_ids:
+            self.scored_now = self.side.score_rows(self.test_examples, adapter, self.side.encoder)
+            metrics = self.scored_now.metrics()
+        else:
+            metrics = self.side.evaluate(self.test_examples, adapter)
         for name, (encoder, examples) in self.extra_eval_sets.items():
             extra = self.side.evaluate(examples, adapter, encoder)
             metrics.update({f"{name}/accuracy": extra["accuracy"], f"{name}/loss": extra["loss"]})
@@ -249,7 +258,12 @@ class ServerRuntime:
         """The global model on the final evaluation's rows (data.final_eval_size) of the task and of every extra
         benchmark: scores, Wilson intervals and each row right or wrong (results.json's final_eval)."""
         adapter = self.method.global_adapter()
-        final = self.score_final(self.workload.final_test, self.side.encoder, adapter)
+        final_test = self.workload.final_test
+        if self.scored_now is not None and final_test.rows == self.workload.test_rows:
+            final = final_eval_record(final_test.indices, final_test.rows, final_test.available, self.scored_now.metrics(),
+                                      self.scored_now.correct)
+        else:
+            final = self.score_final(final_test, self.side.encoder, adapter)
         final["extra"] = {name: self.score_final(eval_set, self.extra_eval_sets[name][0], adapter)
                           for name, eval_set in self.workload.final_extra.items()}
         return final
