@@ -101,8 +101,50 @@ def test_collate_splits_off_the_shared_start_of_classification_rows_only():
     short = rows_with_a_shared_start(MIN_SHARED_PREFIX - 1, count=5)
     assert collate(short, 0, split_prefix=True).prefix_ids == []  # too short to be worth a pass of its own
 
-    lm = [Encoded(input_ids=r.input_ids, lm_labels=[IGNORE_INDEX] * 12 + r.input_ids[12:]) for r in rows]
-    assert collate(lm, 0, split_prefix=True).prefix_ids == []  # LM targets could start inside a shared start
+
+
+def lm_rows(prompt_start: int, targets_from: list[int], seed: int = 0) -> list[Encoded]:
+    """LM rows sharing their first `prompt_start` tokens, row i's targets starting at position targets_from[i]."""
+    rng = random.Random(seed)
+    start = [rng.randrange(3, 250) for _ in range(prompt_start)]
+    rows = []
+    for first in targets_from:
+        ids = start + [rng.randrange(3, 250) for _ in range(first + rng.randint(2, 9) - prompt_start)]
+        rows.append(Encoded(input_ids=ids, lm_labels=[IGNORE_INDEX] * first + ids[first:]))
+    return rows
+
+
+def test_an_lm_batch_keeps_the_token_ahead_of_its_first_target_out_of_the_prefix():
+    rows = lm_rows(16, [20, 18, 25])  # shared start 16 tokens, all of them prompt
+    assert len(collate(rows, 0, split_prefix=True).prefix_ids) == 16
+    early = lm_rows(16, [20, 12, 25])  # one row's targets begin at token 12, inside the shared start
+    assert len(collate(early, 0, split_prefix=True).prefix_ids) == 11  # its token 11 predicts target 12: a row's own
+    assert collate(lm_rows(16, [20, 6, 25]), 0, split_prefix=True).prefix_ids == []  # 5 tokens: not worth a pass
+
+
+@pytest.mark.parametrize("kind,targets", CASES)
+@pytest.mark.parametrize("targets_from", [[20, 18, 25, 17], [20, 12, 25, 30]])
+def test_an_lm_batch_with_its_shared_start_run_once_has_the_whole_rows_loss_and_gradients(kind, targets, targets_from):
+    host, adapter = host_with_trainable_adapter(kind, targets)
+    rows = lm_rows(16, targets_from)
+    split = collate(rows, 0, split_prefix=True)
+    assert split.prefix_ids
+
+    def loss_and_gradients(batch):
+        host.install(adapter, trainable={"A", "B"}, scaling=2.0)
+        host.model.train()
+        loss = batch_loss(host.model, batch, "lm", [])
+        loss.backward()
+        grads = {f"{m}.{f}": p.grad.clone() for m, params in host.factor_parameters().items() for f, p in params.items()}
+        host.model.eval()
+        host.clear()
+        return loss.item(), grads
+
+    whole_loss, whole = loss_and_gradients(collate(rows, 0))
+    split_loss, reused = loss_and_gradients(split)
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    for name, gradient in whole.items():
+        torch.testing.assert_close(reused[name], gradient, rtol=1e-4, atol=1e-6)
 
 
 def test_the_rows_drawn_do_not_depend_on_splitting():

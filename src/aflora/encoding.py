@@ -107,17 +107,25 @@ def shared_prefix(examples: Sequence[Encoded]) -> list[int]:
     return first[:max(length, 0)]
 
 
+def first_target(lm_labels: Sequence[int]) -> int:
+    """Position of a row's first target token (its length when it has none)."""
+    return next((i for i, t in enumerate(lm_labels) if t != IGNORE_INDEX), len(lm_labels))
+
+
 def collate(examples: Sequence[Encoded], pad_id: int, *, split_prefix: bool = False) -> Batch:
     """Left-pad so every row's last position is its answer position; positions count real tokens only.
 
-    With `split_prefix`, classification rows' shared start (chat template + instruction, at least
-    MIN_SHARED_PREFIX tokens) goes to `prefix_ids` and the rows keep the rest: the model runs it once for the
-    batch (`training.batch_loss`). LM rows stay whole, since their targets could begin inside a shared start."""
-    prefix = shared_prefix(examples) if split_prefix and examples[0].lm_labels is None else []
+    With `split_prefix`, the rows' shared start (chat template + instruction, at least MIN_SHARED_PREFIX tokens)
+    goes to `prefix_ids` and the rows keep the rest: the model runs it once for the batch (`training.batch_loss`).
+    For LM rows it ends before the token ahead of the first target, whose prediction is read at that token."""
+    prefix = shared_prefix(examples) if split_prefix else []
+    if prefix and examples[0].lm_labels is not None:
+        prefix = prefix[:min(first_target(e.lm_labels) for e in examples) - 1]
     if len(prefix) < MIN_SHARED_PREFIX:
         prefix = []
     if prefix:
-        examples = [Encoded(input_ids=e.input_ids[len(prefix):], label=e.label) for e in examples]
+        cut = len(prefix)
+        examples = [Encoded(e.input_ids[cut:], e.label, None if e.lm_labels is None else e.lm_labels[cut:]) for e in examples]
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)

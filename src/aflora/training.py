@@ -73,10 +73,9 @@ class PrefixCache:
         return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.layers], config=config)
 
 
-def class_logits(model: torch.nn.Module, batch: Batch, label_token_ids: Sequence[int], *,
-                 prefix: PrefixCache | None = None) -> torch.Tensor:
-    """Logits of each label word's first token at the answer position (rows are left-padded). With `prefix`,
-    each row is the continuation of those cached tokens: it attends to them and its positions start after them."""
+def forward(model: torch.nn.Module, batch: Batch, *, prefix: PrefixCache | None = None, **kwargs):
+    """The model on a batch of left-padded rows. With `prefix`, each row is the continuation of those cached
+    tokens: it attends to them and its positions start after them."""
     device = next(model.parameters()).device
     attention, positions, past = batch.attention_mask, batch.position_ids, None
     if prefix is not None:
@@ -84,14 +83,14 @@ def class_logits(model: torch.nn.Module, batch: Batch, label_token_ids: Sequence
         attention = torch.cat([torch.ones(rows, prefix.length, dtype=attention.dtype), attention], dim=1)
         positions = positions + prefix.length
         past = prefix.for_rows(rows, model.config)
-    out = model(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=attention.to(device),
-        position_ids=positions.to(device),
-        cache=past,
-        use_cache=past is not None,
-        logits_to_keep=1,  # the vocabulary projection only where the answer is read
-    )
+    return model(input_ids=batch.input_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
+                 cache=past, use_cache=past is not None, **kwargs)
+
+
+def class_logits(model: torch.nn.Module, batch: Batch, label_token_ids: Sequence[int], *,
+                 prefix: PrefixCache | None = None) -> torch.Tensor:
+    """Logits of each label word's first token at the answer position (each row's last)."""
+    out = forward(model, batch, prefix=prefix, logits_to_keep=1)  # the vocabulary projection only where the answer is read
     return out.logits[:, -1, list(label_token_ids)].float()
 
 
@@ -103,28 +102,22 @@ def is_deterministic_in_training(model: torch.nn.Module) -> bool:
     return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    if batch.prefix_ids:
-        raise ValueError("the LM loss needs whole rows: collate LM examples without split_prefix")
-    device = next(model.parameters()).device
-    out = model(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        position_ids=batch.position_ids.to(device),
-        labels=batch.labels.to(device),
-    )
+def lm_loss(model: torch.nn.Module, batch: Batch, *, prefix: PrefixCache | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the rows' target tokens. With `prefix`, no row's first token after it is a target
+    (collate's split_prefix sees to it): that token's prediction would be read inside the prefix."""
+    out = forward(model, batch, prefix=prefix, labels=batch.labels.to(next(model.parameters()).device))
     return out.loss.float()
 
 
 def batch_loss(model: torch.nn.Module, batch: Batch, objective: str, label_token_ids: Sequence[int]) -> torch.Tensor:
-    if objective == "class_ce":
-        # Cross-entropy over the |L| class logits: the paper's F_CE (Eq. 10). A batch's shared start (collate's
-        # split_prefix) runs once for all its rows: the same loss and gradients as whole rows, with less work.
-        prefix = PrefixCache.of(model, batch.prefix_ids) if batch.prefix_ids else None
+    # A batch's shared start (collate's split_prefix) runs once for all its rows: the same loss and gradients as
+    # whole rows, with less work.
+    prefix = PrefixCache.of(model, batch.prefix_ids) if batch.prefix_ids else None
+    if objective == "class_ce":  # cross-entropy over the |L| class logits: the paper's F_CE (Eq. 10)
         logits = class_logits(model, batch, label_token_ids, prefix=prefix)
         return F.cross_entropy(logits, batch.labels.to(logits.device))
     if objective == "lm":
-        return lm_loss(model, batch)
+        return lm_loss(model, batch, prefix=prefix)
     raise ValueError(f"unknown training objective {objective!r}; expected one of {OBJECTIVES}")
 
 
