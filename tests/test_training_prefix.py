@@ -13,7 +13,7 @@ from aflora.lora.factors import ModuleFactors
 from aflora.lora.host import AdapterHost
 from aflora.methods.base import TrainSpec
 from aflora.models import build_tiny_model
-from aflora.training import OptimConfig, batch_loss, class_logits, is_deterministic_in_training, train_adapter
+from aflora.training import OptimConfig, PrefixCache, batch_loss, class_logits, is_deterministic_in_training, train_adapter
 
 LABELS = [11, 12, 13]
 CASES = [("tiny-llama", ["q_proj", "v_proj"]), ("tiny-gpt2", ["c_attn"])]
@@ -38,16 +38,15 @@ def host_with_trainable_adapter(kind: str, targets: list[str]) -> tuple[AdapterH
     return host, adapter
 
 
-def loss_and_gradients(host: AdapterHost, adapter: dict, batch, *, detach_prefix: bool = False):
+def loss_and_gradients(host: AdapterHost, adapter: dict, batch, *, objective: str = "class_ce", detach_prefix: bool = False):
     host.install(adapter, trainable={"A", "B"}, scaling=2.0)
     host.model.train()
     if detach_prefix:  # a degenerate version: the prefix's keys and values as constants
-        from aflora.training import PrefixCache
         with torch.no_grad():
             prefix = PrefixCache.of(host.model, batch.prefix_ids)
         loss = torch.nn.functional.cross_entropy(class_logits(host.model, batch, LABELS, prefix=prefix), batch.labels)
     else:
-        loss = batch_loss(host.model, batch, "class_ce", LABELS)
+        loss = batch_loss(host.model, batch, objective, LABELS)
     loss.backward()
     grads = {f"{module}.{factor}": p.grad.clone() for module, params in host.factor_parameters().items() for factor, p in params.items()}
     host.model.eval()
@@ -87,7 +86,7 @@ def test_training_with_the_shared_start_run_once_trains_the_same_adapter(kind, t
         torch.testing.assert_close(reused.adapter[name].B, factors.B, rtol=1e-4, atol=1e-5)
 
 
-def test_collate_splits_off_the_shared_start_of_classification_rows_only():
+def test_collate_splits_off_the_rows_shared_start_and_keeps_every_token_counted():
     rows = rows_with_a_shared_start(10, count=5)
     whole, split = collate(rows, 0), collate(rows, 0, split_prefix=True)
     assert split.prefix_ids == rows[0].input_ids[:10]
@@ -95,12 +94,11 @@ def test_collate_splits_off_the_shared_start_of_classification_rows_only():
     for row, example in enumerate(rows):
         n = len(example.input_ids) - 10
         assert split.input_ids[row, split.input_ids.shape[1] - n:].tolist() == example.input_ids[10:]
-        assert split.position_ids[row, -1] == n - 1  # positions restart after the prefix (class_logits shifts them)
+        assert split.position_ids[row, -1] == n - 1  # positions restart after the prefix (training.forward shifts them)
     torch.testing.assert_close(split.labels, whole.labels)
 
     short = rows_with_a_shared_start(MIN_SHARED_PREFIX - 1, count=5)
     assert collate(short, 0, split_prefix=True).prefix_ids == []  # too short to be worth a pass of its own
-
 
 
 def lm_rows(prompt_start: int, targets_from: list[int], seed: int = 0) -> list[Encoded]:
@@ -129,19 +127,8 @@ def test_an_lm_batch_with_its_shared_start_run_once_has_the_whole_rows_loss_and_
     rows = lm_rows(16, targets_from)
     split = collate(rows, 0, split_prefix=True)
     assert split.prefix_ids
-
-    def loss_and_gradients(batch):
-        host.install(adapter, trainable={"A", "B"}, scaling=2.0)
-        host.model.train()
-        loss = batch_loss(host.model, batch, "lm", [])
-        loss.backward()
-        grads = {f"{m}.{f}": p.grad.clone() for m, params in host.factor_parameters().items() for f, p in params.items()}
-        host.model.eval()
-        host.clear()
-        return loss.item(), grads
-
-    whole_loss, whole = loss_and_gradients(collate(rows, 0))
-    split_loss, reused = loss_and_gradients(split)
+    whole_loss, whole = loss_and_gradients(host, adapter, collate(rows, 0), objective="lm")
+    split_loss, reused = loss_and_gradients(host, adapter, split, objective="lm")
     assert split_loss == pytest.approx(whole_loss, rel=1e-5)
     for name, gradient in whole.items():
         torch.testing.assert_close(reused[name], gradient, rtol=1e-4, atol=1e-6)
