@@ -40,7 +40,7 @@ lint: setup
 	$(VENV)/bin/mypy src/aflora/methods src/aflora/lora
 
 test: lint
-	AFLORA_TEST_DATA_DIR=$(DATA_DIR) $(PYTEST) -m "not slow or ci" -q
+	AFLORA_TEST_DATA_DIR=$(DATA_DIR) $(PYTEST) -m "not slow or ci" -q --durations=15
 
 test-all: setup
 	AFLORA_TEST_DATA_DIR=$(DATA_DIR) $(PYTEST) -q

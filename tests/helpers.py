@@ -113,14 +113,17 @@ def record_differences(a, b, *, path: str = "") -> list[str]:
 def kill_run_after_round(config_file: Path, out: Path, round_: int, *, deadline: float) -> int:
     """Start `aflora run`, SIGKILL its whole process group (server and Ray) once its checkpoint holds round
     `round_` or later, and return the checkpoint's round; the run must still have been running."""
-    process = subprocess.Popen([sys.executable, "-m", "aflora", "run", "--config", str(config_file), "--out", str(out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out.parent / f"{out.name}.log"  # kept beside the run: why it ended early, if it did
+    with log.open("w") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "aflora", "run", "--config", str(config_file), "--out", str(out)],
+                                   stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while time.monotonic() < deadline and process.poll() is None:
             if (out / "checkpoint" / "manifest.json").exists() and load_checkpoint(out)[0]["round"] >= round_:
                 break
             time.sleep(0.2)
-        assert process.poll() is None, "the run ended (or never got going) before it could be killed"
+        assert process.poll() is None, (f"the run ended (exit {process.returncode}) before it could be killed; "
+                                        f"the end of its output:\n{log.read_text(errors='replace')[-3000:]}")
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
