@@ -37,23 +37,22 @@ pytestmark = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("s
                                 reason="needs openssl and ssh-keygen to create the federation's certificates and keys")
 
 
-def _marked(test, *marks):
-    for mark in marks:
-        test = mark(test)
-    return test
+def _deployment_test(seconds: int, *marks):
+    """Marks a test on a running local federation: slow, with its own pytest timeout when pytest-timeout is there."""
+    timeout = [pytest.mark.timeout(seconds)] if importlib.util.find_spec("pytest_timeout") else []
+
+    def mark(test):
+        for each in (pytest.mark.slow, *marks, *timeout):
+            test = each(test)
+        return test
+    return mark
 
 
-def deployed(test):
-    """A test on the three-SuperNode federation: slow, but CI runs it (`make test`): the only check of the real path."""
-    timeout = [pytest.mark.timeout(1200)] if importlib.util.find_spec("pytest_timeout") else []
-    return _marked(test, pytest.mark.slow, pytest.mark.ci, *timeout)
-
-
-def deployed_at_scale(test):
-    """A test on the ten-SuperNode federation: `make test-all` only. On the 2-core AMD EPYC without bf16 its
-    fixture (ten nodes up, 3 + 5 rounds, a node killed and restarted) outlasted 20 minutes, more than CI affords."""
-    timeout = [pytest.mark.timeout(2400)] if importlib.util.find_spec("pytest_timeout") else []
-    return _marked(test, pytest.mark.slow, *timeout)
+# The three-SuperNode federation: slow, but CI runs it (`make test`): the only check of the real path.
+deployed = _deployment_test(1200, pytest.mark.ci)
+# The ten-SuperNode federation: `make test-all` only. On the 2-core AMD EPYC without bf16 its fixture (ten nodes
+# up, 3 + 5 rounds, a node killed and restarted) outlasted 20 minutes, more than CI affords.
+deployed_at_scale = _deployment_test(2400)
 
 
 def test_certificates_satisfy_a_strict_tls_client_for_every_local_name(tmp_path):
