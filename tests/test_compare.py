@@ -242,6 +242,46 @@ def test_one_seed_shows_the_wilson_interval_of_its_final_evaluation(tmp_path):
     assert "| `fedit` | 1 | 0.7500 [0.6857, 0.8049] |" in write_markdown(rows, tmp_path / "c.md", header=[]).read_text()
 
 
+def test_label_scores_expose_a_model_that_answers_one_label():
+    """A constant answer matches the majority score on accuracy but not on balanced accuracy (1/K); a model right on
+    half of each label has balanced accuracy 0.5 whatever the label shares."""
+    from aflora.results import label_scores
+
+    labels = [1] * 6 + [0] * 3 + [2]  # 60 % label 1
+    always_one = label_scores(labels, [label == 1 for label in labels])
+    assert always_one == {"label_shares": {"0": 0.3, "1": 0.6, "2": 0.1}, "recall_by_label": {"0": 0.0, "1": 1.0, "2": 0.0},
+                          "balanced_accuracy": pytest.approx(1 / 3), "majority_label_accuracy": 0.6}
+    assert label_scores(labels, [label == 2 for label in labels])["balanced_accuracy"] == pytest.approx(1 / 3)
+    half = [True, False] * 3 + [True, False, True] + [False]  # label 1: 3/6, label 0: 2/3, label 2: 0/1
+    assert label_scores(labels, half)["recall_by_label"] == {"0": pytest.approx(2 / 3), "1": 0.5, "2": 0.0}
+    with pytest.raises(ValueError):
+        label_scores(labels, [True])
+
+
+def test_the_table_shows_balanced_accuracy_and_the_majority_label_score(tmp_path):
+    def with_labels(run: dict, balanced: float, majority: float) -> dict:
+        run["final_eval"] |= {"balanced_accuracy": balanced, "majority_label_accuracy": majority}
+        return run
+
+    rows = summarize({
+        "aflora": [with_labels(fake_run("aflora", s, accuracy=0.6, best=0.6), 1 / 3, m) for s, m in ((0, 0.598), (1, 0.591))],
+        "flora": [with_labels(fake_run("flora", s, accuracy=0.7, best=0.7), b, m) for s, b, m in ((0, 0.65, 0.598), (1, 0.55, 0.591))],
+        "fedit": [fake_run("fedit", 0, accuracy=0.7)],  # a run made before results.json kept label scores: blank
+    })
+    assert [row.stats["balanced_accuracy"].mean for row in rows] == pytest.approx([1 / 3, 0.6, None])
+    md = write_markdown(rows, tmp_path / "comparison.md", header=[]).read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| entry | seeds"))
+    titles = [t.strip() for t in header.strip("|").split("|")]
+    assert titles[2:5] == ["final accuracy [95 % CI]", "best accuracy [95 % CI]", "balanced accuracy"]
+    assert "0.3333 ± 0.0000" in md and "0.6000 ± 0.0707" in md
+    assert "most common label of the same rows scores 0.5980 (seed 0), 0.5910 (seed 1)" in md
+    with write_csv(rows, tmp_path / "comparison.csv").open() as handle:
+        records = list(csv.DictReader(handle))
+    assert float(records[1]["balanced_accuracy_mean"]) == pytest.approx(0.6) and records[2]["balanced_accuracy_mean"] == ""
+    old = write_markdown(summarize({"fedit": [fake_run("fedit", 0, accuracy=0.7)]}), tmp_path / "old.md", header=[]).read_text()
+    assert "balanced accuracy" not in old and "most common label" not in old
+
+
 def test_overlay_and_pareto_plots_with_interval_bands(runs, tmp_path):
     paths = write_plots(runs, summarize(runs), tmp_path)
     assert [p.name for p in paths] == ["accuracy.png", "uplink.png", "pareto.png"]

@@ -101,6 +101,11 @@ def test_the_final_evaluation_scores_data_final_eval_size_rows_once_after_the_la
     assert record.final["accuracy_ci95"] == final["accuracy_ci95"] == wilson_interval(sum(correct), 32).as_list()
     assert record.rounds[-1].accuracy_ci95 == final["accuracy_ci95"] and record.initial["accuracy_ci95"][0] <= record.initial["accuracy"]
     assert record.final["eval_rows"] == 32 and final["extra"] == {}
+    labels = [row["label"] for row in server.workload.final_test.rows]  # recall per label, counted here independently
+    recall = {str(k): sum(hit for hit, label in zip(correct, labels) if label == k) / labels.count(k) for k in set(labels)}
+    assert final["recall_by_label"] == pytest.approx(recall) and len(recall) > 1
+    assert final["balanced_accuracy"] == pytest.approx(sum(recall.values()) / len(recall))
+    assert final["majority_label_accuracy"] == max(map(labels.count, set(labels))) / 32
 
     larger = ServerRuntime(tiny_config(tmp_path / "b", "data.eval_size=8", 'data.final_eval_size="20"'))
     assert len(larger.workload.test_rows) == 8

@@ -62,6 +62,8 @@ COLUMNS = [
     FINAL,
     Column("best_accuracy", "best accuracy [95 % CI]", ".4f", lambda run: run["final"].get("best_accuracy"),
            interval=lambda run: run["final"].get("best_accuracy_ci95")),
+    # Blank for runs made before results.json kept it, and for tasks without labels
+    Column("balanced_accuracy", "balanced accuracy", ".4f", lambda run: run.get("final_eval", {}).get("balanced_accuracy")),
     Column("client_cost_pct", "client cost %", ".4f", lambda run: run["final"]["client_cost_pct"]),
     Column("uplink_mib", "uplink MiB", ".3f", lambda run: run["final"]["uplink_bytes_total"] / MIB),
     Column("round_seconds", "round s", ".2f", _round_mean("round_seconds")),
@@ -122,6 +124,7 @@ class Row:
     verdict: str = ""  # ahead / level / behind the reference ("reference" on its own row)
     paired_on: str = ""  # what the difference was paired on, e.g. "3 seeds, t" or "2000 rows of seed 0, bootstrap"
     fleet: FleetRow | None = None  # time and traffic to the target on a simulated fleet (compare_fleet); None: not timeable
+    majority: list[float | None] = field(default_factory=list)  # per seed: the score of always answering the commonest label
 
 
 def column_stat(column: Column, runs: list[dict[str, Any]]) -> Stat:
@@ -146,7 +149,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], reference: str | None = Non
         if metric == "loss":  # a label whose seeds do not all have an accuracy compares the loss of every seed
             stats["final"] = Stat.of(finals)
         rows.append(Row(label, seeds[0]["method"], [run["seed"] for run in seeds], metric, stats, finals, extra,
-                        seeds[0]["final"].get("eval_rows")))
+                        seeds[0]["final"].get("eval_rows"),
+                        majority=[run.get("final_eval", {}).get("majority_label_accuracy") for run in seeds]))
     if reference is not None:
         for row in rows:
             row.reference = reference
@@ -250,6 +254,12 @@ def footnotes(rows: list[Row]) -> list[str]:
         "aggregation error is ‖ΔW_global − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖ per round, blank where the method does "
         "not define it.",
     ]
+    majority = majority_by_seed(rows)
+    if majority:
+        notes += ["", "Balanced accuracy is the mean of the final evaluation's per-label recalls (results.json keeps each "
+                  "label's), 1/K for a model that gives every row the same answer. Always answering the most common label "
+                  "of the same rows scores " + ", ".join(f"{value:.4f} (seed {seed})" for seed, value in majority.items())
+                  + ": a final accuracy near that with a balanced accuracy near 1/K learned the label shares, not the task."]
     reference = rows[0].reference if rows else ""
     if reference:
         paired = "; ".join(f"`{row.label}`: {row.paired_on}" for row in rows if row.paired_on)
@@ -258,6 +268,12 @@ def footnotes(rows: list[Row]) -> list[str]:
                   "bootstrap over the test rows (10,000 resamples, fixed seed). Ahead / behind only when the interval "
                   "excludes 0 (for a loss, lower is ahead), else level. Paired on: " + paired + "."]
     return notes
+
+
+def majority_by_seed(rows: list[Row]) -> dict[int, float]:
+    """seed -> the majority-label score of its final evaluation's rows, from whichever run recorded it."""
+    found = {seed: value for row in rows for seed, value in zip(row.seeds, row.majority) if value is not None}
+    return dict(sorted(found.items()))
 
 
 def fleet_section(rows: list[Row]) -> list[str]:

@@ -114,7 +114,25 @@ def final_eval_record(indices: list[int], rows: list[dict], available: int, metr
     }
     if correct is not None:
         record["correct"] = pack_bits(correct)
+        if rows and all("label" in row for row in rows):
+            record |= label_scores([row["label"] for row in rows], correct)
     return record
+
+
+def label_scores(labels: list[int], correct: list[bool]) -> dict[str, Any]:
+    """What the accuracy alone hides on imbalanced rows: each label's share of the rows and its recall, their mean
+    (balanced accuracy: 1/K for a model that gives one answer to every row, whatever that answer), and the
+    accuracy of always answering the most common label. Labels are JSON keys, so strings."""
+    rows_of: dict[int, list[bool]] = {}
+    for label, hit in zip(labels, correct, strict=True):
+        rows_of.setdefault(label, []).append(hit)
+    recall = {str(label): sum(hits) / len(hits) for label, hits in sorted(rows_of.items())}
+    return {
+        "label_shares": {str(label): len(hits) / len(labels) for label, hits in sorted(rows_of.items())},
+        "recall_by_label": recall,
+        "balanced_accuracy": sum(recall.values()) / len(recall),
+        "majority_label_accuracy": max(len(hits) for hits in rows_of.values()) / len(labels),
+    }
 
 
 @dataclass
