@@ -122,7 +122,8 @@ def final_eval_record(indices: list[int], rows: list[dict], available: int, metr
 def label_scores(labels: list[int], correct: list[bool]) -> dict[str, Any]:
     """What the accuracy alone hides on imbalanced rows: each label's share of the rows and its recall, their mean
     (balanced accuracy: 1/K for a model that gives one answer to every row, whatever that answer), and the
-    accuracy of always answering the most common label. Labels are JSON keys, so strings."""
+    accuracy of always answering the most common label. K counts the labels the rows hold (a label no row has has
+    no recall); labels are JSON keys, so strings."""
     rows_of: dict[int, list[bool]] = {}
     for label, hit in zip(labels, correct, strict=True):
         rows_of.setdefault(label, []).append(hit)
