@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aflora.checkpoint import load_checkpoint
 from aflora.config import ExperimentConfig, load_config
+from aflora.intervals import pack_bits, wilson_interval
 from aflora.rounds import InProcessTransport, run_round
 from aflora.runtime import ClientRuntime, ServerRuntime
 
@@ -131,3 +132,34 @@ def kill_run_after_round(config_file: Path, out: Path, round_: int, *, deadline:
             os.killpg(process.pid, signal.SIGKILL)
     assert not (out / "results.json").exists()
     return load_checkpoint(out)[0]["round"]
+
+
+MIB = 2**20
+
+
+def fake_run(method: str, seed: int, *, accuracy: float | None, loss: float = 1.0, best: float | None = None,
+             cost_pct: float = 0.1, uplink: list[int] = (MIB, MIB), round_seconds: list[float] = (1.0, 3.0),
+             aggregation_seconds: list[float] = (0.01, 0.03), server_seconds: list[float | None] = (None, None),
+             errors: list[float | None] = (None, None), eval_uplink: int = 0, extra: dict | None = None,
+             correct: list[bool] | None = None, rows_id: str | None = None) -> dict:
+    """A results.json dict with just the fields the table reads. `correct`: the final evaluation's per-row outcomes
+    (the accuracy is then theirs); `rows_id` stands for the hash of the rows it scored (default: the seed's own)."""
+    final_eval = {"rows_sha256": rows_id or f"rows of seed {seed}", "rows": 200, "test_rows": 7600, "accuracy": accuracy,
+                  "loss": loss}
+    if correct is not None:
+        accuracy = sum(correct) / len(correct)
+        final_eval |= {"rows": len(correct), "accuracy": accuracy, "correct": pack_bits(correct),
+                       "accuracy_ci95": wilson_interval(sum(correct), len(correct)).as_list()}
+    rounds = [
+        {"round": i + 1, "accuracy": accuracy, "loss": loss, "uplink_bytes": {"0": up // 2, "1": up - up // 2},
+         "round_seconds": rs, "aggregation_seconds": ag, "server_seconds": ss, "aggregation_error": er,
+         "eval_uplink_bytes": eval_uplink, "extra": {k: v[i] for k, v in (extra or {}).items()}}
+        for i, (up, rs, ag, ss, er) in enumerate(zip(uplink, round_seconds, aggregation_seconds, server_seconds, errors))
+    ]
+    return {
+        "method": method, "seed": seed, "initial": {"accuracy": None if accuracy is None else 0.25, "loss": 2.0},
+        "rounds": rounds,
+        "final": {"accuracy": accuracy, "loss": loss, "best_accuracy": best, "client_cost_pct": cost_pct,
+                  "uplink_bytes_total": sum(uplink), "accuracy_ci95": final_eval.get("accuracy_ci95"), "eval_rows": final_eval["rows"]},
+        "final_eval": final_eval,
+    }

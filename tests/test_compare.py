@@ -18,12 +18,10 @@ from aflora.compare import Entry, compare_table, parse_entries, parse_entry, par
 from aflora.compare_table import COLUMNS, csv_columns, markdown_table, summarize, write_csv, write_markdown, write_plots
 from aflora.config import ConfigError, load_config, parse_override
 from aflora.data import DataError
-from aflora.intervals import pack_bits, t_interval, wilson_interval
+from aflora.intervals import t_interval, wilson_interval
 from aflora.tomlwrite import toml_literal
 
-from helpers import write_tiny_config_toml
-
-MIB = 2**20
+from helpers import MIB, fake_run, write_tiny_config_toml
 
 
 # ---------------------------------------------------------------------------- entries and seeds
@@ -89,34 +87,6 @@ def test_toml_literal_parses_back_exactly(value):
 
 
 # ---------------------------------------------------------------------------- the table
-def fake_run(method: str, seed: int, *, accuracy: float | None, loss: float = 1.0, best: float | None = None,
-             cost_pct: float = 0.1, uplink: list[int] = (MIB, MIB), round_seconds: list[float] = (1.0, 3.0),
-             aggregation_seconds: list[float] = (0.01, 0.03), server_seconds: list[float | None] = (None, None),
-             errors: list[float | None] = (None, None), eval_uplink: int = 0, extra: dict | None = None,
-             correct: list[bool] | None = None, rows_id: str | None = None) -> dict:
-    """A results.json dict with just the fields the table reads. `correct`: the final evaluation's per-row outcomes
-    (the accuracy is then theirs); `rows_id` stands for the hash of the rows it scored (default: the seed's own)."""
-    final_eval = {"rows_sha256": rows_id or f"rows of seed {seed}", "rows": 200, "test_rows": 7600, "accuracy": accuracy,
-                  "loss": loss}
-    if correct is not None:
-        accuracy = sum(correct) / len(correct)
-        final_eval |= {"rows": len(correct), "accuracy": accuracy, "correct": pack_bits(correct),
-                       "accuracy_ci95": wilson_interval(sum(correct), len(correct)).as_list()}
-    rounds = [
-        {"round": i + 1, "accuracy": accuracy, "loss": loss, "uplink_bytes": {"0": up // 2, "1": up - up // 2},
-         "round_seconds": rs, "aggregation_seconds": ag, "server_seconds": ss, "aggregation_error": er,
-         "eval_uplink_bytes": eval_uplink, "extra": {k: v[i] for k, v in (extra or {}).items()}}
-        for i, (up, rs, ag, ss, er) in enumerate(zip(uplink, round_seconds, aggregation_seconds, server_seconds, errors))
-    ]
-    return {
-        "method": method, "seed": seed, "initial": {"accuracy": None if accuracy is None else 0.25, "loss": 2.0},
-        "rounds": rounds,
-        "final": {"accuracy": accuracy, "loss": loss, "best_accuracy": best, "client_cost_pct": cost_pct,
-                  "uplink_bytes_total": sum(uplink), "accuracy_ci95": final_eval.get("accuracy_ci95"), "eval_rows": final_eval["rows"]},
-        "final_eval": final_eval,
-    }
-
-
 def mean_std(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
@@ -474,7 +444,7 @@ def test_each_published_experiment_is_a_file_with_its_entries_and_seeds(name):
     sets, methods = EXPERIMENTS[name]
     path = REPO / "configs" / name
     assert load_config(path).to_dict() == load_config(REPO / "configs" / "default.toml", sets).to_dict()
-    assert compare_table(path) == (methods, "0,1,2", "aflora", None, None)
+    assert compare_table(path) == (methods, "0,1,2", "aflora", None, None, None)
     parse_entries(methods)  # every entry is valid
 
 
@@ -488,14 +458,14 @@ def test_every_config_file_loads():
 
 
 def test_compare_table_is_checked_and_optional(tiny_toml, tmp_path):
-    assert compare_table(tiny_toml) == (None,) * 5 and compare_table(None) == (None,) * 5
+    assert compare_table(tiny_toml) == (None,) * 6 and compare_table(None) == (None,) * 6
     base = tiny_toml.read_text()
     path = tmp_path / "experiment.toml"
     path.write_text(base + '\n[compare]\nmethods = ["fedit", "aflora:ddr=false"]\nreference = "fedit"\n')
-    assert compare_table(path) == ("fedit,aflora:ddr=false", None, "fedit", None, None)
+    assert compare_table(path) == ("fedit,aflora:ddr=false", None, "fedit", None, None, None)
     assert load_config(path).method == load_config(tiny_toml).method  # `aflora run` reads the same file
     for bad, message in [('methods = "fedit"', "methods must be a non-empty list"), ("seeds = [0, 1.5]", "seeds must be"),
-                         ('method = ["fedit"]', "takes only methods, seeds, reference, target_accuracy, fleet"),
+                         ('method = ["fedit"]', "takes only methods, seeds, reference, target_accuracy, fleet, grid"),
                          ("reference = 1", "reference must name")]:
         path.write_text(base + f"\n[compare]\n{bad}\n")
         with pytest.raises(ConfigError, match=message):

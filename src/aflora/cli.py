@@ -164,11 +164,14 @@ def compare(
     fleet: Annotated[str | None, typer.Option(
         "--fleet", help="The simulated device fleet that times each run: mixed (phones, laptops, edge GPUs by budget) or "
                         "phones (default: the config's [compare] fleet, else mixed; docs/fleet.md)")] = None,
+    grid: Annotated[str | None, typer.Option(
+        "--grid", help="One train.* or server.* setting and its values, e.g. train.lr=0.001,0.002,0.004: every entry runs once "
+                       "per value (as <entry>:train.lr=<value>) and the table ends with each entry's best value and the "
+                       "--methods that runs each at it (default: the config's [compare] grid)")] = None,
 ) -> None:
     """Run several methods (and ablations) × seeds on one identical experiment; write a comparison table and plots."""
     from .compare import compare_table, parse_entries, parse_seeds, plan_comparison, run_comparison
     from .compare_fleet import fleet_settings
-    from .compare_table import fleet_section, markdown_table
 
     configure_logging()
     in_file = compare_table(config)
@@ -182,10 +185,9 @@ def compare(
     if reference is None and in_file.reference in [e.label for e in entries]:  # unless --methods left the file's out
         reference = in_file.reference
     plan = plan_comparison(config, _overrides(set_, data_dir), entries, parse_seeds(seeds), out, overwrite=overwrite, reference=reference,
-                           fleet=on_fleet)
+                           fleet=on_fleet, grid=grid or in_file.grid)
     configure_logging(plan.base.engine.verbose)
-    rows = run_comparison(plan, command=shlex.join(["aflora", *sys.argv[1:]]))
-    typer.echo("\n".join([*markdown_table(rows), "", *fleet_section(rows)]))
+    typer.echo("\n".join(run_comparison(plan, command=shlex.join(["aflora", *sys.argv[1:]]))))
     err.print(f"[green]table, plots and {len(plan.runs)} runs written to {escape(str(out))} (comparison.md, comparison.csv)[/green]")
 
 

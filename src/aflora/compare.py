@@ -4,6 +4,8 @@ The flow, in order:
 
     compare_table                 the config file's [compare] methods and seeds (--methods / --seeds override them)
     parse_entries / parse_seeds   "aflora,fedit,aflora:ddr=false" and "0,1,2" -> entries and seeds
+    parse_grid / expand_grid      --grid "train.lr=0.001,0.002": every entry once per value (compare_grid.py: each
+                                  entry's best value, written under the table)
     plan_comparison               one config per (entry, seed), all validated (load_config + preflight) before any run
     run_comparison                simulate() each run into DIR/<label>/seed<k>/ (or reuse its results.json), then
     summarize -> write_markdown / write_csv / plots   DIR/comparison.md, comparison.csv, accuracy.png, uplink.png,
@@ -30,7 +32,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .compare_fleet import FleetSettings, fleet_settings
-from .compare_table import Row, summarize, write_csv, write_markdown, write_plots
+from .compare_grid import Grid, grid_choices, grid_markdown
+from .compare_table import Row, fleet_section, markdown_table, summarize, write_csv, write_markdown, write_plots
 from .config import COMPARE, ExperimentConfig, flatten, load_config, parse_override
 from .errors import ConfigError, DataError, ModelError
 from .machine import machine_line
@@ -68,14 +71,15 @@ class Entry:
 
 
 class CompareSettings(NamedTuple):
-    """A config file's [compare] table, spelled as --methods / --seeds / --reference / --target-accuracy / --fleet
-    take them; None where unset."""
+    """A config file's [compare] table, spelled as --methods / --seeds / --reference / --target-accuracy / --fleet /
+    --grid take them; None where unset."""
 
     methods: str | None = None
     seeds: str | None = None
     reference: str | None = None
     target_accuracy: float | None = None
     fleet: str | None = None
+    grid: str | None = None
 
 
 def compare_table(config_path: Path | None) -> CompareSettings:
@@ -87,6 +91,7 @@ def compare_table(config_path: Path | None) -> CompareSettings:
         reference = "aflora"    # each entry's paired difference to this one
         target_accuracy = 0.8   # the fleet table's target (default: 95 % of the best entry's final accuracy)
         fleet = "mixed"         # the simulated device fleet (aflora.fleet.FLEETS)
+        grid = "train.lr=0.001,0.002,0.004"   # every entry once per value, and each entry's best (--grid)
     """
     if config_path is None or not Path(config_path).is_file():
         return CompareSettings()  # load_config reports a missing file
@@ -107,8 +112,13 @@ def compare_table(config_path: Path | None) -> CompareSettings:
     if reference is not None and not (isinstance(reference, str) and reference):
         raise ConfigError(f"{config_path}: [compare] reference must name one of the entries, e.g. {example}; got {reference!r}")
     fleet_settings(table.get("fleet"), table.get("target_accuracy"), source=f"{config_path}: [compare] ")  # checks both
+    grid = table.get("grid")
+    if grid is not None:
+        if not isinstance(grid, str):
+            raise ConfigError(f'{config_path}: [compare] grid must be a string like "train.lr=0.001,0.002,0.004"; got {grid!r}')
+        parse_grid(grid)
     return CompareSettings(",".join(methods) if methods else None, ",".join(map(str, seeds)) if seeds else None, reference,
-                           table.get("target_accuracy"), table.get("fleet"))
+                           table.get("target_accuracy"), table.get("fleet"), grid)
 
 
 def parse_entries(spec: str) -> list[Entry]:
@@ -168,6 +178,41 @@ def parse_entry(text: str) -> Entry:
     return Entry(text, method, options, settings)
 
 
+def parse_grid(spec: str) -> tuple[str, list[str]]:
+    """`--grid train.lr=0.001,0.002,0.004` -> ("train.lr", ["0.001", "0.002", "0.004"]): one numeric train.* or
+    server.* setting (those an entry may set for itself) and at least two distinct values, sorted by value."""
+    example = "e.g. --grid train.lr=0.001,0.002,0.004"
+    key, _, text = spec.partition("=")
+    key = key.strip()
+    if not text or key.split(".")[0] not in ENTRY_SECTIONS or key.count(".") != 1:
+        raise ConfigError(f"--grid {spec!r} must be one train.* or server.* setting and its values, {example}")
+    values = [v.strip() for v in text.split(",")]
+    numbers = []
+    for value in values:
+        parsed = parse_override(f"{key}={value}")[1]
+        if isinstance(parsed, bool) or not isinstance(parsed, (int, float)):
+            raise ConfigError(f"--grid {spec!r}: {value!r} is not a number; {example}")
+        numbers.append(float(parsed))
+    if len(set(numbers)) != len(numbers) or len(numbers) < 2:
+        raise ConfigError(f"--grid {spec!r} needs at least two different values, each once; {example}")
+    return key, [value for _, value in sorted(zip(numbers, values))]
+
+
+def expand_grid(entries: list[Entry], key: str, values: list[str]) -> tuple[list[Entry], Grid]:
+    """Every entry once per value, as the entry `<entry>:<key>=<value>` (what --methods would spell), entry by entry."""
+    set_already = [e.label for e in entries if key in e.settings]
+    if set_already:
+        raise ConfigError(f"--grid varies {key}, which the entries {set_already} set themselves; leave it out of them")
+    grid = Grid(key, values, {})
+    expanded = []
+    for entry in entries:
+        for value in values:
+            cell = parse_entry(grid.entry_with(entry.label, value))
+            grid.cells[cell.label] = (entry.label, value)
+            expanded.append(cell)
+    return expanded, grid
+
+
 def parse_seeds(spec: str) -> list[int]:
     """`--seeds 0,1,2` -> [0, 1, 2]."""
     items = [s.strip() for s in spec.split(",")]
@@ -196,6 +241,7 @@ class Plan:
     runs: list[PlannedRun]
     reference: str | None = None  # the entry every other one is compared with, paired (--reference)
     fleet: FleetSettings = field(default_factory=FleetSettings)  # the fleet table's fleet and target
+    grid: Grid | None = None  # --grid: the entries are its cells, and the table ends with each entry's best value
 
     @property
     def base(self) -> ExperimentConfig:
@@ -203,8 +249,16 @@ class Plan:
 
 
 def plan_comparison(config_path: Path | None, overrides: list[str], entries: list[Entry], seeds: list[int], out: Path,
-                    *, overwrite: bool = False, reference: str | None = None, fleet: FleetSettings | None = None) -> Plan:
-    """Resolve and check every run before the first starts: a typo in the last entry fails in a second."""
+                    *, overwrite: bool = False, reference: str | None = None, fleet: FleetSettings | None = None,
+                    grid: str | None = None) -> Plan:
+    """Resolve and check every run before the first starts: a typo in the last entry fails in a second. With a
+    grid, every entry runs once per value (expand_grid)."""
+    cells = None
+    if grid is not None:
+        key, values = parse_grid(grid)
+        if any(item.split("=")[0].strip() == key for item in overrides):
+            raise ConfigError(f"--set and --grid both set {key}; the grid gives it every value, so leave it out of --set")
+        entries, cells = expand_grid(entries, key, values)
     labels = [e.label for e in entries]
     if reference is not None and reference not in labels:
         raise ConfigError(f"--reference {reference!r} is not one of the entries {labels}; name one of them (e.g. --reference "
@@ -228,7 +282,7 @@ def plan_comparison(config_path: Path | None, overrides: list[str], entries: lis
             else:
                 _preflight(config, where)
             runs.append(PlannedRun(entry, seed, config, run_dir, reuse))
-    return Plan(entries, seeds, Path(out), runs, reference, fleet or FleetSettings())
+    return Plan(entries, seeds, Path(out), runs, reference, fleet or FleetSettings(), cells)
 
 
 def _preflight(config: ExperimentConfig, where: str) -> None:
@@ -261,8 +315,9 @@ def _check_reusable(run_dir: Path, config: ExperimentConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- running
-def run_comparison(plan: Plan, *, command: str) -> list[Row]:
-    """Run (or reuse) every planned run, then write the table and the overlay plots; returns the table's rows."""
+def run_comparison(plan: Plan, *, command: str) -> list[str]:
+    """Run (or reuse) every planned run, then write the table and the overlay plots; returns what the terminal
+    shows: the table, the fleet table and, with a grid, each entry's best value."""
     runs: dict[str, list[dict[str, Any]]] = {e.label: [] for e in plan.entries}
     for i, planned in enumerate(plan.runs, 1):
         name = f"run {i}/{len(plan.runs)}: {planned.entry.label} seed {planned.seed}"
@@ -277,10 +332,19 @@ def run_comparison(plan: Plan, *, command: str) -> list[Row]:
             finish_replacement(write_to)
         runs[planned.entry.label].append(load_run(planned.out_dir))
     rows = summarize(runs, plan.reference, plan.fleet)
-    write_markdown(rows, plan.out / "comparison.md", header=describe(plan, command))
+    grid = grid_section(plan, rows, runs)
+    write_markdown(rows, plan.out / "comparison.md", header=describe(plan, command), sections=grid)
     write_csv(rows, plan.out / "comparison.csv")
     write_plots(runs, rows, plan.out)
-    return rows
+    fleet = fleet_section(rows)
+    return [*markdown_table(rows), *(["", *fleet] if fleet else []), *(["", *grid] if grid else [])]
+
+
+def grid_section(plan: Plan, rows: list[Row], runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """With --grid, each entry's best value (compare_grid); nothing otherwise."""
+    if plan.grid is None or not rows:
+        return []
+    return grid_markdown(plan.grid, grid_choices(plan.grid, rows, runs), plan.seeds, rows[0].metric)
 
 
 def describe(plan: Plan, command: str) -> list[str]:

@@ -282,7 +282,9 @@ def fleet_section(rows: list[Row]) -> list[str]:
     return fleet_markdown([row.label for row in timed], [row.fleet for row in timed], timed[0].reference) if timed else []
 
 
-def write_markdown(rows: list[Row], path: Path, *, header: list[str]) -> Path:
+def write_markdown(rows: list[Row], path: Path, *, header: list[str], sections: list[str] = ()) -> Path:
+    """comparison.md: the header lines, the table and its notes, the finals per seed, the fleet table, then
+    `sections` (e.g. the grid's: compare_grid)."""
     metric = rows[0].metric if rows else "accuracy"
     seeds = sorted({s for row in rows for s in row.seeds})
     lines = [
@@ -304,6 +306,8 @@ def write_markdown(rows: list[Row], path: Path, *, header: list[str]) -> Path:
     fleet = fleet_section(rows)
     if fleet:
         lines += ["", *fleet]
+    if sections:
+        lines += ["", *sections]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
