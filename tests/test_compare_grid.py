@@ -35,7 +35,7 @@ def test_every_entry_runs_once_per_value_as_its_own_entry():
     assert [e.label for e in entries] == ["fedit:train.lr=0.001", "fedit:train.lr=0.004",
                                           "aflora:ddr=false+train.lr=0.001", "aflora:ddr=false+train.lr=0.004"]
     assert entries[3].options == {"ddr": False} and entries[3].settings == {"train.lr": 0.004}
-    assert grid.cells["aflora:ddr=false+train.lr=0.004"] == ("aflora:ddr=false", "0.004")
+    assert grid.entries == ["fedit", "aflora:ddr=false"]
     with pytest.raises(ConfigError, match=r"varies train.lr, which the entries \['fedit:train.lr=0.002'\] set"):
         expand_grid(parse_entries("aflora,fedit:train.lr=0.002"), "train.lr", ["0.001", "0.004"])
 

@@ -203,13 +203,8 @@ def expand_grid(entries: list[Entry], key: str, values: list[str]) -> tuple[list
     set_already = [e.label for e in entries if key in e.settings]
     if set_already:
         raise ConfigError(f"--grid varies {key}, which the entries {set_already} set themselves; leave it out of them")
-    grid = Grid(key, values, {})
-    expanded = []
-    for entry in entries:
-        for value in values:
-            cell = parse_entry(grid.entry_with(entry.label, value))
-            grid.cells[cell.label] = (entry.label, value)
-            expanded.append(cell)
+    grid = Grid(key, values, [e.label for e in entries])
+    expanded = [parse_entry(grid.entry_with(entry, value)) for entry in grid.entries for value in values]
     return expanded, grid
 
 
@@ -253,12 +248,12 @@ def plan_comparison(config_path: Path | None, overrides: list[str], entries: lis
                     grid: str | None = None) -> Plan:
     """Resolve and check every run before the first starts: a typo in the last entry fails in a second. With a
     grid, every entry runs once per value (expand_grid)."""
-    cells = None
+    expanded_grid = None
     if grid is not None:
         key, values = parse_grid(grid)
         if any(item.split("=")[0].strip() == key for item in overrides):
             raise ConfigError(f"--set and --grid both set {key}; the grid gives it every value, so leave it out of --set")
-        entries, cells = expand_grid(entries, key, values)
+        entries, expanded_grid = expand_grid(entries, key, values)
     labels = [e.label for e in entries]
     if reference is not None and reference not in labels:
         raise ConfigError(f"--reference {reference!r} is not one of the entries {labels}; name one of them (e.g. --reference "
@@ -282,7 +277,7 @@ def plan_comparison(config_path: Path | None, overrides: list[str], entries: lis
             else:
                 _preflight(config, where)
             runs.append(PlannedRun(entry, seed, config, run_dir, reuse))
-    return Plan(entries, seeds, Path(out), runs, reference, fleet or FleetSettings(), cells)
+    return Plan(entries, seeds, Path(out), runs, reference, fleet or FleetSettings(), expanded_grid)
 
 
 def _preflight(config: ExperimentConfig, where: str) -> None:

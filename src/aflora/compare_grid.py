@@ -23,7 +23,7 @@ class Grid:
 
     key: str  # e.g. "train.lr"
     values: list[str]  # as typed, in ascending numeric order
-    cells: dict[str, tuple[str, str]]  # the label of each run entry -> (the entry it was made from, its value)
+    entries: list[str]  # the entries as given to --methods, each run once per value
 
     def entry_with(self, entry: str, value: str) -> str:
         """The label of `entry` at `value`: `fedit:train.lr=0.001`, `aflora:ddr=false+train.lr=0.001`."""
@@ -43,9 +43,8 @@ class GridChoice:
 def grid_choices(grid: Grid, rows: list[Row], runs: dict[str, list[dict[str, Any]]]) -> list[GridChoice]:
     """Each entry's best value, in the order the entries were given."""
     by_label = {row.label: row for row in rows}
-    entries = list(dict.fromkeys(entry for entry, _ in grid.cells.values()))
     choices = []
-    for entry in entries:
+    for entry in grid.entries:
         labels = [grid.entry_with(entry, value) for value in grid.values]
         means = [by_label[label].stats["final"].mean for label in labels]
         metric = by_label[labels[0]].metric
