@@ -20,9 +20,9 @@ def encoded(tokenizer):
     return encoder, [encoder.encode_classification(r) for r in RECORDS]
 
 
-def aflora_for(host, ranks=(6, 3)) -> AFLoRA:
-    method = AFLoRA(AFLoRAOptions(), module_shapes=host.module_shapes(), clients=[ClientSpec(i, r, 10) for i, r in enumerate(ranks)],
-                    seed=0)
+def aflora_for(host, ranks=(6, 3), options: AFLoRAOptions | None = None) -> AFLoRA:
+    method = AFLoRA(options or AFLoRAOptions(), module_shapes=host.module_shapes(),
+                    clients=[ClientSpec(i, r, 10) for i, r in enumerate(ranks)], seed=0)
     method.init_server_state()
     return method
 
@@ -111,3 +111,55 @@ def test_B_columns_start_at_unit_norm_and_the_penalty_matches_eq10(tiny_host):
     params = {n: {"B": torch.nn.Parameter(f.B * 2.0)} for n, f in spec.adapter.items()}  # every ‖b_j‖² = 4
     expected = method.options.gamma * sum(f.rank * (4.0 - 1.0) ** 2 for f in spec.adapter.values())
     assert spec.penalty(params).item() == pytest.approx(expected, rel=1e-5)
+
+
+ZERO_B = AFLoRAOptions(client_init="zero_b", ddr=False)
+
+
+def test_zero_b_starts_at_zero_update_with_a_gradient_on_B(tiny_llama, tiny_host, token_batch):
+    model, tokenizer = tiny_llama
+    base = model(token_batch).logits
+    method = aflora_for(tiny_host, options=ZERO_B)
+    spec = method.local_job(method.instruct(0, round_=1))
+    for name, factors in spec.adapter.items():
+        assert torch.equal(factors.B, torch.zeros_like(factors.B))
+        torch.testing.assert_close(factors.lam, torch.full((factors.rank,), 1.0 / method.row_norm(name)))
+        torch.testing.assert_close((factors.lam[:, None] * factors.A).norm(dim=1), torch.ones(factors.rank))  # Λ·A: unit rows
+    tiny_host.install(spec.adapter)
+    torch.testing.assert_close(model(token_batch).logits, base)  # B = 0: ΔW = 0
+    tiny_host.clear()
+    grads = gradients_at_init(tiny_host, tokenizer, spec.adapter)
+    assert grads["B"] > 0, "B must receive a gradient at the start of every round"
+    assert grads["lam"] == 0  # ∂L/∂Λ ∝ B = 0 at the first step
+
+
+def test_zero_b_refuses_ddr_which_could_not_prune():
+    with pytest.raises(ValueError, match="ddr = false"):
+        AFLoRAOptions(client_init="zero_b")
+    with pytest.raises(ValueError, match="client_init"):
+        AFLoRAOptions(client_init="zeros", ddr=False)
+
+
+def aggregate_over_copies(host, tokenizer, options: AFLoRAOptions, clients: int = 4) -> float:
+    """‖B_global·A‖ / mean_k ‖B'_k·A_k‖ (summed over modules) after identical clients train on identical batches."""
+    encoder, examples = encoded(tokenizer)
+    method = aflora_for(host, ranks=(3,) * clients, options=options)
+    uploads, each = [], 0.0
+    for cid in range(clients):
+        instruction = method.instruct(cid, round_=1)
+        spec = method.local_job(instruction)
+        result = train_adapter(host, spec, training_batches(examples, 4, tokenizer.pad_token_id, seed=0), steps=2,
+                               optim=OptimConfig(lr=0.01), objective="class_ce", label_token_ids=encoder.label_token_ids)
+        uploads.append(method.upload(instruction, result.adapter, num_examples=10))
+        each += sum(float((f.scaled_B() @ f.A).norm()) for f in result.adapter.values()) / clients
+    method.aggregate(uploads, round_=1)
+    return sum(float((method.B_global[n] @ method.A_global[n]).norm()) for n in method.A_global) / each
+
+
+def test_unit_b_clients_cancel_where_zero_b_clients_agree(tiny_llama, tiny_host):
+    """Why the init matters under IID: identical clients want the same ΔW. With 'unit_b' each one's early
+    steps move ΔW only within its own random columns' span, so their average cancels; with 'zero_b' their
+    updates coincide and the average keeps its full size."""
+    _, tokenizer = tiny_llama
+    assert aggregate_over_copies(tiny_host, tokenizer, ZERO_B) == pytest.approx(1.0, abs=1e-4)
+    assert aggregate_over_copies(tiny_host, tokenizer, AFLoRAOptions(ddr=False)) < 0.8

@@ -4,7 +4,8 @@ zero-padding rank-aware aggregation.
 Choices where the paper is silent or inconsistent are listed in docs/aflora.md; in short:
 - Each round starts fresh client adapters (the previous global update is merged into the base):
   B with random unit-norm columns, Λ = 0, so ΔW = 0 at the start and ∂L/∂Λ ≠ 0. (The paper's
-  "initialize B and Λ with zeros" would make every gradient zero.)
+  "initialize B and Λ with zeros" would make every gradient zero.) `client_init = "zero_b"`: B = 0,
+  Λ = 1/C instead, a diagnostic of what the random start costs.
 - Masks are per adapted module (each "local LoRA adapter" of Sec. V-B) and persist on the server.
 - A client trains and uploads only its kept dimensions (compact B, Λ against the kept rows of A).
 - After the server step, A' is merged as-is, then its rows are renormalized to C for the next round
@@ -36,6 +37,7 @@ from .aggregation import (
 from .base import FederatedMethod, Instruction, Penalty, ServerTrainer, TrainSpec, Upload, factor_shapes, tensor_key
 
 DDR_RULES = ("eq8", "outlier")
+CLIENT_INITS = ("unit_b", "zero_b")
 LAMBDA_OPTIMIZERS = ("tensorwise", "adamw")
 
 
@@ -62,6 +64,12 @@ class AFLoRAOptions:
         metadata={"help": "'tensorwise' = Adam with one second moment per module's Λ, so |λ_j|² keeps the gradients' "
                           "relative sizes (docs/aflora.md); 'adamw' = per-entry AdamW (|λ_j| counts same-sign steps)."},
     )
+    client_init: str = field(
+        default="unit_b",
+        metadata={"help": "How a client's adapter starts each round. 'unit_b' (the default, docs/aflora.md choice 1): "
+                          "B with random unit-norm columns, Λ = 0. 'zero_b': B = 0, Λ = 1/C (LoRA's own start with "
+                          "Λ·A's rows at unit norm), a diagnostic: needs aflora.ddr = false."},
+    )
     ddr: bool = field(default=True, metadata={"help": "Dynamic rank pruning; false = fixed ranks (ablation 'w/o DDR')."})
     server_tuning: bool = field(
         default=True, metadata={"help": "Tune A on the public set after aggregation; false = ablation 'w/o DLF'."}
@@ -87,6 +95,11 @@ class AFLoRAOptions:
             raise ValueError(f"aflora.ddr_rule must be one of {list(DDR_RULES)}, got {self.ddr_rule!r}")
         if self.lambda_optimizer not in LAMBDA_OPTIMIZERS:
             raise ValueError(f"aflora.lambda_optimizer must be one of {list(LAMBDA_OPTIMIZERS)}, got {self.lambda_optimizer!r}")
+        if self.client_init not in CLIENT_INITS:
+            raise ValueError(f"aflora.client_init must be one of {list(CLIENT_INITS)}, got {self.client_init!r}")
+        if self.client_init == "zero_b" and self.ddr:
+            raise ValueError("aflora.client_init = 'zero_b' starts every |λ_j| at 1/C, so Eq. 8 (keep j iff |λ_j|² ≥ β·σ) "
+                             "would keep every dimension and DDR would not prune: set aflora.ddr = false with it")
         check_column_weights(self.column_weights, "aflora")
 
 
@@ -319,8 +332,12 @@ class AFLoRA(FederatedMethod):
         adapter: Adapter = {}
         for name, (m, _) in sorted(self.module_shapes.items()):
             A = instruction.tensors[tensor_key("A", name)]
-            B = torch.randn(m, A.shape[0], generator=generator)
-            adapter[name] = ModuleFactors(A=A, B=B / B.norm(dim=0, keepdim=True), lam=torch.zeros(A.shape[0]))
+            r = A.shape[0]
+            if self.options.client_init == "zero_b":  # ∂L/∂B ≠ 0 in every output direction from the first step
+                adapter[name] = ModuleFactors(A=A, B=torch.zeros(m, r), lam=torch.full((r,), 1.0 / self.row_norm(name)))
+            else:  # ∂L/∂Λ ≠ 0; B's first steps move ΔW only within its random columns' span
+                B = torch.randn(m, r, generator=generator)
+                adapter[name] = ModuleFactors(A=A, B=B / B.norm(dim=0, keepdim=True), lam=torch.zeros(r))
         tensorwise = frozenset({"lam"}) if self.options.lambda_optimizer == "tensorwise" else frozenset()
         return TrainSpec(adapter=adapter, trainable=frozenset({"B", "lam"}), penalty=unit_norm_penalty(self.options.gamma),
                          tensorwise=tensorwise)
