@@ -163,3 +163,24 @@ def test_unit_b_clients_cancel_where_zero_b_clients_agree(tiny_llama, tiny_host)
     _, tokenizer = tiny_llama
     assert aggregate_over_copies(tiny_host, tokenizer, ZERO_B) == pytest.approx(1.0, abs=1e-4)
     assert aggregate_over_copies(tiny_host, tokenizer, AFLoRAOptions(ddr=False)) < 0.8
+
+
+def first_step_size_ratio(host, tokenizer, options: AFLoRAOptions) -> float:
+    """‖ΔW‖ after one step of the rank-6 client ÷ the rank-3 client's, on the same batch."""
+    encoder, examples = encoded(tokenizer)
+    method = aflora_for(host, ranks=(6, 3), options=options)
+    sizes = []
+    for cid in (0, 1):
+        spec = method.local_job(method.instruct(cid, round_=1))
+        result = train_adapter(host, spec, training_batches(examples, 4, tokenizer.pad_token_id, seed=0), steps=1,
+                               optim=OptimConfig(lr=0.01), objective="class_ce", label_token_ids=encoder.label_token_ids)
+        sizes.append(sum(float((f.scaled_B() @ f.A).pow(2).sum()) for f in result.adapter.values()) ** 0.5)
+    return sizes[0] / sizes[1]
+
+
+def test_zero_b_rs_steps_alike_at_every_rank(tiny_llama, tiny_host):
+    """An Adam step moves each of B's m·r entries by ≈ lr, so with Λ·A's rows at unit norm ('zero_b') ΔW's step
+    grows as √r (√2 from rank 3 to 6); Λ = 1/(C·√r) ('zero_b_rs') makes it the same at every rank."""
+    _, tokenizer = tiny_llama
+    assert first_step_size_ratio(tiny_host, tokenizer, ZERO_B) == pytest.approx(2**0.5, rel=0.1)
+    assert first_step_size_ratio(tiny_host, tokenizer, AFLoRAOptions(client_init="zero_b_rs", ddr=False)) == pytest.approx(1.0, rel=0.1)

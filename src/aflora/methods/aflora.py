@@ -37,7 +37,7 @@ from .aggregation import (
 from .base import FederatedMethod, Instruction, Penalty, ServerTrainer, TrainSpec, Upload, factor_shapes, tensor_key
 
 DDR_RULES = ("eq8", "outlier")
-CLIENT_INITS = ("unit_b", "zero_b")
+CLIENT_INITS = ("unit_b", "zero_b", "zero_b_rs")
 LAMBDA_OPTIMIZERS = ("tensorwise", "adamw")
 
 
@@ -68,7 +68,8 @@ class AFLoRAOptions:
         default="unit_b",
         metadata={"help": "How a client's adapter starts each round. 'unit_b' (the default, docs/aflora.md choice 1): "
                           "B with random unit-norm columns, Λ = 0. 'zero_b': B = 0, Λ = 1/C (LoRA's own start with "
-                          "Λ·A's rows at unit norm), a diagnostic: needs aflora.ddr = false."},
+                          "Λ·A's rows at unit norm); 'zero_b_rs': B = 0, Λ = 1/(C·√r), so a step on B moves ΔW alike "
+                          "at every rank (rsLoRA's 1/√r). Both are diagnostics and need aflora.ddr = false."},
     )
     ddr: bool = field(default=True, metadata={"help": "Dynamic rank pruning; false = fixed ranks (ablation 'w/o DDR')."})
     server_tuning: bool = field(
@@ -97,8 +98,8 @@ class AFLoRAOptions:
             raise ValueError(f"aflora.lambda_optimizer must be one of {list(LAMBDA_OPTIMIZERS)}, got {self.lambda_optimizer!r}")
         if self.client_init not in CLIENT_INITS:
             raise ValueError(f"aflora.client_init must be one of {list(CLIENT_INITS)}, got {self.client_init!r}")
-        if self.client_init == "zero_b" and self.ddr:
-            raise ValueError("aflora.client_init = 'zero_b' starts every |λ_j| at 1/C, so Eq. 8 (keep j iff |λ_j|² ≥ β·σ) "
+        if self.client_init != "unit_b" and self.ddr:
+            raise ValueError(f"aflora.client_init = {self.client_init!r} starts every |λ_j| equal, so Eq. 8 (keep j iff |λ_j|² ≥ β·σ) "
                              "would keep every dimension and DDR would not prune: set aflora.ddr = false with it")
         check_column_weights(self.column_weights, "aflora")
 
@@ -333,8 +334,9 @@ class AFLoRA(FederatedMethod):
         for name, (m, _) in sorted(self.module_shapes.items()):
             A = instruction.tensors[tensor_key("A", name)]
             r = A.shape[0]
-            if self.options.client_init == "zero_b":  # ∂L/∂B ≠ 0 in every output direction from the first step
-                adapter[name] = ModuleFactors(A=A, B=torch.zeros(m, r), lam=torch.full((r,), 1.0 / self.row_norm(name)))
+            if self.options.client_init != "unit_b":  # ∂L/∂B ≠ 0 in every output direction from the first step
+                lam = 1.0 / self.row_norm(name) / (r**0.5 if self.options.client_init == "zero_b_rs" else 1.0)
+                adapter[name] = ModuleFactors(A=A, B=torch.zeros(m, r), lam=torch.full((r,), lam))
             else:  # ∂L/∂Λ ≠ 0; B's first steps move ΔW only within its random columns' span
                 B = torch.randn(m, r, generator=generator)
                 adapter[name] = ModuleFactors(A=A, B=B / B.norm(dim=0, keepdim=True), lam=torch.zeros(r))
