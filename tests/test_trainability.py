@@ -140,18 +140,22 @@ def test_zero_b_refuses_ddr_which_could_not_prune():
         AFLoRAOptions(client_init="zeros", ddr=False)
 
 
+def train_one_client(host, tokenizer, spec: TrainSpec, steps: int) -> dict[str, ModuleFactors]:
+    """The trained adapter of one client, on the same batches for every client."""
+    encoder, examples = encoded(tokenizer)
+    return train_adapter(host, spec, training_batches(examples, 4, tokenizer.pad_token_id, seed=0), steps=steps,
+                         optim=OptimConfig(lr=0.01), objective="class_ce", label_token_ids=encoder.label_token_ids).adapter
+
+
 def aggregate_over_copies(host, tokenizer, options: AFLoRAOptions, clients: int = 4) -> float:
     """‖B_global·A‖ / mean_k ‖B'_k·A_k‖ (summed over modules) after identical clients train on identical batches."""
-    encoder, examples = encoded(tokenizer)
     method = aflora_for(host, ranks=(3,) * clients, options=options)
     uploads, each = [], 0.0
     for cid in range(clients):
         instruction = method.instruct(cid, round_=1)
-        spec = method.local_job(instruction)
-        result = train_adapter(host, spec, training_batches(examples, 4, tokenizer.pad_token_id, seed=0), steps=2,
-                               optim=OptimConfig(lr=0.01), objective="class_ce", label_token_ids=encoder.label_token_ids)
-        uploads.append(method.upload(instruction, result.adapter, num_examples=10))
-        each += sum(float((f.scaled_B() @ f.A).norm()) for f in result.adapter.values()) / clients
+        trained = train_one_client(host, tokenizer, method.local_job(instruction), steps=2)
+        uploads.append(method.upload(instruction, trained, num_examples=10))
+        each += sum(float((f.scaled_B() @ f.A).norm()) for f in trained.values()) / clients
     method.aggregate(uploads, round_=1)
     return sum(float((method.B_global[n] @ method.A_global[n]).norm()) for n in method.A_global) / each
 
@@ -167,14 +171,11 @@ def test_unit_b_clients_cancel_where_zero_b_clients_agree(tiny_llama, tiny_host)
 
 def first_step_size_ratio(host, tokenizer, options: AFLoRAOptions) -> float:
     """‖ΔW‖ after one step of the rank-6 client ÷ the rank-3 client's, on the same batch."""
-    encoder, examples = encoded(tokenizer)
     method = aflora_for(host, ranks=(6, 3), options=options)
     sizes = []
     for cid in (0, 1):
-        spec = method.local_job(method.instruct(cid, round_=1))
-        result = train_adapter(host, spec, training_batches(examples, 4, tokenizer.pad_token_id, seed=0), steps=1,
-                               optim=OptimConfig(lr=0.01), objective="class_ce", label_token_ids=encoder.label_token_ids)
-        sizes.append(sum(float((f.scaled_B() @ f.A).pow(2).sum()) for f in result.adapter.values()) ** 0.5)
+        trained = train_one_client(host, tokenizer, method.local_job(method.instruct(cid, round_=1)), steps=1)
+        sizes.append(sum(float((f.scaled_B() @ f.A).pow(2).sum()) for f in trained.values()) ** 0.5)
     return sizes[0] / sizes[1]
 
 

@@ -4,8 +4,8 @@ zero-padding rank-aware aggregation.
 Choices where the paper is silent or inconsistent are listed in docs/aflora.md; in short:
 - Each round starts fresh client adapters (the previous global update is merged into the base):
   B with random unit-norm columns, Λ = 0, so ΔW = 0 at the start and ∂L/∂Λ ≠ 0. (The paper's
-  "initialize B and Λ with zeros" would make every gradient zero.) `client_init = "zero_b"`: B = 0,
-  Λ = 1/C instead, a diagnostic of what the random start costs.
+  "initialize B and Λ with zeros" would make every gradient zero.) `client_init = "zero_b"` / "zero_b_rs":
+  B = 0, Λ = 1/C or 1/(C·√r) instead, diagnostics of what the random start costs.
 - Masks are per adapted module (each "local LoRA adapter" of Sec. V-B) and persist on the server.
 - A client trains and uploads only its kept dimensions (compact B, Λ against the kept rows of A).
 - After the server step, A' is merged as-is, then its rows are renormalized to C for the next round
@@ -335,8 +335,10 @@ class AFLoRA(FederatedMethod):
             A = instruction.tensors[tensor_key("A", name)]
             r = A.shape[0]
             if self.options.client_init != "unit_b":  # ∂L/∂B ≠ 0 in every output direction from the first step
-                lam = 1.0 / self.row_norm(name) / (r**0.5 if self.options.client_init == "zero_b_rs" else 1.0)
-                adapter[name] = ModuleFactors(A=A, B=torch.zeros(m, r), lam=torch.full((r,), lam))
+                start = 1.0 / self.row_norm(name)  # Λ·A's rows at unit norm
+                if self.options.client_init == "zero_b_rs":
+                    start /= r**0.5  # a step on B then moves ΔW alike at every rank
+                adapter[name] = ModuleFactors(A=A, B=torch.zeros(m, r), lam=torch.full((r,), start))
             else:  # ∂L/∂Λ ≠ 0; B's first steps move ΔW only within its random columns' span
                 B = torch.randn(m, r, generator=generator)
                 adapter[name] = ModuleFactors(A=A, B=B / B.norm(dim=0, keepdim=True), lam=torch.zeros(r))
