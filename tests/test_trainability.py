@@ -185,3 +185,34 @@ def test_zero_b_rs_steps_alike_at_every_rank(tiny_llama, tiny_host):
     _, tokenizer = tiny_llama
     assert first_step_size_ratio(tiny_host, tokenizer, ZERO_B) == pytest.approx(2**0.5, rel=0.1)
     assert first_step_size_ratio(tiny_host, tokenizer, AFLoRAOptions(client_init="zero_b_rs", ddr=False)) == pytest.approx(1.0, rel=0.1)
+
+
+FIXED_LAMBDA = AFLoRAOptions(client_init="zero_b_rs", ddr=False, train_lambda=False, gamma=0.0)
+
+
+def test_fixed_lambda_trains_B_alone_as_ffa_lora_does_against_lambda_A(tiny_llama, tiny_host):
+    """train_lambda = false: Λ keeps its start, and B's steps are those of LoRA with B alone trained against the
+    fixed product Λ·A (FFA-LoRA's client step, scaling 1), so both give the same ΔW; training Λ as well does not."""
+    _, tokenizer = tiny_llama
+    method = aflora_for(tiny_host, ranks=(3,), options=FIXED_LAMBDA)
+    spec = method.local_job(method.instruct(0, round_=1))
+    assert spec.trainable == frozenset({"B"}) and spec.tensorwise == frozenset()
+    assert spec.trained_params() == sum(m * 3 for m, _ in tiny_host.module_shapes().values())
+    trained = train_one_client(tiny_host, tokenizer, spec, steps=3)
+
+    plain = TrainSpec(adapter={n: ModuleFactors(A=f.lam[:, None] * f.A, B=f.B) for n, f in spec.adapter.items()},
+                      trainable=frozenset({"B"}))
+    reference = train_one_client(tiny_host, tokenizer, plain, steps=3)
+    trained_lambda = train_one_client(tiny_host, tokenizer, aflora_for(tiny_host, ranks=(3,), options=AFLoRAOptions(
+        client_init="zero_b_rs", ddr=False, gamma=0.0)).local_job(method.instruct(0, round_=1)), steps=3)
+    for name, start in spec.adapter.items():
+        assert torch.equal(trained[name].lam, start.lam), "Λ must keep its start"
+        delta = trained[name].scaled_B() @ trained[name].A
+        assert delta.norm() > 0
+        torch.testing.assert_close(delta, reference[name].B @ reference[name].A, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(trained_lambda[name].scaled_B() @ trained_lambda[name].A, delta, rtol=1e-3, atol=1e-6)
+
+
+def test_fixed_lambda_refuses_the_random_start_where_nothing_would_train():
+    with pytest.raises(ValueError, match="train_lambda = false"):
+        AFLoRAOptions(ddr=False, train_lambda=False)

@@ -5,7 +5,8 @@ Choices where the paper is silent or inconsistent are listed in docs/aflora.md; 
 - Each round starts fresh client adapters (the previous global update is merged into the base):
   B with random unit-norm columns, Λ = 0, so ΔW = 0 at the start and ∂L/∂Λ ≠ 0. (The paper's
   "initialize B and Λ with zeros" would make every gradient zero.) `client_init = "zero_b"` / "zero_b_rs":
-  B = 0, Λ = 1/C or 1/(C·√r) instead, diagnostics of what the random start costs.
+  B = 0, Λ = 1/C or 1/(C·√r) instead, diagnostics of what the random start costs; with them
+  `train_lambda = false` keeps Λ fixed, so B alone trains against a fixed Λ·A, as in FFA-LoRA.
 - Masks are per adapted module (each "local LoRA adapter" of Sec. V-B) and persist on the server.
 - A client trains and uploads only its kept dimensions (compact B, Λ against the kept rows of A).
 - After the server step, A' is merged as-is, then its rows are renormalized to C for the next round
@@ -71,6 +72,12 @@ class AFLoRAOptions:
                           "Λ·A's rows at unit norm); 'zero_b_rs': B = 0, Λ = 1/(C·√r), so a step on B moves ΔW alike "
                           "at every rank (rsLoRA's 1/√r). Both are diagnostics and need aflora.ddr = false."},
     )
+    train_lambda: bool = field(
+        default=True,
+        metadata={"help": "Clients train Λ with B (Sec. V-B). false = Λ stays at its start and B alone is trained, as "
+                          "FFA-LoRA trains B against a fixed A: a diagnostic, only with client_init 'zero_b' or 'zero_b_rs' "
+                          "(under 'unit_b' Λ = 0 would leave ΔW = 0 for good)."},
+    )
     ddr: bool = field(default=True, metadata={"help": "Dynamic rank pruning; false = fixed ranks (ablation 'w/o DDR')."})
     server_tuning: bool = field(
         default=True, metadata={"help": "Tune A on the public set after aggregation; false = ablation 'w/o DLF'."}
@@ -101,6 +108,9 @@ class AFLoRAOptions:
         if self.client_init != "unit_b" and self.ddr:
             raise ValueError(f"aflora.client_init = {self.client_init!r} starts every |λ_j| equal, so Eq. 8 (keep j iff |λ_j|² ≥ β·σ) "
                              "would keep every dimension and DDR would not prune: set aflora.ddr = false with it")
+        if not self.train_lambda and self.client_init == "unit_b":
+            raise ValueError("aflora.train_lambda = false keeps Λ at its start, which under client_init = 'unit_b' is 0: "
+                             "ΔW = BΛA would stay 0 and nothing would train; set aflora.client_init = 'zero_b_rs' with it")
         check_column_weights(self.column_weights, "aflora")
 
 
@@ -342,8 +352,9 @@ class AFLoRA(FederatedMethod):
             else:  # ∂L/∂Λ ≠ 0; B's first steps move ΔW only within its random columns' span
                 B = torch.randn(m, r, generator=generator)
                 adapter[name] = ModuleFactors(A=A, B=B / B.norm(dim=0, keepdim=True), lam=torch.zeros(r))
-        tensorwise = frozenset({"lam"}) if self.options.lambda_optimizer == "tensorwise" else frozenset()
-        return TrainSpec(adapter=adapter, trainable=frozenset({"B", "lam"}), penalty=unit_norm_penalty(self.options.gamma),
+        trainable = self.trained_factors if self.options.train_lambda else frozenset({"B"})
+        tensorwise = frozenset({"lam"}) & trainable if self.options.lambda_optimizer == "tensorwise" else frozenset()
+        return TrainSpec(adapter=adapter, trainable=trainable, penalty=unit_norm_penalty(self.options.gamma),
                          tensorwise=tensorwise)
 
     def upload(self, instruction: Instruction, trained: Adapter, num_examples: int) -> Upload:
