@@ -444,7 +444,8 @@ def test_each_published_experiment_is_a_file_with_its_entries_and_seeds(name):
     sets, methods = EXPERIMENTS[name]
     path = REPO / "configs" / name
     assert load_config(path).to_dict() == load_config(REPO / "configs" / "default.toml", sets).to_dict()
-    assert compare_table(path) == (methods, "0,1,2", "aflora", None, None, None)
+    across = "data.epsilon=0.2,0.4,0.6" if name == "fig4_dolly.toml" else None  # the figure sweeps FedIT's ε
+    assert compare_table(path) == (methods, "0,1,2", "aflora", None, None, None, across)
     parse_entries(methods)  # every entry is valid
 
 
@@ -458,11 +459,11 @@ def test_every_config_file_loads():
 
 
 def test_compare_table_is_checked_and_optional(tiny_toml, tmp_path):
-    assert compare_table(tiny_toml) == (None,) * 6 and compare_table(None) == (None,) * 6
+    assert compare_table(tiny_toml) == (None,) * 7 and compare_table(None) == (None,) * 7
     base = tiny_toml.read_text()
     path = tmp_path / "experiment.toml"
     path.write_text(base + '\n[compare]\nmethods = ["fedit", "aflora:ddr=false"]\nreference = "fedit"\n')
-    assert compare_table(path) == ("fedit,aflora:ddr=false", None, "fedit", None, None, None)
+    assert compare_table(path) == ("fedit,aflora:ddr=false", None, "fedit", None, None, None, None)
     assert load_config(path).method == load_config(tiny_toml).method  # `aflora run` reads the same file
     for bad, message in [('methods = "fedit"', "methods must be a non-empty list"), ("seeds = [0, 1.5]", "seeds must be"),
                          ('method = ["fedit"]', "takes only methods, seeds, reference, target_accuracy, fleet, grid"),

@@ -25,7 +25,7 @@ def test_a_grid_is_one_numeric_setting_an_entry_may_change_sorted_by_value():
                           ("train.lr=0.001,true", "'true' is not a number"),
                           ("data.eval_size=10,20", "one train.* or server.* setting"),
                           ("lr=0.001,0.002", "one train.* or server.* setting"),
-                          ("train.lr", "one train.* or server.* setting")]:
+                          ("train.lr", "no values after '='")]:
         with pytest.raises(ConfigError, match=message):
             parse_grid(spec)
 

@@ -168,6 +168,11 @@ def compare(
         "--grid", help="One train.* or server.* setting and its values, e.g. train.lr=0.001,0.002,0.004: every entry runs once "
                        "per value (as <entry>:train.lr=<value>) and the table ends with each entry's best value and the "
                        "--methods that runs each at it (default: the config's [compare] grid)")] = None,
+    across: Annotated[str | None, typer.Option(
+        "--across", help="One condition of the experiment and its values, e.g. data.epsilon=0.2,0.4,0.6 (or data.dirichlet_alpha, "
+                         "data.labels_per_client, federation.sample_fraction): every entry runs once per value, and the "
+                         "table ends with how each entry's final metric, and its gap to --reference, moves from value to "
+                         "value, paired (default: the config's [compare] across)")] = None,
 ) -> None:
     """Run several methods (and ablations) × seeds on one identical experiment; write a comparison table and plots."""
     from .compare import compare_table, parse_entries, parse_seeds, plan_comparison, run_comparison
@@ -184,8 +189,12 @@ def compare(
     entries = parse_entries(methods)
     if reference is None and in_file.reference in [e.label for e in entries]:  # unless --methods left the file's out
         reference = in_file.reference
-    plan = plan_comparison(config, _overrides(set_, data_dir), entries, parse_seeds(seeds), out, overwrite=overwrite, reference=reference,
-                           fleet=on_fleet, grid=grid or in_file.grid)
+    overrides = _overrides(set_, data_dir)
+    # The file's across yields to a --set of its setting (one value of it, run alone) and to a --grid
+    file_across = in_file.across if in_file.across and not grid and not any(
+        item.partition("=")[0].strip() == in_file.across.partition("=")[0].strip() for item in overrides) else None
+    plan = plan_comparison(config, overrides, entries, parse_seeds(seeds), out, overwrite=overwrite, reference=reference,
+                           fleet=on_fleet, grid=grid or (None if across else in_file.grid), across=across or file_across)
     configure_logging(plan.base.engine.verbose)
     typer.echo("\n".join(run_comparison(plan, command=shlex.join(["aflora", *sys.argv[1:]]))))
     err.print(f"[green]table, plots and {len(plan.runs)} runs written to {escape(str(out))} (comparison.md, comparison.csv)[/green]")

@@ -6,6 +6,8 @@ The flow, in order:
     parse_entries / parse_seeds   "aflora,fedit,aflora:ddr=false" and "0,1,2" -> entries and seeds
     parse_grid / expand_grid      --grid "train.lr=0.001,0.002": every entry once per value (compare_grid.py: each
                                   entry's best value, written under the table)
+    parse_across                  --across "data.epsilon=0.2,0.6": the same expansion over a condition of the
+                                  experiment (compare_across.py: how each entry and its gap to the reference move)
     plan_comparison               one config per (entry, seed), all validated (load_config + preflight) before any run
     run_comparison                simulate() each run into DIR/<label>/seed<k>/ (or reuse its results.json), then
     summarize -> write_markdown / write_csv / plots   DIR/comparison.md, comparison.csv, accuracy.png, uplink.png,
@@ -15,10 +17,10 @@ The flow, in order:
                                   (the table half lives in compare_table.py, the statistics in intervals.py)
 
 Every run shares the config except `method`, `seed` and the entry's own changes: its method options and the few
-shared settings an entry may vary (ENTRY_SECTIONS, ENTRY_KEYS: learning rates, steps, the server's public data). For
-one seed all entries therefore see the same evaluation rows, model and budgets and, unless an entry swaps the public
-set, the same partitions. Parsing and the table are pure functions of plain values and results.json dicts: tested
-without running anything.
+shared settings an entry may vary (ENTRY_SECTIONS, ENTRY_KEYS: learning rates, steps, the server's public data), and
+with --across the one condition it varies (ACROSS_KEYS). For one seed all entries therefore see the same evaluation
+rows, model and budgets and, unless an entry swaps the public set or --across changes them, the same partitions.
+Parsing and the table are pure functions of plain values and results.json dicts: tested without running anything.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .compare_across import across_markdown
 from .compare_fleet import FleetSettings, fleet_settings
 from .compare_grid import Grid, grid_choices, grid_markdown
 from .compare_table import Row, fleet_section, markdown_table, summarize, write_csv, write_markdown, write_plots
@@ -53,6 +56,9 @@ IGNORED_FOR_REUSE = ("engine.", "data.data_dir", "model.cache_dir", "tracking.")
 # step, an out-of-domain public set. Nothing here changes the test rows, so entries stay paired row by row.
 ENTRY_SECTIONS = ("train", "server")
 ENTRY_KEYS = ("data.public_dataset",)
+# Conditions of the experiment --across may vary for every entry alike: how skewed the clients' data are and how many
+# train each round. They change the partitions, not the test rows, so each seed's runs stay paired row by row.
+ACROSS_KEYS = ("data.epsilon", "data.dirichlet_alpha", "data.labels_per_client", "federation.sample_fraction")
 
 
 # ---------------------------------------------------------------------------- what to run
@@ -72,7 +78,7 @@ class Entry:
 
 class CompareSettings(NamedTuple):
     """A config file's [compare] table, spelled as --methods / --seeds / --reference / --target-accuracy / --fleet /
-    --grid take them; None where unset."""
+    --grid / --across take them; None where unset."""
 
     methods: str | None = None
     seeds: str | None = None
@@ -80,6 +86,7 @@ class CompareSettings(NamedTuple):
     target_accuracy: float | None = None
     fleet: str | None = None
     grid: str | None = None
+    across: str | None = None
 
 
 def compare_table(config_path: Path | None) -> CompareSettings:
@@ -92,6 +99,7 @@ def compare_table(config_path: Path | None) -> CompareSettings:
         target_accuracy = 0.8   # the fleet table's target (default: 95 % of the best entry's final accuracy)
         fleet = "mixed"         # the simulated device fleet (aflora.fleet.FLEETS)
         grid = "train.lr=0.001,0.002,0.004"   # every entry once per value, and each entry's best (--grid)
+        across = "data.epsilon=0.2,0.4,0.6"   # or every entry once per value of a condition (--across)
     """
     if config_path is None or not Path(config_path).is_file():
         return CompareSettings()  # load_config reports a missing file
@@ -112,13 +120,17 @@ def compare_table(config_path: Path | None) -> CompareSettings:
     if reference is not None and not (isinstance(reference, str) and reference):
         raise ConfigError(f"{config_path}: [compare] reference must name one of the entries, e.g. {example}; got {reference!r}")
     fleet_settings(table.get("fleet"), table.get("target_accuracy"), source=f"{config_path}: [compare] ")  # checks both
-    grid = table.get("grid")
-    if grid is not None:
-        if not isinstance(grid, str):
-            raise ConfigError(f'{config_path}: [compare] grid must be a string like "train.lr=0.001,0.002,0.004"; got {grid!r}')
-        parse_grid(grid)
+    grid, across = table.get("grid"), table.get("across")
+    for name, spec, check, like in (("grid", grid, parse_grid, "train.lr=0.001,0.002,0.004"),
+                                    ("across", across, parse_across, "data.epsilon=0.2,0.4,0.6")):
+        if spec is not None:
+            if not isinstance(spec, str):
+                raise ConfigError(f'{config_path}: [compare] {name} must be a string like "{like}"; got {spec!r}')
+            check(spec)
+    if grid is not None and across is not None:
+        raise ConfigError(f"{config_path}: [compare] sets both grid and across; {ONE_SWEEP}")
     return CompareSettings(",".join(methods) if methods else None, ",".join(map(str, seeds)) if seeds else None, reference,
-                           table.get("target_accuracy"), table.get("fleet"), grid)
+                           table.get("target_accuracy"), table.get("fleet"), grid, across)
 
 
 def parse_entries(spec: str) -> list[Entry]:
@@ -131,9 +143,10 @@ def parse_entries(spec: str) -> list[Entry]:
     return entries
 
 
-def parse_entry(text: str) -> Entry:
+def parse_entry(text: str, varied: str = "") -> Entry:
     """`aflora:ddr=false+server_tuning=false` -> Entry("aflora", {"ddr": False, "server_tuning": False});
-    `fedit:train.lr=0.001` -> Entry("fedit", settings={"train.lr": 0.001}) (a dotted key is a shared setting)."""
+    `fedit:train.lr=0.001` -> Entry("fedit", settings={"train.lr": 0.001}) (a dotted key is a shared setting).
+    `varied`: the one other setting the entry may carry, the --across condition its expansion gave it."""
     example = "e.g. aflora, fedit, aflora:ddr=false+rank_aware_weights=false or fedit:train.lr=0.001"
     if not text:
         raise ConfigError(f"--methods has an empty entry (two commas in a row, or a trailing comma); {example}")
@@ -158,7 +171,7 @@ def parse_entry(text: str) -> Entry:
         if key in options or key in settings:
             raise ConfigError(f"--methods entry {text!r} sets {key!r} twice")
         if "." in key:
-            if key.split(".")[0] not in ENTRY_SECTIONS and key not in ENTRY_KEYS:
+            if key.split(".")[0] not in ENTRY_SECTIONS and key not in ENTRY_KEYS and key != varied:
                 raise ConfigError(f"--methods entry {text!r}: {key!r} cannot differ between entries; an entry may change "
                                   "only train.*, server.* and data.public_dataset, which leave the test rows shared "
                                   "(other settings apply to every entry: use --set)")
@@ -178,33 +191,55 @@ def parse_entry(text: str) -> Entry:
     return Entry(text, method, options, settings)
 
 
+ONE_SWEEP = "give one of them (tune with --grid on other seeds, then run --across with each entry at its best rate)"
+
+
 def parse_grid(spec: str) -> tuple[str, list[str]]:
     """`--grid train.lr=0.001,0.002,0.004` -> ("train.lr", ["0.001", "0.002", "0.004"]): one numeric train.* or
     server.* setting (those an entry may set for itself) and at least two distinct values, sorted by value."""
-    example = "e.g. --grid train.lr=0.001,0.002,0.004"
+    key = spec.partition("=")[0].strip()
+    if key.split(".")[0] not in ENTRY_SECTIONS or key.count(".") != 1:
+        raise ConfigError(f"--grid {spec!r} must be one train.* or server.* setting and its values, "
+                          "e.g. --grid train.lr=0.001,0.002,0.004")
+    return _sweep_values("--grid", spec, "e.g. --grid train.lr=0.001,0.002,0.004")
+
+
+def parse_across(spec: str) -> tuple[str, list[str]]:
+    """`--across data.epsilon=0.6,0.2` -> ("data.epsilon", ["0.2", "0.6"]): one of ACROSS_KEYS and at least two
+    distinct numeric values, sorted by value."""
+    example = "e.g. --across data.epsilon=0.2,0.4,0.6"
+    if spec.partition("=")[0].strip() not in ACROSS_KEYS:
+        raise ConfigError(f"--across {spec!r} must be one of {', '.join(ACROSS_KEYS)} and its values, {example} (a method's "
+                          "own settings are tuned with --grid)")
+    return _sweep_values("--across", spec, example)
+
+
+def _sweep_values(option: str, spec: str, example: str) -> tuple[str, list[str]]:
     key, _, text = spec.partition("=")
     key = key.strip()
-    if not text or key.split(".")[0] not in ENTRY_SECTIONS or key.count(".") != 1:
-        raise ConfigError(f"--grid {spec!r} must be one train.* or server.* setting and its values, {example}")
+    if not text:
+        raise ConfigError(f"{option} {spec!r} has no values after '='; {example}")
     values = [v.strip() for v in text.split(",")]
     numbers = []
     for value in values:
         parsed = parse_override(f"{key}={value}")[1]
         if isinstance(parsed, bool) or not isinstance(parsed, (int, float)):
-            raise ConfigError(f"--grid {spec!r}: {value!r} is not a number; {example}")
+            raise ConfigError(f"{option} {spec!r}: {value!r} is not a number; {example}")
         numbers.append(float(parsed))
     if len(set(numbers)) != len(numbers) or len(numbers) < 2:
-        raise ConfigError(f"--grid {spec!r} needs at least two different values, each once; {example}")
+        raise ConfigError(f"{option} {spec!r} needs at least two different values, each once; {example}")
     return key, [value for _, value in sorted(zip(numbers, values))]
 
 
-def expand_grid(entries: list[Entry], key: str, values: list[str]) -> tuple[list[Entry], Grid]:
-    """Every entry once per value, as the entry `<entry>:<key>=<value>` (what --methods would spell), entry by entry."""
+def expand_grid(entries: list[Entry], key: str, values: list[str], option: str = "--grid") -> tuple[list[Entry], Grid]:
+    """Every entry once per value, as the entry `<entry>:<key>=<value>` (what --methods would spell), entry by entry;
+    for --grid and --across alike."""
     set_already = [e.label for e in entries if key in e.settings]
     if set_already:
-        raise ConfigError(f"--grid varies {key}, which the entries {set_already} set themselves; leave it out of them")
+        raise ConfigError(f"{option} varies {key}, which the entries {set_already} set themselves; leave it out of them")
     grid = Grid(key, values, [e.label for e in entries])
-    expanded = [parse_entry(grid.entry_with(entry, value)) for entry in grid.entries for value in values]
+    varied = key if option == "--across" else ""
+    expanded = [parse_entry(grid.entry_with(entry, value), varied) for entry in grid.entries for value in values]
     return expanded, grid
 
 
@@ -237,6 +272,9 @@ class Plan:
     reference: str | None = None  # the entry every other one is compared with, paired (--reference)
     fleet: FleetSettings = field(default_factory=FleetSettings)  # the fleet table's fleet and target
     grid: Grid | None = None  # --grid: the entries are its cells, and the table ends with each entry's best value
+    # --across: the entries are its cells; `reference` then names an entry as given (e.g. "aflora"), compared with at
+    # each value in the across section instead of in the table
+    across: Grid | None = None
 
     @property
     def base(self) -> ExperimentConfig:
@@ -245,16 +283,20 @@ class Plan:
 
 def plan_comparison(config_path: Path | None, overrides: list[str], entries: list[Entry], seeds: list[int], out: Path,
                     *, overwrite: bool = False, reference: str | None = None, fleet: FleetSettings | None = None,
-                    grid: str | None = None) -> Plan:
+                    grid: str | None = None, across: str | None = None) -> Plan:
     """Resolve and check every run before the first starts: a typo in the last entry fails in a second. With a
-    grid, every entry runs once per value (expand_grid)."""
-    expanded_grid = None
-    if grid is not None:
-        key, values = parse_grid(grid)
+    grid or an across, every entry runs once per value (expand_grid)."""
+    if grid is not None and across is not None:
+        raise ConfigError(f"--grid and --across both given; {ONE_SWEEP}")
+    sweeps, given = {}, [e.label for e in entries]
+    for option, spec, parse in (("--grid", grid, parse_grid), ("--across", across, parse_across)):
+        if spec is None:
+            continue
+        key, values = parse(spec)
         if any(item.split("=")[0].strip() == key for item in overrides):
-            raise ConfigError(f"--set and --grid both set {key}; the grid gives it every value, so leave it out of --set")
-        entries, expanded_grid = expand_grid(entries, key, values)
-    labels = [e.label for e in entries]
+            raise ConfigError(f"--set and {option} both set {key}; {option} gives it every value, so leave it out of --set")
+        entries, sweeps[option] = expand_grid(entries, key, values, option)
+    labels = given if "--across" in sweeps else [e.label for e in entries]  # --across compares as given, at each value
     if reference is not None and reference not in labels:
         raise ConfigError(f"--reference {reference!r} is not one of the entries {labels}; name one of them (e.g. --reference "
                           f"{labels[0]}), or add it to --methods")
@@ -277,7 +319,7 @@ def plan_comparison(config_path: Path | None, overrides: list[str], entries: lis
             else:
                 _preflight(config, where)
             runs.append(PlannedRun(entry, seed, config, run_dir, reuse))
-    return Plan(entries, seeds, Path(out), runs, reference, fleet or FleetSettings(), expanded_grid)
+    return Plan(entries, seeds, Path(out), runs, reference, fleet or FleetSettings(), sweeps.get("--grid"), sweeps.get("--across"))
 
 
 def _preflight(config: ExperimentConfig, where: str) -> None:
@@ -312,7 +354,7 @@ def _check_reusable(run_dir: Path, config: ExperimentConfig) -> None:
 # ---------------------------------------------------------------------------- running
 def run_comparison(plan: Plan, *, command: str) -> list[str]:
     """Run (or reuse) every planned run, then write the table and the overlay plots; returns what the terminal
-    shows: the table, the fleet table and, with a grid, each entry's best value."""
+    shows: the table, the fleet table and, with a grid or an across, its section."""
     runs: dict[str, list[dict[str, Any]]] = {e.label: [] for e in plan.entries}
     for i, planned in enumerate(plan.runs, 1):
         name = f"run {i}/{len(plan.runs)}: {planned.entry.label} seed {planned.seed}"
@@ -326,18 +368,23 @@ def run_comparison(plan: Plan, *, command: str) -> list[str]:
             simulate(planned.config, write_to)
             finish_replacement(write_to)
         runs[planned.entry.label].append(load_run(planned.out_dir))
-    rows = summarize(runs, plan.reference, plan.fleet)
-    grid = grid_section(plan, rows, runs)
-    write_markdown(rows, plan.out / "comparison.md", header=describe(plan, command), sections=grid)
+    rows = summarize(runs, None if plan.across else plan.reference, plan.fleet)
+    sweep = sweep_section(plan, rows, runs)
+    write_markdown(rows, plan.out / "comparison.md", header=describe(plan, command), sections=sweep)
     write_csv(rows, plan.out / "comparison.csv")
     write_plots(runs, rows, plan.out)
     fleet = fleet_section(rows)
-    return [*markdown_table(rows), *(["", *fleet] if fleet else []), *(["", *grid] if grid else [])]
+    return [*markdown_table(rows), *(["", *fleet] if fleet else []), *(["", *sweep] if sweep else [])]
 
 
-def grid_section(plan: Plan, rows: list[Row], runs: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """With --grid, each entry's best value (compare_grid); nothing otherwise."""
-    if plan.grid is None or not rows:
+def sweep_section(plan: Plan, rows: list[Row], runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """With --grid, each entry's best value (compare_grid); with --across, how each entry and its gap to the
+    reference move (compare_across); nothing otherwise."""
+    if not rows:
+        return []
+    if plan.across is not None:
+        return across_markdown(plan.across, rows, runs, plan.seeds, plan.reference)
+    if plan.grid is None:
         return []
     return grid_markdown(plan.grid, grid_choices(plan.grid, rows, runs), plan.seeds, rows[0].metric)
 

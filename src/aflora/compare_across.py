@@ -1,0 +1,133 @@
+"""The across section of `aflora compare --across data.epsilon=0.2,0.4,0.6`: how each entry's final metric moves
+with one condition of the experiment (the clients' heterogeneity, their participation), and whether its gap to the
+reference moves with it: the question of the paper's Fig. 4 (does AFLoRA keep its lead as the data get more skewed?).
+
+compare.expand_grid runs every entry once per value, as the entry `<entry>:data.epsilon=<value>`; here, from those
+runs' rows, for each entry its mean final metric at each value and its paired change from the first value to each
+other; with a reference entry, each other entry's paired difference to the reference at every value, and the change
+of that gap from the first value to the last (a difference of differences over the seeds). Every difference is paired
+on the same seeds and test rows (compare_table.paired_difference refuses runs that scored different rows). Pure
+functions of Rows and results.json dicts, like compare_table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .compare_grid import Grid
+from .compare_table import Row, paired_difference
+from .intervals import Interval, t_interval, verdict
+
+Runs = dict[str, list[dict[str, Any]]]
+
+
+@dataclass
+class Shift:
+    """A paired difference and what it was paired on (compare_table.paired_difference)."""
+
+    difference: Interval | None
+    paired_on: str
+
+
+@dataclass
+class AcrossRow:
+    entry: str  # as given to --methods, e.g. "fedit"
+    means: list[float | None]  # the mean final metric over the seeds at each value
+    shifts: list[Shift]  # at each value after the first: the metric there minus at the first value
+
+
+@dataclass
+class GapRow:
+    entry: str
+    gaps: list[Shift]  # at each value: the entry's final metric minus the reference's
+    change: Shift  # (the gap at the last value) − (the gap at the first), over the seeds
+
+
+def direction(difference: Interval | None) -> str:
+    """'higher' or 'lower' only when the interval excludes 0; else 'level' ('' where nothing could be paired)."""
+    if difference is None:
+        return ""
+    return "level" if not difference.excludes(0.0) else ("higher" if difference.low > 0 else "lower")
+
+
+def across_rows(across: Grid, rows: list[Row], runs: Runs) -> list[AcrossRow]:
+    """Each entry's metric at every value and its change from the first value, in the order the entries were given."""
+    by_label = {row.label: row for row in rows}
+    found = []
+    for entry in across.entries:
+        labels = [across.entry_with(entry, value) for value in across.values]
+        metric = by_label[labels[0]].metric
+        first = labels[0]
+        shifts = [Shift(*paired_difference(label, runs[label], first, runs[first], metric)) for label in labels[1:]]
+        found.append(AcrossRow(entry, [by_label[label].stats["final"].mean for label in labels], shifts))
+    return found
+
+
+def gap_rows(across: Grid, rows: list[Row], runs: Runs, reference: str) -> list[GapRow]:
+    """Every other entry against `reference` (one of across.entries) at each value, and the change of that gap."""
+    metric = {row.label: row.metric for row in rows}
+    ref_labels = [across.entry_with(reference, value) for value in across.values]
+    found = []
+    for entry in across.entries:
+        if entry == reference:
+            continue
+        labels = [across.entry_with(entry, value) for value in across.values]
+        gaps = [Shift(*paired_difference(label, runs[label], ref, runs[ref], metric[label]))
+                for label, ref in zip(labels, ref_labels)]
+        found.append(GapRow(entry, gaps, gap_change(runs, labels, ref_labels, metric[labels[0]])))
+    return found
+
+
+def gap_change(runs: Runs, labels: list[str], ref_labels: list[str], metric: str) -> Shift:
+    """(entry − reference at the last value) − (entry − reference at the first), per seed that all four ran, and the
+    t-interval of those over the seeds; left blank with fewer than 2 such seeds (the one-seed bootstrap of
+    compare_table pairs two runs, not four)."""
+    four = [labels[0], labels[-1], ref_labels[0], ref_labels[-1]]
+    finals = [{run["seed"]: run["final"][metric] for run in runs[label]} for label in four]
+    seeds = sorted(set.intersection(*(set(f) for f in finals)))
+    if len(seeds) < 2:
+        return Shift(None, f"{len(seeds)} seed(s) in common: needs 2 or more")
+    first, last, ref_first, ref_last = finals
+    changes = [(last[s] - ref_last[s]) - (first[s] - ref_first[s]) for s in seeds]
+    return Shift(t_interval(changes), f"{len(seeds)} seeds, t")
+
+
+def _cell(shift: Shift, words: str) -> str:
+    d = shift.difference
+    return "" if d is None else f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}] {words}"
+
+
+def across_markdown(across: Grid, rows: list[Row], runs: Runs, seeds: list[int], reference: str | None) -> list[str]:
+    """comparison.md's across section: each entry at every value, and (with a reference) every gap to it."""
+    metric = rows[0].metric if rows else "accuracy"
+    first, last = across.values[0], across.values[-1]
+    found = across_rows(across, rows, runs)
+    lines = [f"## Across {across.key}", "",
+             f"Each entry's final {metric} at each value of `{across.key}` (mean over seeds {', '.join(map(str, seeds))}), "
+             f"and its change from {across.key} = {first} to each other value, paired [95 % interval].", "",
+             "| entry | " + " | ".join(across.values) + " | " + " | ".join(f"{v} − {first}" for v in across.values[1:]) + " |",
+             "|---|" + "---:|" * len(across.values) + "---|" * (len(across.values) - 1)]
+    for row in found:
+        means = ["" if mean is None else f"{mean:.4f}" for mean in row.means]
+        lines.append(f"| `{row.entry}` | " + " | ".join(means) + " | "
+                     + " | ".join(_cell(shift, direction(shift.difference)) for shift in row.shifts) + " |")
+    paired = sorted({shift.paired_on for row in found for shift in row.shifts})
+    if reference is not None:
+        gaps = gap_rows(across, rows, runs, reference)
+        better = "higher" if metric == "accuracy" else "lower"
+        lines += ["", f"Each entry's final {metric} minus `{reference}`'s at the same value [95 % interval], ahead / level / "
+                  f"behind as in the table above ({better} is ahead), and the change of that gap from {first} to {last}: "
+                  f"(the gap at {last}) − (the gap at {first}) over the seeds, higher / lower only when its interval "
+                  "excludes 0.", "",
+                  "| entry | " + " | ".join(f"− `{reference}` at {v}" for v in across.values) + f" | gap at {last} − at {first} |",
+                  "|---|" + "---|" * (len(across.values) + 1)]
+        for row in gaps:
+            cells = [_cell(g, verdict(g.difference, higher_is_better=metric == "accuracy")) for g in row.gaps]
+            change = _cell(row.change, direction(row.change.difference)) or row.change.paired_on
+            lines.append(f"| `{row.entry}` | " + " | ".join(cells) + f" | {change} |")
+        paired = sorted({*paired, *(g.paired_on for row in gaps for g in row.gaps)})
+    lines += ["", f"Paired on: {'; '.join(paired)}. The values change what the clients train on (or how many train), not "
+              "the test rows, so every run of a seed is scored on the same rows. Higher / lower, ahead / behind only "
+              "where the interval excludes 0; level is not the same as equal: at few seeds it can hide a real change."]
+    return lines
