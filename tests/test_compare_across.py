@@ -12,9 +12,9 @@ import pytest
 
 from aflora.cli import main
 from aflora.compare import compare_table, expand_grid, parse_across, parse_entries, parse_entry, plan_comparison, run_comparison
-from aflora.compare_across import across_markdown, across_rows, direction, gap_rows
-from aflora.compare_table import summarize
+from aflora.compare_across import across_markdown, across_rows, benchmark_runs, direction, gap_rows
 from aflora.config import ConfigError
+from aflora.intervals import pack_bits
 
 from helpers import fake_run, write_tiny_config_toml
 
@@ -91,8 +91,7 @@ def loss_runs() -> dict[str, list[dict]]:
 def test_each_entrys_shift_with_the_condition_and_its_gaps_to_the_reference_are_paired_over_seeds():
     _, across = expand_grid(parse_entries("aflora,fedit,flexlora"), "data.epsilon", ["0.2", "0.6"], "--across")
     runs = loss_runs()
-    rows = summarize(runs)
-    aflora, fedit, flexlora = across_rows(across, rows, runs)
+    aflora, fedit, flexlora = across_rows(across, runs, "loss")
 
     assert aflora.means == pytest.approx([fmean(LOSSES["aflora:data.epsilon=0.2"]), fmean(LOSSES["aflora:data.epsilon=0.6"])])
     shift = aflora.shifts[0]
@@ -101,7 +100,7 @@ def test_each_entrys_shift_with_the_condition_and_its_gaps_to_the_reference_are_
     assert (direction(shift.difference), shift.paired_on) == ("level", "3 seeds, t")
     assert direction(flexlora.shifts[0].difference) == "higher"  # its loss rises from 0.2 to 0.6 in every seed
 
-    fedit_gap, flexlora_gap = gap_rows(across, rows, runs, "aflora")
+    fedit_gap, flexlora_gap = gap_rows(across, runs, "aflora", "loss")
     assert [g.entry for g in (fedit_gap, flexlora_gap)] == ["fedit", "flexlora"]
     for value, gap in zip(["0.2", "0.6"], fedit_gap.gaps):
         expected = t95([f - a for f, a in zip(LOSSES[f"fedit:data.epsilon={value}"], LOSSES[f"aflora:data.epsilon={value}"])])
@@ -122,12 +121,11 @@ def test_one_seed_pairs_rows_and_leaves_the_change_of_a_gap_blank():
             for label, k in [("aflora:data.epsilon=0.2", 2), ("aflora:data.epsilon=0.6", 2),
                              ("fedit:data.epsilon=0.2", 1), ("fedit:data.epsilon=0.6", 1)]}
     _, across = expand_grid(parse_entries("aflora,fedit"), "data.epsilon", ["0.2", "0.6"], "--across")
-    rows = summarize(runs)
-    (fedit,) = gap_rows(across, rows, runs, "aflora")
+    (fedit,) = gap_rows(across, runs, "aflora", "accuracy")
     assert [g.difference.estimate for g in fedit.gaps] == pytest.approx([0.5, 0.5])  # right on every row vs half of them
     assert fedit.gaps[0].paired_on == "2000 rows of seed 0, bootstrap"
     assert fedit.change.difference is None and "needs 2 or more" in fedit.change.paired_on
-    section = across_markdown(across, rows, runs, [0], "aflora")
+    section = across_markdown(across, runs, [0], "aflora", "accuracy")
     assert any(line.startswith("| `fedit` |") and line.endswith("| 1 seed(s) in common: needs 2 or more |") for line in section)
 
 
@@ -136,7 +134,33 @@ def test_runs_scored_on_different_rows_are_refused():
     runs["fedit:data.epsilon=0.6"][1]["final_eval"]["rows_sha256"] = "other rows"
     _, across = expand_grid(parse_entries("aflora,fedit,flexlora"), "data.epsilon", ["0.2", "0.6"], "--across")
     with pytest.raises(ConfigError, match="scored different test rows"):
-        across_rows(across, summarize(runs), runs)
+        across_rows(across, runs, "loss")
+
+
+def test_an_extra_benchmark_is_paired_on_its_own_rows_beside_the_tasks_metric():
+    """Fig. 4 scores Dolly's loss and MMLU's accuracy: the section pairs each. Here fedit answers 3 more of 10 MMLU
+    questions than aflora at ε = 0.2 and the same ones at 0.6, in every seed; a run without MMLU drops its table."""
+    def with_mmlu(run: dict, right: int) -> dict:
+        correct = [i < right for i in range(10)]
+        mmlu = {"rows": 10, "test_rows": 14042, "rows_sha256": f"mmlu rows of seed {run['seed']}", "accuracy": right / 10,
+                "correct": pack_bits(correct)}
+        run["final_eval"]["extra"] = {"mmlu": mmlu}
+        return run
+    right = {"aflora:data.epsilon=0.2": 4, "aflora:data.epsilon=0.6": 5, "fedit:data.epsilon=0.2": 7, "fedit:data.epsilon=0.6": 5}
+    runs = {label: [with_mmlu(run, right[label] + run["seed"] % 2) for run in seeds]
+            for label, seeds in loss_runs().items() if label.split(":")[0] in ("aflora", "fedit")}
+    _, across = expand_grid(parse_entries("aflora,fedit"), "data.epsilon", ["0.2", "0.6"], "--across")
+    scored = benchmark_runs(runs, "mmlu")
+    (fedit,) = gap_rows(across, scored, "aflora", "accuracy")
+    assert [g.difference.estimate for g in fedit.gaps] == pytest.approx([0.3, 0.0])
+    assert fedit.gaps[0].difference.low == pytest.approx(0.3)  # the same +0.3 in every seed: a zero-width t-interval
+    assert fedit.change.difference.estimate == pytest.approx(-0.3) and direction(fedit.change.difference) == "lower"
+    section = across_markdown(across, runs, [0, 1, 2], "aflora", "loss", ["mmlu"])
+    assert sum(line.startswith("Each entry's final mmlu accuracy") for line in section) == 2
+    assert sum(line.startswith("Each entry's final loss") for line in section) == 2
+    del runs["fedit:data.epsilon=0.6"][2]["final_eval"]["extra"]
+    assert benchmark_runs(runs, "mmlu") is None
+    assert not any("mmlu" in line for line in across_markdown(across, runs, [0, 1, 2], "aflora", "loss", ["mmlu"]))
 
 
 def test_the_section_ends_comparison_md_and_the_table_itself_compares_nothing(tmp_path):

@@ -383,7 +383,8 @@ def sweep_section(plan: Plan, rows: list[Row], runs: dict[str, list[dict[str, An
     if not rows:
         return []
     if plan.across is not None:
-        return across_markdown(plan.across, rows, runs, plan.seeds, plan.reference)
+        benchmarks = [name.partition("/")[0] for name in rows[0].extra if name.endswith("/accuracy")]
+        return across_markdown(plan.across, runs, plan.seeds, plan.reference, rows[0].metric, benchmarks)
     if plan.grid is None:
         return []
     return grid_markdown(plan.grid, grid_choices(plan.grid, rows, runs), plan.seeds, rows[0].metric)

@@ -3,20 +3,22 @@ with one condition of the experiment (the clients' heterogeneity, their particip
 reference moves with it: the question of the paper's Fig. 4 (does AFLoRA keep its lead as the data get more skewed?).
 
 compare.expand_grid runs every entry once per value, as the entry `<entry>:data.epsilon=<value>`; here, from those
-runs' rows, for each entry its mean final metric at each value and its paired change from the first value to each
-other; with a reference entry, each other entry's paired difference to the reference at every value, and the change
-of that gap from the first value to the last (a difference of differences over the seeds). Every difference is paired
-on the same seeds and test rows (compare_table.paired_difference refuses runs that scored different rows). Pure
-functions of Rows and results.json dicts, like compare_table.
+runs, for each entry its mean final metric at each value and its paired change from the first value to each other;
+with a reference entry, each other entry's paired difference to the reference at every value, and the change of that
+gap from the first value to the last (a difference of differences over the seeds). The same again for each extra
+benchmark's accuracy (e.g. MMLU beside Dolly's loss: benchmark_runs). Every difference is paired on the same seeds
+and test rows (compare_table.paired_difference refuses runs that scored different rows). Pure functions of
+results.json dicts, like compare_table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import fmean
 from typing import Any
 
 from .compare_grid import Grid
-from .compare_table import Row, paired_difference
+from .compare_table import paired_difference
 from .intervals import Interval, t_interval, verdict
 
 Runs = dict[str, list[dict[str, Any]]]
@@ -33,7 +35,7 @@ class Shift:
 @dataclass
 class AcrossRow:
     entry: str  # as given to --methods, e.g. "fedit"
-    means: list[float | None]  # the mean final metric over the seeds at each value
+    means: list[float]  # the mean final metric over the seeds at each value
     shifts: list[Shift]  # at each value after the first: the metric there minus at the first value
 
 
@@ -51,31 +53,41 @@ def direction(difference: Interval | None) -> str:
     return "level" if not difference.excludes(0.0) else ("higher" if difference.low > 0 else "lower")
 
 
-def across_rows(across: Grid, rows: list[Row], runs: Runs) -> list[AcrossRow]:
-    """Each entry's metric at every value and its change from the first value, in the order the entries were given."""
-    by_label = {row.label: row for row in rows}
+def benchmark_runs(runs: Runs, benchmark: str) -> Runs | None:
+    """Each run as if its final evaluation were that of an extra benchmark (results.json's final_eval.extra.<name>,
+    e.g. "mmlu"), so that the functions here pair it like the task's own; None where a run did not record it."""
+    mapped: Runs = {}
+    for label, seeds in runs.items():
+        scored = [run.get("final_eval", {}).get("extra", {}).get(benchmark) for run in seeds]
+        if any(final is None or final.get("accuracy") is None for final in scored):
+            return None
+        mapped[label] = [{"seed": run["seed"], "final": {"accuracy": final["accuracy"]}, "final_eval": final}
+                         for run, final in zip(seeds, scored)]
+    return mapped
+
+
+def across_rows(across: Grid, runs: Runs, metric: str) -> list[AcrossRow]:
+    """Each entry's final `metric` ("accuracy" or "loss") at every value and its change from the first value, in the
+    order the entries were given."""
     found = []
     for entry in across.entries:
         labels = [across.entry_with(entry, value) for value in across.values]
-        metric = by_label[labels[0]].metric
         first = labels[0]
         shifts = [Shift(*paired_difference(label, runs[label], first, runs[first], metric)) for label in labels[1:]]
-        found.append(AcrossRow(entry, [by_label[label].stats["final"].mean for label in labels], shifts))
+        found.append(AcrossRow(entry, [fmean(run["final"][metric] for run in runs[label]) for label in labels], shifts))
     return found
 
 
-def gap_rows(across: Grid, rows: list[Row], runs: Runs, reference: str) -> list[GapRow]:
+def gap_rows(across: Grid, runs: Runs, reference: str, metric: str) -> list[GapRow]:
     """Every other entry against `reference` (one of across.entries) at each value, and the change of that gap."""
-    metric = {row.label: row.metric for row in rows}
     ref_labels = [across.entry_with(reference, value) for value in across.values]
     found = []
     for entry in across.entries:
         if entry == reference:
             continue
         labels = [across.entry_with(entry, value) for value in across.values]
-        gaps = [Shift(*paired_difference(label, runs[label], ref, runs[ref], metric[label]))
-                for label, ref in zip(labels, ref_labels)]
-        found.append(GapRow(entry, gaps, gap_change(runs, labels, ref_labels, metric[labels[0]])))
+        gaps = [Shift(*paired_difference(label, runs[label], ref, runs[ref], metric)) for label, ref in zip(labels, ref_labels)]
+        found.append(GapRow(entry, gaps, gap_change(runs, labels, ref_labels, metric)))
     return found
 
 
@@ -98,25 +110,37 @@ def _cell(shift: Shift, words: str) -> str:
     return "" if d is None else f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}] {words}"
 
 
-def across_markdown(across: Grid, rows: list[Row], runs: Runs, seeds: list[int], reference: str | None) -> list[str]:
-    """comparison.md's across section: each entry at every value, and (with a reference) every gap to it."""
-    metric = rows[0].metric if rows else "accuracy"
+def across_markdown(across: Grid, runs: Runs, seeds: list[int], reference: str | None, metric: str,
+                    benchmarks: list[str] = ()) -> list[str]:
+    """comparison.md's across section: each entry at every value and (with a reference) every gap to it, on the
+    task's final `metric`, then on each of `benchmarks` (extra benchmarks' accuracy) that every run recorded."""
+    lines = [f"## Across {across.key}", "", *across_tables(across, runs, seeds, reference, metric, f"final {metric}")]
+    for benchmark in benchmarks:
+        scored = benchmark_runs(runs, benchmark)
+        if scored is not None:
+            lines += ["", *across_tables(across, scored, seeds, reference, "accuracy", f"final {benchmark} accuracy")]
+    lines += ["", "The values change what the clients train on (or how many train), not the test rows, so every run of a "
+              "seed is scored on the same rows. Higher / lower, ahead / behind only where the interval excludes 0; level "
+              "is not the same as equal: at few seeds it can hide a real change."]
+    return lines
+
+
+def across_tables(across: Grid, runs: Runs, seeds: list[int], reference: str | None, metric: str, what: str) -> list[str]:
+    """One score's two tables: each entry across the values; each entry's gap to the reference across them."""
     first, last = across.values[0], across.values[-1]
-    found = across_rows(across, rows, runs)
-    lines = [f"## Across {across.key}", "",
-             f"Each entry's final {metric} at each value of `{across.key}` (mean over seeds {', '.join(map(str, seeds))}), "
+    found = across_rows(across, runs, metric)
+    lines = [f"Each entry's {what} at each value of `{across.key}` (mean over seeds {', '.join(map(str, seeds))}), "
              f"and its change from {across.key} = {first} to each other value, paired [95 % interval].", "",
              "| entry | " + " | ".join(across.values) + " | " + " | ".join(f"{v} − {first}" for v in across.values[1:]) + " |",
              "|---|" + "---:|" * len(across.values) + "---|" * (len(across.values) - 1)]
     for row in found:
-        means = ["" if mean is None else f"{mean:.4f}" for mean in row.means]
-        lines.append(f"| `{row.entry}` | " + " | ".join(means) + " | "
+        lines.append(f"| `{row.entry}` | " + " | ".join(f"{mean:.4f}" for mean in row.means) + " | "
                      + " | ".join(_cell(shift, direction(shift.difference)) for shift in row.shifts) + " |")
     paired = sorted({shift.paired_on for row in found for shift in row.shifts})
     if reference is not None:
-        gaps = gap_rows(across, rows, runs, reference)
+        gaps = gap_rows(across, runs, reference, metric)
         better = "higher" if metric == "accuracy" else "lower"
-        lines += ["", f"Each entry's final {metric} minus `{reference}`'s at the same value [95 % interval], ahead / level / "
+        lines += ["", f"Each entry's {what} minus `{reference}`'s at the same value [95 % interval], ahead / level / "
                   f"behind as in the table above ({better} is ahead), and the change of that gap from {first} to {last}: "
                   f"(the gap at {last}) − (the gap at {first}) over the seeds, higher / lower only when its interval "
                   "excludes 0.", "",
@@ -127,7 +151,4 @@ def across_markdown(across: Grid, rows: list[Row], runs: Runs, seeds: list[int],
             change = _cell(row.change, direction(row.change.difference)) or row.change.paired_on
             lines.append(f"| `{row.entry}` | " + " | ".join(cells) + f" | {change} |")
         paired = sorted({*paired, *(g.paired_on for row in gaps for g in row.gaps)})
-    lines += ["", f"Paired on: {'; '.join(paired)}. The values change what the clients train on (or how many train), not "
-              "the test rows, so every run of a seed is scored on the same rows. Higher / lower, ahead / behind only "
-              "where the interval excludes 0; level is not the same as equal: at few seeds it can hide a real change."]
-    return lines
+    return [*lines, "", f"Paired on: {'; '.join(paired)}."]
