@@ -163,3 +163,32 @@ def fake_run(method: str, seed: int, *, accuracy: float | None, loss: float = 1.
                   "uplink_bytes_total": sum(uplink), "accuracy_ci95": final_eval.get("accuracy_ci95"), "eval_rows": final_eval["rows"]},
         "final_eval": final_eval,
     }
+
+
+def planned_compare_runs(monkeypatch, config: Path, out: Path, *extras: list[str]) -> list[list[str]]:
+    """The run labels `aflora compare --config <config> --out <out>` plans with each list of extra arguments
+    (run_comparison replaced: nothing runs)."""
+    import sys
+
+    from aflora.cli import main
+
+    planned: list[list[str]] = []
+    monkeypatch.setattr("aflora.compare.run_comparison",
+                        lambda plan, *, command: planned.append([r.entry.label for r in plan.runs]) or [])
+    for extra in extras:
+        monkeypatch.setattr(sys, "argv", ["aflora", "compare", "--config", str(config), "--out", str(out), *extra])
+        main()
+    return planned
+
+
+def assert_compare_tables_refused(base: Path, folder: Path, cases: list[tuple[str, str]]) -> None:
+    """Each (lines of a [compare] table, message): `base` with that table is refused with that message."""
+    import pytest
+
+    from aflora.compare import compare_table
+    from aflora.config import ConfigError
+
+    for lines, message in cases:
+        (folder / "bad.toml").write_text(base.read_text() + f"\n[compare]\n{lines}\n")
+        with pytest.raises(ConfigError, match=message):
+            compare_table(folder / "bad.toml")

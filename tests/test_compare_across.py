@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from statistics import fmean, stdev
 
 import pytest
 
-from aflora.cli import main
 from aflora.compare import compare_table, expand_grid, parse_across, parse_entries, parse_entry, plan_comparison, run_comparison
 from aflora.compare_across import across_markdown, across_rows, benchmark_runs, direction, gap_rows
 from aflora.config import ConfigError
 from aflora.intervals import pack_bits
 
-from helpers import fake_run, write_tiny_config_toml
+from helpers import assert_compare_tables_refused, fake_run, planned_compare_runs, write_tiny_config_toml
 
 T_975_DF2 = 4.302652729911275  # Student's t, 97.5 % quantile, 2 degrees of freedom (from tables)
 
@@ -191,21 +189,13 @@ def test_the_config_files_across_runs_unless_the_command_line_fixes_its_setting(
     path = tmp_path / "across.toml"
     path.write_text(tiny.read_text() + '\n[compare]\nmethods = ["fedit"]\nacross = "data.epsilon=0.2,0.6"\n')
     assert compare_table(path).across == "data.epsilon=0.2,0.6"
-    for bad, message in [('across = ["data.epsilon=0.2"]', "across must be a string"),
-                         ('across = "train.lr=0.1,0.2"', "tuned with --grid"),
-                         ('across = "data.epsilon=0.2,0.6"\ngrid = "train.lr=0.1,0.2"', "sets both grid and across")]:
-        (tmp_path / "bad.toml").write_text(tiny.read_text() + f"\n[compare]\n{bad}\n")
-        with pytest.raises(ConfigError, match=message):
-            compare_table(tmp_path / "bad.toml")
-
-    planned = []
-    monkeypatch.setattr("aflora.compare.run_comparison",
-                        lambda plan, *, command: planned.append([r.entry.label for r in plan.runs]) or [])
-    for extra, expected in [([], ["fedit:data.epsilon=0.2", "fedit:data.epsilon=0.6"]),
-                            (["--set", "data.epsilon=0.4"], ["fedit"]),  # one value of it, run alone
-                            (["--grid", "train.lr=0.01,0.02"], ["fedit:train.lr=0.01", "fedit:train.lr=0.02"]),
-                            (["--across", "federation.sample_fraction=0.5,1"],
-                             ["fedit:federation.sample_fraction=0.5", "fedit:federation.sample_fraction=1"])]:
-        monkeypatch.setattr(sys, "argv", ["aflora", "compare", "--config", str(path), "--out", str(tmp_path / "out"), *extra])
-        main()
-        assert planned[-1] == expected
+    assert_compare_tables_refused(tiny, tmp_path, [('across = ["data.epsilon=0.2"]', "across must be a string"),
+                                                   ('across = "train.lr=0.1,0.2"', "tuned with --grid"),
+                                                   ('across = "data.epsilon=0.2,0.6"\ngrid = "train.lr=0.1,0.2"',
+                                                    "sets both grid and across")])
+    extras = [[], ["--set", "data.epsilon=0.4"], ["--grid", "train.lr=0.01,0.02"], ["--across", "federation.sample_fraction=0.5,1"]]
+    assert planned_compare_runs(monkeypatch, path, tmp_path / "out", *extras) == [
+        ["fedit:data.epsilon=0.2", "fedit:data.epsilon=0.6"],
+        ["fedit"],  # a --set of its setting: one value of it, run alone
+        ["fedit:train.lr=0.01", "fedit:train.lr=0.02"],
+        ["fedit:federation.sample_fraction=0.5", "fedit:federation.sample_fraction=1"]]

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
-from aflora.cli import main
 from aflora.compare import compare_table, expand_grid, parse_entries, parse_grid, plan_comparison
 from aflora.compare_grid import best_entries, grid_choices, grid_markdown
 from aflora.compare_table import summarize, write_markdown
 from aflora.config import ConfigError
 
-from helpers import fake_run, write_tiny_config_toml
+from helpers import assert_compare_tables_refused, fake_run, planned_compare_runs, write_tiny_config_toml
 
 
 def test_a_grid_is_one_numeric_setting_an_entry_may_change_sorted_by_value():
@@ -108,16 +105,7 @@ def test_the_config_file_and_the_command_line_give_the_grid(tmp_path, monkeypatc
     path = tmp_path / "grid.toml"
     path.write_text(tiny.read_text() + '\n[compare]\nmethods = ["fedit"]\ngrid = "train.lr=0.001,0.002"\n')
     assert compare_table(path).grid == "train.lr=0.001,0.002"
-    for bad, message in [('grid = ["train.lr=0.001"]', "grid must be a string"), ('grid = "train.lr=0.001"', "at least two")]:
-        (tmp_path / "bad.toml").write_text(tiny.read_text() + f"\n[compare]\n{bad}\n")
-        with pytest.raises(ConfigError, match=message):
-            compare_table(tmp_path / "bad.toml")
-
-    planned = []
-    monkeypatch.setattr("aflora.compare.run_comparison",
-                        lambda plan, *, command: planned.append([r.entry.label for r in plan.runs]) or [])
-    for extra, expected in [([], ["fedit:train.lr=0.001", "fedit:train.lr=0.002"]),
-                            (["--grid", "server.lr=0.01,0.02"], ["fedit:server.lr=0.01", "fedit:server.lr=0.02"])]:
-        monkeypatch.setattr(sys, "argv", ["aflora", "compare", "--config", str(path), "--out", str(tmp_path / "out"), *extra])
-        main()
-        assert planned[-1] == expected
+    assert_compare_tables_refused(tiny, tmp_path, [('grid = ["train.lr=0.001"]', "grid must be a string"),
+                                                   ('grid = "train.lr=0.001"', "at least two")])
+    assert planned_compare_runs(monkeypatch, path, tmp_path / "out", [], ["--grid", "server.lr=0.01,0.02"]) == [
+        ["fedit:train.lr=0.001", "fedit:train.lr=0.002"], ["fedit:server.lr=0.01", "fedit:server.lr=0.02"]]
