@@ -13,7 +13,7 @@ import pytest
 
 from aflora.budgets import training_flops
 from aflora.cli import main
-from aflora.compare import compare_table
+from aflora.compare import CompareSettings, compare_table
 from aflora.compare_fleet import FleetSettings, fleet_settings
 from aflora.compare_table import csv_columns, summarize, write_csv, write_markdown
 from aflora.config import ConfigError
@@ -242,7 +242,7 @@ def test_the_config_file_can_hold_the_target_and_the_fleet(tmp_path):
     tiny = write_tiny_config_toml(tmp_path / "data")
     path = tmp_path / "experiment.toml"
     path.write_text(tiny.read_text() + '\n[compare]\nmethods = ["fedit"]\ntarget_accuracy = 0.8\nfleet = "phones"\n')
-    assert compare_table(path) == ("fedit", None, None, 0.8, "phones", None)
+    assert compare_table(path) == CompareSettings(methods="fedit", target_accuracy=0.8, fleet="phones")
     path.write_text(tiny.read_text() + '\n[compare]\ntarget_accuracy = 80\n')
     with pytest.raises(ConfigError, match=r"experiment.toml: \[compare\] target_accuracy must be an accuracy in \(0, 1\]"):
         compare_table(path)
