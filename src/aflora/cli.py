@@ -175,7 +175,7 @@ def compare(
                          "value, paired (default: the config's [compare] across)")] = None,
 ) -> None:
     """Run several methods (and ablations) × seeds on one identical experiment; write a comparison table and plots."""
-    from .compare import compare_table, parse_entries, parse_seeds, plan_comparison, run_comparison
+    from .compare import compare_table, parse_entries, parse_seeds, plan_comparison, run_comparison, sets_key
     from .compare_fleet import fleet_settings
 
     configure_logging()
@@ -191,8 +191,8 @@ def compare(
         reference = in_file.reference
     overrides = _overrides(set_, data_dir)
     # The file's across yields to a --set of its setting (one value of it, run alone) and to a --grid
-    file_across = in_file.across if in_file.across and not grid and not any(
-        item.partition("=")[0].strip() == in_file.across.partition("=")[0].strip() for item in overrides) else None
+    file_across = in_file.across if in_file.across and not grid and not sets_key(
+        overrides, in_file.across.partition("=")[0].strip()) else None
     plan = plan_comparison(config, overrides, entries, parse_seeds(seeds), out, overwrite=overwrite, reference=reference,
                            fleet=on_fleet, grid=grid or (None if across else in_file.grid), across=across or file_across)
     configure_logging(plan.base.engine.verbose)

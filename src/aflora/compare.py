@@ -191,6 +191,11 @@ def parse_entry(text: str, varied: str = "") -> Entry:
     return Entry(text, method, options, settings)
 
 
+def sets_key(overrides: list[str], key: str) -> bool:
+    """Whether one of the --set `key=value` overrides sets `key`."""
+    return any(item.partition("=")[0].strip() == key for item in overrides)
+
+
 ONE_SWEEP = "give one of them (tune with --grid on other seeds, then run --across with each entry at its best rate)"
 
 
@@ -293,7 +298,7 @@ def plan_comparison(config_path: Path | None, overrides: list[str], entries: lis
         if spec is None:
             continue
         key, values = parse(spec)
-        if any(item.split("=")[0].strip() == key for item in overrides):
+        if sets_key(overrides, key):
             raise ConfigError(f"--set and {option} both set {key}; {option} gives it every value, so leave it out of --set")
         entries, sweeps[option] = expand_grid(entries, key, values, option)
     labels = given if "--across" in sweeps else [e.label for e in entries]  # --across compares as given, at each value
