@@ -3,6 +3,7 @@ each entry's final metric moves with it, and whether its gap to the reference mo
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from statistics import fmean, stdev
@@ -10,7 +11,17 @@ from statistics import fmean, stdev
 import pytest
 
 from aflora.compare import compare_table, expand_grid, parse_across, parse_entries, parse_entry, plan_comparison, run_comparison
-from aflora.compare_across import across_markdown, across_rows, benchmark_runs, direction, gap_rows
+from aflora.compare_across import (
+    ACROSS_CSV_COLUMNS,
+    across_csv_rows,
+    across_markdown,
+    across_rows,
+    across_scores,
+    benchmark_runs,
+    direction,
+    gap_rows,
+)
+from aflora.compare_table import write_rows
 from aflora.config import ConfigError
 from aflora.intervals import pack_bits
 
@@ -104,12 +115,12 @@ def test_each_entrys_shift_with_the_condition_and_its_gaps_to_the_reference_are_
         expected = t95([f - a for f, a in zip(LOSSES[f"fedit:data.epsilon={value}"], LOSSES[f"aflora:data.epsilon={value}"])])
         assert (gap.difference.estimate, gap.difference.low, gap.difference.high) == pytest.approx(expected)
         assert gap.difference.high < 0  # a lower loss in every seed: ahead
-    assert direction(fedit_gap.change.difference) == "level"
+    assert direction(fedit_gap.changes[-1].difference) == "level"
 
     def gap(entry: str, value: str) -> list[float]:
         return [e - a for e, a in zip(LOSSES[f"{entry}:data.epsilon={value}"], LOSSES[f"aflora:data.epsilon={value}"])]
     expected = t95([last - first for first, last in zip(gap("flexlora", "0.2"), gap("flexlora", "0.6"))])
-    change = flexlora_gap.change
+    change = flexlora_gap.changes[-1]
     assert (change.difference.estimate, change.difference.low, change.difference.high) == pytest.approx(expected)
     assert (direction(change.difference), change.paired_on) == ("higher", "3 seeds, t")
 
@@ -122,8 +133,8 @@ def test_one_seed_pairs_rows_and_leaves_the_change_of_a_gap_blank():
     (fedit,) = gap_rows(across, runs, "aflora", "accuracy")
     assert [g.difference.estimate for g in fedit.gaps] == pytest.approx([0.5, 0.5])  # right on every row vs half of them
     assert fedit.gaps[0].paired_on == "2000 rows of seed 0, bootstrap"
-    assert fedit.change.difference is None and "needs 2 or more" in fedit.change.paired_on
-    section = across_markdown(across, runs, [0], "aflora", "accuracy")
+    assert fedit.changes[-1].difference is None and "needs 2 or more" in fedit.changes[-1].paired_on
+    section = across_markdown(across, across_scores(across, runs, "aflora", "accuracy"), [0], "aflora")
     assert any(line.startswith("| `fedit` |") and line.endswith("| 1 seed(s) in common: needs 2 or more |") for line in section)
 
 
@@ -152,13 +163,15 @@ def test_an_extra_benchmark_is_paired_on_its_own_rows_beside_the_tasks_metric():
     (fedit,) = gap_rows(across, scored, "aflora", "accuracy")
     assert [g.difference.estimate for g in fedit.gaps] == pytest.approx([0.3, 0.0])
     assert fedit.gaps[0].difference.low == pytest.approx(0.3)  # the same +0.3 in every seed: a zero-width t-interval
-    assert fedit.change.difference.estimate == pytest.approx(-0.3) and direction(fedit.change.difference) == "lower"
-    section = across_markdown(across, runs, [0, 1, 2], "aflora", "loss", ["mmlu"])
+    assert fedit.changes[-1].difference.estimate == pytest.approx(-0.3) and direction(fedit.changes[-1].difference) == "lower"
+    section = across_markdown(across, across_scores(across, runs, "aflora", "loss", ["mmlu"]), [0, 1, 2], "aflora")
     assert sum(line.startswith("Each entry's final mmlu accuracy") for line in section) == 2
     assert sum(line.startswith("Each entry's final loss") for line in section) == 2
     del runs["fedit:data.epsilon=0.6"][2]["final_eval"]["extra"]
     assert benchmark_runs(runs, "mmlu") is None
-    assert not any("mmlu" in line for line in across_markdown(across, runs, [0, 1, 2], "aflora", "loss", ["mmlu"]))
+    scores = across_scores(across, runs, "aflora", "loss", ["mmlu"])
+    assert [score.name for score in scores] == ["loss"]
+    assert not any("mmlu" in line for line in across_markdown(across, scores, [0, 1, 2], "aflora"))
 
 
 def test_the_section_ends_comparison_md_and_the_table_itself_compares_nothing(tmp_path):
@@ -182,6 +195,47 @@ def test_the_section_ends_comparison_md_and_the_table_itself_compares_nothing(tm
     assert "| entry | − `aflora` at 0.2 | − `aflora` at 0.6 | gap at 0.6 − at 0.2 |" in md
     flexlora = next(line for line in md.splitlines() if line.startswith("| `flexlora` | -"))
     assert flexlora.endswith(" higher |") and flexlora.count("ahead") == 1 and flexlora.count("level") == 1
+    with (out / "across.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["score"], r["entry"], r["value"]) for r in table] == [
+        ("loss", entry, value) for entry in ("aflora", "fedit", "flexlora") for value in ("0.2", "0.6")]
+    assert table[-1]["gap_minus_first_direction"] == "higher" and table[-1]["verdict"] == "level"
+
+
+def test_across_csv_has_every_value_its_shift_its_gap_and_the_change_of_the_gap_from_the_first(tmp_path):
+    """Three values: fedit's loss dips at ε = 0.4 and comes back at 0.6, so its gap to aflora changes from 0.2 to 0.4
+    but not from 0.2 to 0.6. Every number is computed here from the per-seed losses."""
+    losses = {"aflora:data.epsilon=0.2": [3.00, 2.96, 3.02], "aflora:data.epsilon=0.4": [3.05, 2.99, 3.04],
+              "aflora:data.epsilon=0.6": [3.01, 2.96, 3.01], "fedit:data.epsilon=0.2": [2.90, 2.87, 2.91],
+              "fedit:data.epsilon=0.4": [2.70, 2.75, 2.72], "fedit:data.epsilon=0.6": [2.90, 2.85, 2.92]}
+    runs = {label: [fake_run(label.split(":")[0], seed, accuracy=None, loss=loss) for seed, loss in enumerate(values)]
+            for label, values in losses.items()}
+    _, across = expand_grid(parse_entries("aflora,fedit"), "data.epsilon", ["0.2", "0.4", "0.6"], "--across")
+    scores = across_scores(across, runs, "aflora", "loss")
+    with write_rows(ACROSS_CSV_COLUMNS, across_csv_rows(across, scores, "aflora"), tmp_path / "across.csv").open() as handle:
+        table = {(r["entry"], r["value"]): r for r in csv.DictReader(handle)}
+
+    def loss(entry: str, value: str) -> list[float]:
+        return losses[f"{entry}:data.epsilon={value}"]
+
+    def gap(value: str) -> list[float]:
+        return [f - a for f, a in zip(loss("fedit", value), loss("aflora", value))]
+
+    def numbers(row: dict, prefix: str) -> tuple[float, float, float]:
+        return float(row[prefix]), float(row[f"{prefix}_low"]), float(row[f"{prefix}_high"])
+
+    for value in ("0.4", "0.6"):
+        row = table["fedit", value]
+        assert float(row["mean"]) == pytest.approx(fmean(loss("fedit", value)))
+        assert numbers(row, "minus_first") == pytest.approx(t95([b - a for a, b in zip(loss("fedit", "0.2"), loss("fedit", value))]))
+        assert numbers(row, "minus_reference") == pytest.approx(t95(gap(value)))
+        assert numbers(row, "gap_minus_first") == pytest.approx(t95([b - a for a, b in zip(gap("0.2"), gap(value))]))
+        assert (row["reference"], row["verdict"], row["paired_on"]) == ("aflora", "ahead", "3 seeds, t")
+    assert table["fedit", "0.4"]["gap_minus_first_direction"] == "lower"  # 0.1 further ahead in every seed
+    assert table["fedit", "0.6"]["gap_minus_first_direction"] == "level"
+    first = table["fedit", "0.2"]
+    assert first["minus_first"] == first["gap_minus_first"] == "" and first["verdict"] == "ahead"
+    assert all(table["aflora", v]["reference"] == table["aflora", v]["minus_reference"] == "" for v in ("0.2", "0.4", "0.6"))
 
 
 def test_the_config_files_across_runs_unless_the_command_line_fixes_its_setting(tmp_path, monkeypatch):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 
 from aflora.compare import compare_table, expand_grid, parse_entries, parse_grid, plan_comparison
-from aflora.compare_grid import best_entries, grid_choices, grid_markdown
-from aflora.compare_table import summarize, write_markdown
+from aflora.compare_grid import GRID_CSV_COLUMNS, best_entries, grid_choices, grid_csv_rows, grid_markdown
+from aflora.compare_table import summarize, write_markdown, write_rows
 from aflora.config import ConfigError
 
 from helpers import assert_compare_tables_refused, fake_run, planned_compare_runs, write_tiny_config_toml
@@ -86,6 +88,18 @@ def test_each_entry_gets_the_value_it_does_best_with_and_the_values_level_with_i
     md = write_markdown(rows, tmp_path / "comparison.md", header=[], sections=section).read_text()
     assert md.rstrip().endswith(section[-1]) and "## Grid: train.lr" in md
 
+    with write_rows(GRID_CSV_COLUMNS, grid_csv_rows(grid, [fedit, aflora]), tmp_path / "grid.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["entry"], r["value"], r["verdict"]) for r in table] == [
+        ("fedit", "0.001", "behind"), ("fedit", "0.002", "best"), ("fedit", "0.004", "level"),
+        ("aflora", "0.001", "behind"), ("aflora", "0.002", "behind"), ("aflora", "0.004", "best")]
+    three_rows_fewer = table[2]
+    assert float(three_rows_fewer["minus_best"]) == pytest.approx(-3 / 2000)  # the same rows but 3
+    assert float(three_rows_fewer["minus_best_low"]) < 0 <= float(three_rows_fewer["minus_best_high"])  # includes 0
+    assert float(table[0]["mean"]) == pytest.approx(worse.mean()) and float(table[0]["minus_best_high"]) < 0
+    assert table[1]["minus_best"] == "" and table[1]["paired_on"] == ""  # the best is not compared with itself
+    assert [r["best_at_edge"] for r in table] == ["False"] * 3 + ["True"] * 3
+
 
 def test_over_seeds_the_best_is_the_best_mean_and_a_loss_is_best_lowest():
     entries, grid = expand_grid(parse_entries("fedit"), "train.lr", ["0.001", "0.002"])
@@ -98,6 +112,8 @@ def test_over_seeds_the_best_is_the_best_mean_and_a_loss_is_best_lowest():
     runs = {label: [fake_run("fedit", s, accuracy=None, loss=v) for s, v in enumerate(values)] for label, values in losses.items()}
     (choice,) = grid_choices(grid, summarize(runs), runs)
     assert (choice.best, choice.means) == ("0.002", pytest.approx([1.25, 0.95]))
+    assert choice.verdicts() == ["behind", "best"]  # a loss 0.3 higher on both seeds
+    assert choice.to_best[0].estimate == pytest.approx(0.3)
 
 
 def test_the_config_file_and_the_command_line_give_the_grid(tmp_path, monkeypatch):

@@ -5,9 +5,10 @@ The flow, in order:
     compare_table                 the config file's [compare] methods and seeds (--methods / --seeds override them)
     parse_entries / parse_seeds   "aflora,fedit,aflora:ddr=false" and "0,1,2" -> entries and seeds
     parse_grid / expand_grid      --grid "train.lr=0.001,0.002": every entry once per value (compare_grid.py: each
-                                  entry's best value, written under the table)
+                                  entry's best value, written under the table and to grid.csv)
     parse_across                  --across "data.epsilon=0.2,0.6": the same expansion over a condition of the
-                                  experiment (compare_across.py: how each entry and its gap to the reference move)
+                                  experiment (compare_across.py: how each entry and its gap to the reference move,
+                                  under the table and in across.csv)
     plan_comparison               one config per (entry, seed), all validated (load_config + preflight) before any run
     run_comparison                simulate() each run into DIR/<label>/seed<k>/ (or reuse its results.json), then
     summarize -> write_markdown / write_csv / plots   DIR/comparison.md, comparison.csv, accuracy.png, uplink.png,
@@ -33,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .compare_across import across_markdown
+from .compare_across import ACROSS_CSV_COLUMNS, across_csv_rows, across_markdown, across_scores
 from .compare_fleet import FleetSettings, fleet_settings
-from .compare_grid import Grid, grid_choices, grid_markdown
-from .compare_table import Row, fleet_section, markdown_table, summarize, write_csv, write_markdown, write_plots
+from .compare_grid import GRID_CSV_COLUMNS, Grid, grid_choices, grid_csv_rows, grid_markdown
+from .compare_table import Row, fleet_section, markdown_table, summarize, write_csv, write_markdown, write_plots, write_rows
 from .config import COMPARE, ExperimentConfig, flatten, load_config, parse_override
 from .errors import ConfigError, DataError, ModelError
 from .machine import machine_line
@@ -383,16 +384,20 @@ def run_comparison(plan: Plan, *, command: str) -> list[str]:
 
 
 def sweep_section(plan: Plan, rows: list[Row], runs: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """With --grid, each entry's best value (compare_grid); with --across, how each entry and its gap to the
-    reference move (compare_across); nothing otherwise."""
+    """With --grid, each entry's best value (compare_grid) and grid.csv; with --across, how each entry and its gap to
+    the reference move (compare_across) and across.csv; nothing otherwise. Returns comparison.md's section."""
     if not rows:
         return []
     if plan.across is not None:
         benchmarks = [name.partition("/")[0] for name in rows[0].extra if name.endswith("/accuracy")]
-        return across_markdown(plan.across, runs, plan.seeds, plan.reference, rows[0].metric, benchmarks)
+        scores = across_scores(plan.across, runs, plan.reference, rows[0].metric, benchmarks)
+        write_rows(ACROSS_CSV_COLUMNS, across_csv_rows(plan.across, scores, plan.reference), plan.out / "across.csv")
+        return across_markdown(plan.across, scores, plan.seeds, plan.reference)
     if plan.grid is None:
         return []
-    return grid_markdown(plan.grid, grid_choices(plan.grid, rows, runs), plan.seeds, rows[0].metric)
+    choices = grid_choices(plan.grid, rows, runs)
+    write_rows(GRID_CSV_COLUMNS, grid_csv_rows(plan.grid, choices), plan.out / "grid.csv")
+    return grid_markdown(plan.grid, choices, plan.seeds, rows[0].metric)
 
 
 def describe(plan: Plan, command: str) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .compare_table import Row, paired_difference
-from .intervals import verdict
+from .intervals import Interval, verdict
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,21 @@ class GridChoice:
     means: list[float | None]  # the mean final metric over the seeds at each of Grid.values
     best: str  # the value with the best mean (the higher accuracy, or the lower loss)
     at_edge: bool  # best is the smallest or the largest value tried: a better one may lie beyond
-    level: list[str]  # the other values whose paired difference to the best includes 0
+    to_best: list[Interval | None]  # each value's paired difference to the best (None at the best, or where not run)
     paired_on: str  # what those differences were paired on, e.g. "3 seeds, t"
+    values: list[str]  # Grid.values
+    metric: str  # "accuracy" (higher is better) or "loss"
+
+    def verdicts(self) -> list[str]:
+        """At each value: 'best', 'level' (its paired difference to the best includes 0), 'behind', or '' (not run)."""
+        higher = self.metric == "accuracy"
+        return ["best" if value == self.best else verdict(d, higher_is_better=higher)
+                for value, d in zip(self.values, self.to_best)]
+
+    @property
+    def level(self) -> list[str]:
+        """The other values level with the best."""
+        return [value for value, said in zip(self.values, self.verdicts()) if said == "level"]
 
 
 def grid_choices(grid: Grid, rows: list[Row], runs: dict[str, list[dict[str, Any]]]) -> list[GridChoice]:
@@ -52,20 +65,33 @@ def grid_choices(grid: Grid, rows: list[Row], runs: dict[str, list[dict[str, Any
         if not tried:
             continue
         _, best = max(tried) if metric == "accuracy" else min(tried)
-        level, paired_on = [], ""
+        to_best: list[Interval | None] = [None] * len(labels)
+        paired_on = ""
         for i, label in enumerate(labels):
-            if i == best or means[i] is None:
-                continue
-            difference, paired_on = paired_difference(label, runs[label], labels[best], runs[labels[best]], metric)
-            if verdict(difference, higher_is_better=metric == "accuracy") == "level":
-                level.append(grid.values[i])
-        choices.append(GridChoice(entry, means, grid.values[best], best in (0, len(grid.values) - 1), level, paired_on))
+            if i != best and means[i] is not None:
+                to_best[i], paired_on = paired_difference(label, runs[label], labels[best], runs[labels[best]], metric)
+        choices.append(GridChoice(entry, means, grid.values[best], best in (0, len(grid.values) - 1), to_best,
+                                  paired_on, grid.values, metric))
     return choices
 
 
 def best_entries(grid: Grid, choices: list[GridChoice]) -> str:
     """The --methods value that runs each entry at its best value."""
     return ",".join(grid.entry_with(choice.entry, choice.best) for choice in choices)
+
+
+GRID_CSV_COLUMNS = ["entry", "setting", "value", "mean", "verdict", "minus_best", "minus_best_low", "minus_best_high",
+                    "paired_on", "best_at_edge"]
+
+
+def grid_csv_rows(grid: Grid, choices: list[GridChoice]) -> list[list[Any]]:
+    """grid.csv: one row per entry and value (full precision; the difference to the best blank at the best itself)."""
+    rows = []
+    for choice in choices:
+        for value, mean, said, d in zip(grid.values, choice.means, choice.verdicts(), choice.to_best):
+            rows.append([choice.entry, grid.key, value, mean, said, *((d.estimate, d.low, d.high) if d else (None,) * 3),
+                         choice.paired_on if d else None, choice.at_edge])
+    return rows
 
 
 def grid_markdown(grid: Grid, choices: list[GridChoice], seeds: list[int], metric: str) -> list[str]:

@@ -334,20 +334,26 @@ def fleet_cells(fleet: FleetRow | None) -> list[Any]:
 
 def write_csv(rows: list[Row], path: Path) -> Path:
     """Every column for every row (blank where undefined), full precision; seeds as '0 1 2'."""
+    lines = []
+    for row in rows:
+        numbers = [row.stats[c.key] for c in columns_of(rows)]
+        d = row.difference
+        paired = [row.reference, *((d.estimate, d.low, d.high) if d else (None,) * 3), row.verdict, row.paired_on]
+        lines.append([row.label, row.method, " ".join(map(str, row.seeds)), row.metric, row.eval_rows,
+                      *(v for s in numbers for v in (s.mean, s.std, s.low, s.high)), *paired, *fleet_cells(row.fleet)])
+    return write_rows(csv_columns(rows), lines, path)
+
+
+def write_rows(columns: list[str], rows: list[list[Any]], path: Path) -> Path:
+    """A CSV file: None as a blank cell, numbers at full precision (repr), strings as they are."""
     def cell(value: Any) -> str:
         return "" if value is None else value if isinstance(value, str) else repr(value)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(csv_columns(rows))
-        for row in rows:
-            numbers = [row.stats[c.key] for c in columns_of(rows)]
-            d = row.difference
-            paired = [row.reference, *((d.estimate, d.low, d.high) if d else (None,) * 3), row.verdict, row.paired_on]
-            writer.writerow([row.label, row.method, " ".join(map(str, row.seeds)), row.metric, cell(row.eval_rows),
-                             *(cell(v) for s in numbers for v in (s.mean, s.std, s.low, s.high)), *map(cell, paired),
-                             *map(cell, fleet_cells(row.fleet))])
+        writer.writerow(columns)
+        writer.writerows([cell(v) for v in row] for row in rows)
     return path
 
 
