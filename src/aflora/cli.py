@@ -187,17 +187,21 @@ def compare(
     _check_out(out)
     on_fleet = fleet_settings(fleet or in_file.fleet, in_file.target_accuracy if target_accuracy is None else target_accuracy)
     entries = parse_entries(methods)
-    if reference is None and in_file.reference in [e.label for e in entries]:  # unless --methods left the file's out
-        reference = in_file.reference
     overrides = _overrides(set_, data_dir)
+    grid = grid or (None if across else in_file.grid)
     # The file's across yields to a --set of its setting (one value of it, run alone) and to a --grid
     file_across = in_file.across if in_file.across and not grid and not sets_key(
         overrides, in_file.across.partition("=")[0].strip()) else None
+    # The file's reference, unless --methods left it out or a grid runs: a grid compares each entry's values with
+    # its own best, and its entries are `<entry>:train.lr=<value>`, none of them the file's entry as named
+    if reference is None and not grid and in_file.reference in [e.label for e in entries]:
+        reference = in_file.reference
     plan = plan_comparison(config, overrides, entries, parse_seeds(seeds), out, overwrite=overwrite, reference=reference,
-                           fleet=on_fleet, grid=grid or (None if across else in_file.grid), across=across or file_across)
+                           fleet=on_fleet, grid=grid, across=across or file_across)
     configure_logging(plan.base.engine.verbose)
     typer.echo("\n".join(run_comparison(plan, command=shlex.join(["aflora", *sys.argv[1:]]))))
-    err.print(f"[green]table, plots and {len(plan.runs)} runs written to {escape(str(out))} (comparison.md, comparison.csv)[/green]")
+    tables = ", ".join(["comparison.md", "comparison.csv", *(["grid.csv"] if plan.grid else []), *(["across.csv"] if plan.across else [])])
+    err.print(f"[green]table, plots and {len(plan.runs)} runs written to {escape(str(out))} ({tables})[/green]")
 
 
 @app.command()
