@@ -18,7 +18,7 @@ from statistics import fmean
 from typing import Any
 
 from .compare_grid import Grid
-from .compare_table import paired_difference
+from .compare_table import interval_cells, paired_difference
 from .intervals import Interval, t_interval, verdict
 
 Runs = dict[str, list[dict[str, Any]]]
@@ -187,7 +187,7 @@ def across_csv_rows(across: Grid, scores: list[AcrossScore], reference: str | No
     its gap to the reference there; and how that gap changed from the first value (blank where undefined)."""
     def numbers(shift: Shift | None, words: str) -> list[Any]:
         d = shift.difference if shift else None
-        return [d.estimate, d.low, d.high, words] if d else [None] * 4
+        return [*interval_cells(d), words if d else None]
 
     out = []
     for score in scores:

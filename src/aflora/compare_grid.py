@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .compare_table import Row, paired_difference
+from .compare_table import Row, interval_cells, paired_difference
 from .intervals import Interval, verdict
 
 
@@ -89,8 +89,8 @@ def grid_csv_rows(grid: Grid, choices: list[GridChoice]) -> list[list[Any]]:
     rows = []
     for choice in choices:
         for value, mean, said, d in zip(grid.values, choice.means, choice.verdicts(), choice.to_best):
-            rows.append([choice.entry, grid.key, value, mean, said, *((d.estimate, d.low, d.high) if d else (None,) * 3),
-                         choice.paired_on if d else None, choice.at_edge])
+            rows.append([choice.entry, grid.key, value, mean, said, *interval_cells(d), choice.paired_on if d else None,
+                         choice.at_edge])
     return rows
 
 

@@ -338,10 +338,15 @@ def write_csv(rows: list[Row], path: Path) -> Path:
     for row in rows:
         numbers = [row.stats[c.key] for c in columns_of(rows)]
         d = row.difference
-        paired = [row.reference, *((d.estimate, d.low, d.high) if d else (None,) * 3), row.verdict, row.paired_on]
+        paired = [row.reference, *interval_cells(d), row.verdict, row.paired_on]
         lines.append([row.label, row.method, " ".join(map(str, row.seeds)), row.metric, row.eval_rows,
                       *(v for s in numbers for v in (s.mean, s.std, s.low, s.high)), *paired, *fleet_cells(row.fleet)])
     return write_rows(csv_columns(rows), lines, path)
+
+
+def interval_cells(interval: Interval | None) -> list[float | None]:
+    """A CSV's estimate, low and high cells (blank where nothing was compared)."""
+    return [interval.estimate, interval.low, interval.high] if interval else [None] * 3
 
 
 def write_rows(columns: list[str], rows: list[list[Any]], path: Path) -> Path:
