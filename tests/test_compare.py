@@ -432,7 +432,7 @@ EXPERIMENTS = {
     "table2_ag_news.toml": (STUDY, "aflora,fedit,ffa_lora,fedsa_lora,flora,flexlora,hetlora,legend,fedex_lora,fed_sb:rank=61,florist"),
     "table2_ag_news_best.toml": (STUDY, "aflora:train.lr=0.016+server.lr=0.004,fedit:train.lr=0.004,ffa_lora:train.lr=0.032,"
                                         "legend:train.lr=0.002,fedsa_lora:train.lr=0.004,flexlora:train.lr=0.004,"
-                                        "hetlora:train.lr=0.001"),
+                                        "hetlora:train.lr=0.001,flora:train.lr=0.002"),
     "table1_financial.toml": (['data.dataset="fingpt_sentiment"', 'data.partition="iid"', *STUDY],
                               "aflora,fedit,flora,flexlora,hetlora,legend"),
     "fig3_ablations.toml": (STUDY, "aflora,aflora:ddr=false,aflora:server_tuning=false,aflora:rank_aware_weights=false,"
